@@ -46,7 +46,7 @@ class ThreadPoolService(Service):
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> Deferred[None] | None:  # type: ignore[override]
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
         # ThreadPool.stop() joins the workers: do it in the reactor's own pool, not on its thread.
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.pool.stop)

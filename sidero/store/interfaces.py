@@ -70,7 +70,7 @@ class IAdmission(Interface):
     """Defaulting and validation applied by a store before it writes (the API server's
     structural schema plus sidero's validating webhooks)."""
 
-    def admit(kind: ResourceType, operation: str, new: Object | None, old: Object | None) -> Object | None:  # type: ignore[misc]
+    def admit(kind: ResourceType, operation: str, new: Object | None, old: Object | None) -> Object | None:
         """Return the object to store (defaults filled in) for C{operation} in
         C{CREATE}, C{UPDATE}, C{DELETE}.
 
@@ -82,10 +82,10 @@ class IAdmission(Interface):
 class IResourceStore(Interface):
     """CRUD, watch and finalizer semantics of the Kubernetes API, for the kinds of the registry."""
 
-    def get(kind: ResourceType, name: str, namespace: str | None = None) -> Deferred[Object]:  # type: ignore[misc]
+    def get(kind: ResourceType, name: str, namespace: str | None = None) -> Deferred[Object]:
         """The object, or L{NotFound}.  C{namespace} is ignored for cluster-scoped kinds."""
 
-    def list(  # type: ignore[misc]
+    def list(
         kind: ResourceType,
         namespace: str | None = None,
         label_selector: str | None = None,
@@ -94,7 +94,7 @@ class IResourceStore(Interface):
         """Every matching object (all namespaces when C{namespace} is None), ordered by
         namespace then name, with the resourceVersion to start a watch from."""
 
-    def create(obj: Object) -> Deferred[Object]:  # type: ignore[misc]
+    def create(obj: Object) -> Deferred[Object]:
         """Store a new object (kind from C{apiVersion}/C{kind}; a v1alpha1 object must have
         been converted already).  Sets uid, creationTimestamp, resourceVersion and generation.
         C{metadata.generateName} without a name gets a random suffix.
@@ -103,17 +103,17 @@ class IResourceStore(Interface):
         @raise AlreadyExists, Invalid, BadRequest
         """
 
-    def update(obj: Object) -> Deferred[Object]:  # type: ignore[misc]
+    def update(obj: Object) -> Deferred[Object]:
         """Replace metadata and spec.  A non-empty C{metadata.resourceVersion} must equal the
         stored one (L{Conflict} otherwise); empty means unconditional.  The status of kinds with
         a status subresource is kept as stored.  generation increases when spec changes.
         Removing the last finalizer of an object being deleted deletes it.
         """
 
-    def update_status(obj: Object) -> Deferred[Object]:  # type: ignore[misc]
+    def update_status(obj: Object) -> Deferred[Object]:
         """Replace only C{status}, with the same resourceVersion rule as update."""
 
-    def patch(  # type: ignore[misc]
+    def patch(
         kind: ResourceType,
         name: str,
         patch: Object,
@@ -123,7 +123,7 @@ class IResourceStore(Interface):
         """Apply an RFC 7386 JSON merge patch to the object (C{subresource="status"} patches
         status only).  A C{metadata.resourceVersion} inside the patch is a precondition."""
 
-    def delete(  # type: ignore[misc]
+    def delete(
         kind: ResourceType,
         name: str,
         namespace: str | None = None,
@@ -133,7 +133,7 @@ class IResourceStore(Interface):
         object; without, remove it, cascade to objects whose ownerReferences name its uid
         (background garbage collection), and return None."""
 
-    def watch(  # type: ignore[misc]
+    def watch(
         kind: ResourceType,
         callback: Callable[[WatchEvent], object],
         namespace: str | None = None,
