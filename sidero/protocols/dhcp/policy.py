@@ -1,0 +1,248 @@
+# -*- test-case-name: tests.protocols.dhcp.test_policy -*-
+"""Pure proxyDHCP decision (spec 3.5): which requests get boot options, and which ones.
+
+We never hand out addresses: the site DHCP server does that. We answer PXE/HTTP-boot
+DISCOVERs on :67 with an OFFER carrying only boot options, and proxyDHCP REQUESTs on
+:4011 with an ACK (the 3.5 [rec]; EDK2 uses 4011 when it was given a boot menu, and some
+ROMs fail with PXE-E55 without it). Everything else gets an L{Ignore} with a reason, so the
+protocol can count it; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from ipaddress import IPv4Address
+
+from sidero.protocols.dhcp import codec
+from sidero.protocols.dhcp.codec import DHCPMessage, MalformedPacket
+
+BROADCAST = "255.255.255.255"
+CLIENT_PORT = 68
+SERVER_PORT = 67
+
+
+class Firmware(Enum):
+    X86_BIOS = "x86-bios"
+    X86_EFI = "x86-efi"
+    ARM_EFI = "arm64-efi"
+    X86_HTTP = "x86-http"
+    ARM_HTTP = "arm64-http"
+
+
+#: RFC 4578 / IANA processor architecture types we can boot (spec 3.5 table).
+ARCH_FIRMWARE: dict[int, Firmware] = {
+    0: Firmware.X86_BIOS,
+    6: Firmware.X86_EFI,
+    7: Firmware.X86_EFI,
+    9: Firmware.X86_EFI,
+    11: Firmware.ARM_EFI,
+    15: Firmware.X86_HTTP,
+    16: Firmware.X86_HTTP,
+    19: Firmware.ARM_HTTP,
+}
+
+_HTTP_FIRMWARE = frozenset({Firmware.X86_HTTP, Firmware.ARM_HTTP})
+_VENDOR_ARCH = re.compile(rb"^(?:PXEClient|HTTPClient):Arch:(\d{5})")
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """File names served by our TFTP and C{/tftp/} (spec 3.3); overridable for tests/labs."""
+
+    bios: str = "undionly.kpxe"
+    x86_efi: str = "snp.efi"
+    arm64_efi: str = "snp-arm64.efi"
+    ipxe_script: str = "boot.ipxe"
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """What the decision needs: our IPv4 address (siaddr, 54, 66) and the API endpoint for URLs.
+
+    C{endpoint} is used verbatim in URLs (spec 8: IPv6 literals are not bracketed for you).
+    """
+
+    server_ip: str
+    endpoint: str
+    api_port: int
+    boot_files: BootFiles = field(default_factory=BootFiles)
+
+    def __post_init__(self) -> None:
+        IPv4Address(self.server_ip)  # raises ValueError early, not per packet
+
+    def http_url(self, path: str) -> str:
+        return f"http://{self.endpoint}:{self.api_port}/{path}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply to send: the message and where to send it."""
+
+    message: DHCPMessage
+    address: tuple[str, int]
+    firmware: Firmware
+    ipxe: bool
+    bootfile: str
+
+
+@dataclass(frozen=True)
+class Ignore:
+    """No reply; C{reason} is one of a small fixed set, safe to use as a counter label."""
+
+    reason: str
+
+
+Decision = Reply | Ignore
+
+# Reasons (a closed set, so per-reason counters stay bounded).
+NOT_REQUEST = "not-a-request"
+NOT_PXE = "not-pxe"
+WRONG_MESSAGE_TYPE = "message-type"
+FOR_SITE_SERVER = "request-for-site-server"
+UNSUPPORTED_ARCH = "unsupported-arch"
+BAD_GUID = "malformed-client-guid"
+BAD_OPTION = "malformed-option"
+IGNORE_REASONS = (
+    NOT_REQUEST, NOT_PXE, WRONG_MESSAGE_TYPE, FOR_SITE_SERVER, UNSUPPORTED_ARCH, BAD_GUID,
+    BAD_OPTION,
+)
+
+
+def vendor_class(msg: DHCPMessage) -> bytes:
+    return msg.get(codec.OPT_VENDOR_CLASS) or b""
+
+
+def is_pxe(msg: DHCPMessage) -> bool:
+    """PXE ROMs and UEFI HTTP boot identify themselves in option 60."""
+    vc = vendor_class(msg)
+    return vc.startswith(b"PXEClient") or vc.startswith(b"HTTPClient")
+
+
+def is_ipxe(msg: DHCPMessage) -> bool:
+    """iPXE sends user class "iPXE" (raw, or as the first RFC 3004 entry) and option 175."""
+    if msg.has(codec.OPT_IPXE_ENCAP):
+        return True
+    uc = msg.get(codec.OPT_USER_CLASS)
+    if not uc:
+        return False
+    if uc == b"iPXE":
+        return True
+    return uc[1 : 1 + uc[0]] == b"iPXE"
+
+
+def firmware_of(msg: DHCPMessage) -> Firmware | None:
+    """The last recognised option-93 arch wins (as Sidero); without 93, the Arch in option 60."""
+    raw = msg.get(codec.OPT_CLIENT_ARCH)
+    arches: tuple[int, ...]
+    if raw is not None:
+        arches = codec.client_arches(raw)
+    else:
+        m = _VENDOR_ARCH.match(vendor_class(msg))
+        arches = (int(m.group(1)),) if m else ()
+    found: Firmware | None = None
+    for arch in arches:
+        found = ARCH_FIRMWARE.get(arch, found)
+    return found
+
+
+def reply_address(msg: DHCPMessage) -> tuple[str, int]:
+    """Where a :67 reply goes (RFC 2131 4.1): relay, else broadcast, else the client's address."""
+    if msg.giaddr != "0.0.0.0":
+        return (msg.giaddr, SERVER_PORT)
+    if msg.ciaddr == "0.0.0.0" or msg.broadcast:
+        return (BROADCAST, CLIENT_PORT)
+    return (msg.ciaddr, CLIENT_PORT)
+
+
+def _bootfile(fw: Firmware, ipxe: bool, cfg: ProxyConfig) -> tuple[str, bool]:
+    """(boot file, served over TFTP?) for a client."""
+    files = cfg.boot_files
+    if ipxe and fw not in _HTTP_FIRMWARE:
+        # Already running iPXE: give it the script over HTTP, never the ROM again.
+        return cfg.http_url(files.ipxe_script), False
+    if fw is Firmware.X86_BIOS:
+        return files.bios, True
+    if fw is Firmware.X86_EFI:
+        return files.x86_efi, True
+    if fw is Firmware.ARM_EFI:
+        return files.arm64_efi, True
+    if fw is Firmware.X86_HTTP:
+        return cfg.http_url(f"tftp/{files.x86_efi}"), False
+    return cfg.http_url(f"tftp/{files.arm64_efi}"), False
+
+
+def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
+           source: tuple[str, int] | None = None) -> Decision:
+    """Decide the reply to C{msg}, received on :67 (C{proxy_port=False}) or :4011.
+
+    C{source} is the UDP source address; :4011 replies go back to it.
+    """
+    if msg.op != codec.BOOTREQUEST:
+        return Ignore(NOT_REQUEST)
+    if not is_pxe(msg):
+        return Ignore(NOT_PXE)
+    mtype = msg.message_type
+    if proxy_port:
+        if mtype not in (codec.DHCPREQUEST, codec.DHCPINFORM):
+            return Ignore(WRONG_MESSAGE_TYPE)
+        reply_type = codec.DHCPACK
+    else:
+        if mtype == codec.DHCPREQUEST:
+            # The client is taking the site server's lease; not ours to answer.
+            return Ignore(FOR_SITE_SERVER)
+        if mtype != codec.DHCPDISCOVER:
+            return Ignore(WRONG_MESSAGE_TYPE)
+        reply_type = codec.DHCPOFFER
+
+    guid = msg.get(codec.OPT_CLIENT_UUID)
+    if guid is not None and (len(guid) != 17 or guid[0] != 0):
+        return Ignore(BAD_GUID)
+    try:
+        fw = firmware_of(msg)
+        ipxe = is_ipxe(msg)
+        client_43 = msg.get(codec.OPT_VENDOR_SPECIFIC)
+        sub43 = codec.decode_suboptions(client_43, where="option 43") if client_43 else ()
+    except MalformedPacket:
+        return Ignore(BAD_OPTION)
+    if fw is None:
+        return Ignore(UNSUPPORTED_ARCH)
+
+    bootfile, via_tftp = _bootfile(fw, ipxe, cfg)
+    http_client = fw in _HTTP_FIRMWARE
+    server = IPv4Address(cfg.server_ip).packed
+    options: list[tuple[int, bytes]] = [
+        (codec.OPT_MESSAGE_TYPE, bytes((reply_type,))),
+        (codec.OPT_SERVER_ID, server),
+        (codec.OPT_VENDOR_CLASS, b"HTTPClient" if http_client else b"PXEClient"),
+    ]
+    if via_tftp:
+        options.append((codec.OPT_TFTP_SERVER, cfg.server_ip.encode()))
+    options.append((codec.OPT_BOOTFILE, bootfile.encode()))
+    if guid is not None:
+        options.append((codec.OPT_CLIENT_UUID, guid))
+    if not http_client:
+        # PXE ROMs: discovery control 8 = "boot the file we name, no boot-server discovery".
+        # On :4011 the ROM asked for a boot item; echo it so it accepts the ACK.
+        sub: list[tuple[int, bytes]] = [(codec.PXE_DISCOVERY_CONTROL, b"\x08")]
+        item = dict(sub43).get(codec.PXE_BOOT_ITEM)
+        if proxy_port and item is not None and len(item) == 4:
+            sub = [(codec.PXE_BOOT_ITEM, item)]
+        options.append((codec.OPT_VENDOR_SPECIFIC, codec.encode_suboptions(sub)))
+
+    raw_file = bootfile.encode()
+    reply = DHCPMessage(
+        op=codec.BOOTREPLY, htype=msg.htype, hlen=msg.hlen, hops=0, xid=msg.xid, secs=0,
+        flags=msg.flags, ciaddr="0.0.0.0", yiaddr="0.0.0.0", siaddr=cfg.server_ip,
+        giaddr=msg.giaddr, chaddr=msg.chaddr,
+        file=raw_file if len(raw_file) < 128 else b"",
+        options=tuple(options),
+    )
+    if proxy_port and source is not None and source[0] != "0.0.0.0":
+        address = source
+    elif proxy_port:
+        address = (BROADCAST, source[1] if source else CLIENT_PORT)
+    else:
+        address = reply_address(msg)
+    return Reply(message=reply, address=address, firmware=fw, ipxe=ipxe, bootfile=bootfile)

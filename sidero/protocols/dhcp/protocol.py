@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.protocols.dhcp.test_protocol -*-
+"""Thin DatagramProtocols for :67 and :4011: decode, decide, encode, send.
+
+A packet is handled entirely within one C{datagramReceived} call and no per-client state
+is kept, so a flood costs CPU but never memory. Nothing escapes C{datagramReceived}: bad
+packets are dropped, counted and logged at a bounded rate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from sidero.protocols.dhcp import codec, policy
+from sidero.protocols.dhcp.codec import MalformedPacket
+from sidero.protocols.dhcp.policy import Ignore, ProxyConfig
+
+#: Largest datagram we look at; DHCP messages are rarely above 576 bytes and a jumbo
+#: frame is 9000. Anything bigger is dropped before parsing (bounded work per packet).
+MAX_PACKET = 9216
+
+
+@dataclass
+class DHCPCounters:
+    """Packet counters shared by both ports; keys are a closed set (bounded memory)."""
+
+    received: int = 0
+    offers: int = 0
+    acks: int = 0
+    malformed: int = 0
+    oversized: int = 0
+    send_errors: int = 0
+    errors: int = 0
+    ignored: dict[str, int] = field(default_factory=lambda: dict.fromkeys(policy.IGNORE_REASONS, 0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received, "offers": self.offers, "acks": self.acks,
+            "malformed": self.malformed, "oversized": self.oversized,
+            "send_errors": self.send_errors, "errors": self.errors, "ignored": dict(self.ignored),
+        }
+
+    @property
+    def dropped(self) -> int:
+        return self.malformed + self.oversized + self.errors + self.send_errors
+
+
+class DHCPCountersCollector:
+    """prometheus-client custom collector exposing L{DHCPCounters} (register it yourself)."""
+
+    def __init__(self, counters: DHCPCounters) -> None:
+        self.counters = counters
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        c = self.counters
+        packets = CounterMetricFamily(
+            "sidero_dhcp_packets", "DHCP proxy packets by outcome", labels=["outcome"])
+        for outcome, value in (
+            ("received", c.received), ("offer", c.offers), ("ack", c.acks),
+            ("malformed", c.malformed), ("oversized", c.oversized),
+            ("send_error", c.send_errors), ("error", c.errors),
+        ):
+            packets.add_metric([outcome], value)
+        yield packets
+        ignored = CounterMetricFamily(
+            "sidero_dhcp_ignored", "DHCP requests not answered, by reason", labels=["reason"])
+        for reason, value in c.ignored.items():
+            ignored.add_metric([reason], value)
+        yield ignored
+
+
+class RateLimitedLog:
+    """Let through at most C{burst} log events per C{period} seconds; count the rest.
+
+    A flood of garbage must not turn into a flood of log lines.
+    """
+
+    def __init__(self, clock: IReactorTime, burst: int = 10, period: float = 60.0) -> None:
+        self.clock = clock
+        self.burst = burst
+        self.period = period
+        self._window_start = clock.seconds()
+        self._in_window = 0
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = self.clock.seconds()
+        if now - self._window_start >= self.period:
+            self._window_start = now
+            self._in_window = 0
+        if self._in_window < self.burst:
+            self._in_window += 1
+            return True
+        self.suppressed += 1
+        return False
+
+
+class DHCPProxyProtocol(DatagramProtocol):
+    """One socket's worth of proxyDHCP: :67 (DISCOVER→OFFER) or :4011 (REQUEST→ACK)."""
+
+    log = Logger()
+
+    def __init__(self, config: ProxyConfig, *, proxy_port: bool, clock: IReactorTime,
+                 counters: DHCPCounters | None = None,
+                 rate_limit: RateLimitedLog | None = None) -> None:
+        self.config = config
+        self.proxy_port = proxy_port
+        self.counters = counters if counters is not None else DHCPCounters()
+        self.rate_limit = rate_limit if rate_limit is not None else RateLimitedLog(clock)
+        self.port_name = "4011" if proxy_port else "67"
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        try:
+            self._handle(datagram, addr)
+        except Exception:
+            self.counters.errors += 1
+            if self.rate_limit.allow():
+                self.log.failure("DHCP proxy: unexpected error handling a packet from {peer}",
+                                 peer=addr)
+
+    def _handle(self, datagram: bytes, addr: Any) -> None:
+        self.counters.received += 1
+        if len(datagram) > MAX_PACKET:
+            self.counters.oversized += 1
+            self._drop("oversized datagram ({size} bytes)", addr, size=len(datagram))
+            return
+        try:
+            msg = codec.decode(datagram)
+        except MalformedPacket as e:
+            self.counters.malformed += 1
+            self._drop("malformed packet: {reason}", addr, reason=e.reason)
+            return
+        decision = policy.decide(msg, self.config, proxy_port=self.proxy_port,
+                                 source=(addr[0], addr[1]))
+        if isinstance(decision, Ignore):
+            self.counters.ignored[decision.reason] = self.counters.ignored.get(decision.reason, 0) + 1
+            if decision.reason not in (policy.NOT_PXE, policy.FOR_SITE_SERVER):
+                if self.rate_limit.allow():
+                    self.log.debug("DHCP proxy :{port} ignored packet from {peer} ({reason})",
+                                   port=self.port_name, peer=addr, reason=decision.reason)
+            return
+        data = codec.encode(decision.message)
+        try:
+            assert self.transport is not None
+            self.transport.write(data, decision.address)
+        except Exception as e:
+            self.counters.send_errors += 1
+            self._drop("could not send reply to {dest}: {error}", addr,
+                       dest=decision.address, error=str(e))
+            return
+        if decision.message.message_type == codec.DHCPACK:
+            self.counters.acks += 1
+        else:
+            self.counters.offers += 1
+        self.log.debug(
+            "DHCP proxy :{port} {kind} to {mac} ({firmware}, ipxe={ipxe}): {bootfile} -> {dest}",
+            port=self.port_name, kind="ACK" if self.proxy_port else "OFFER",
+            mac=msg.mac.hex(":"), firmware=decision.firmware.value, ipxe=decision.ipxe,
+            bootfile=decision.bootfile, dest=decision.address,
+        )
+
+    def _drop(self, fmt: str, addr: Any, **fields: Any) -> None:
+        if self.rate_limit.allow():
+            self.log.warn("DHCP proxy :{port} dropped packet from {peer}: " + fmt,
+                          port=self.port_name, peer=addr, **fields)

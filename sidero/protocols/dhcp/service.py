@@ -1,0 +1,171 @@
+# -*- test-case-name: tests.protocols.dhcp.test_service -*-
+"""The C{dhcp-proxy} service: pick the interface, bind :67 and :4011 to it, serve.
+
+Unlike Sidero (where a missing interface is fatal, spec 3.5), a proxy that cannot start
+logs ONE line saying why and what to pass, and stays stopped; the rest of the process
+(HTTP, TFTP, controllers) keeps running.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from sidero.protocols.dhcp.interfaces import (
+    AddressReader,
+    InterfaceSelectionError,
+    netlink_ipv4_addresses,
+    resolve_ipv4,
+    select_interface,
+)
+from sidero.protocols.dhcp.policy import BootFiles, ProxyConfig
+from sidero.protocols.dhcp.protocol import (
+    MAX_PACKET,
+    DHCPCounters,
+    DHCPProxyProtocol,
+    RateLimitedLog,
+)
+
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+
+SocketOpener = Callable[[str, int], socket.socket]
+
+
+def open_bound_socket(interface: str, port: int) -> socket.socket:
+    """A UDP socket on 0.0.0.0:C{port} tied to C{interface}.
+
+    SO_BINDTODEVICE makes 255.255.255.255 go out of that interface (a namespace or host
+    without a default route otherwise gives ENETUNREACH) and keeps us from answering on
+    other networks. SO_REUSEADDR lets another proxy bind the same port on another device.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
+        sock.bind(("0.0.0.0", port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class DHCPProxyService(MultiService):
+    """proxyDHCP on one interface: :67 DISCOVER→OFFER and :4011 REQUEST→ACK.
+
+    @ivar failure: why the proxy did not start, or None.
+    @ivar interface: the interface bound, once bound.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, *, endpoint: str, api_port: int, interface: str | None,
+                 dhcp_port: int = 67, proxy_port: int | None = 4011,
+                 boot_files: BootFiles | None = None,
+                 read_addresses: AddressReader = netlink_ipv4_addresses,
+                 resolve: Callable[[str], str] = resolve_ipv4,
+                 open_socket: SocketOpener = open_bound_socket,
+                 counters: DHCPCounters | None = None) -> None:
+        super().__init__()
+        self.setName("dhcp-proxy")
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.api_port = api_port
+        self.requested_interface = interface
+        self.dhcp_port = dhcp_port
+        self.proxy_port = proxy_port
+        self.boot_files = boot_files or BootFiles()
+        self._read_addresses = read_addresses
+        self._resolve = resolve
+        self._open_socket = open_socket
+        self.counters = counters if counters is not None else DHCPCounters()
+        self.rate_limit = RateLimitedLog(reactor)
+        self.config: ProxyConfig | None = None
+        self.interface: str | None = None
+        self.failure: str | None = None
+        self._attempted = False
+        self._ports: list[IListeningPort] = []
+
+    def privilegedStartService(self) -> None:
+        # Ports below 1024 must be bound before twistd drops privileges.
+        super().privilegedStartService()
+        self._bind()
+
+    def startService(self) -> None:
+        if not self._attempted:
+            self._bind()
+        if self.failure is not None:
+            return  # stays stopped; the reason was logged once in _bind
+        super().startService()
+
+    def _bind(self) -> None:
+        self._attempted = True
+        ports: list[IListeningPort] = []
+        try:
+            server_ip = self._resolve(self.endpoint)
+            iface = select_interface(server_ip, self.requested_interface, self._read_addresses)
+            config = ProxyConfig(server_ip=server_ip, endpoint=self.endpoint,
+                                 api_port=self.api_port, boot_files=self.boot_files)
+            for port, is_proxy in ((self.dhcp_port, False), (self.proxy_port, True)):
+                if port is None:
+                    continue
+                try:
+                    sock = self._open_socket(iface, port)
+                except OSError as e:
+                    raise InterfaceSelectionError(
+                        f"cannot bind UDP 0.0.0.0:{port} on {iface} ({e.strerror or e}); "
+                        "the proxy needs root or CAP_NET_RAW+CAP_NET_BIND_SERVICE and host "
+                        "networking, or pass --disable-dhcp-proxy") from e
+                try:
+                    proto = DHCPProxyProtocol(config, proxy_port=is_proxy, clock=self.reactor,
+                                              counters=self.counters,
+                                              rate_limit=self.rate_limit)
+                    ports.append(self.reactor.adoptDatagramPort(
+                        sock.fileno(), socket.AF_INET, proto, maxPacketSize=MAX_PACKET + 1))
+                finally:
+                    sock.close()  # the reactor holds its own duplicate
+        except (InterfaceSelectionError, ValueError) as e:
+            self._fail(str(e), ports)
+            return
+        except Exception as e:  # never take the process down for the proxy
+            self._fail(f"unexpected error: {e!r}", ports)
+            return
+        self._ports = ports
+        self.config = config
+        self.interface = iface
+        self.log.info(
+            "DHCP proxy listening on {interface} (server {server_ip}, UDP {dhcp_port}"
+            "{proxy}); boot URLs http://{endpoint}:{api_port}/",
+            interface=iface, server_ip=server_ip, dhcp_port=self.dhcp_port,
+            proxy=f" and {self.proxy_port}" if self.proxy_port is not None else "",
+            endpoint=self.endpoint, api_port=self.api_port)
+
+    def _fail(self, reason: str, ports: list[IListeningPort]) -> None:
+        for p in ports:
+            p.stopListening()
+        self.failure = reason
+        self.log.error("DHCP proxy NOT started: {reason}", reason=reason)
+
+    def stopService(self) -> Deferred[Any]:
+        ports, self._ports = self._ports, []
+        ds: list[Deferred[Any]] = [maybeDeferred(p.stopListening) for p in ports]
+        if self.running:
+            ds.append(maybeDeferred(super().stopService))
+        self._attempted = False
+        self.failure = None
+        return gatherResults(ds, consumeErrors=True)
+
+
+def make_dhcp_proxy_service(reactor: Any, *, endpoint: str, api_port: int,
+                            interface: str | None, dhcp_port: int = 67,
+                            proxy_port: int | None = 4011, **kwargs: Any) -> IService:
+    """The C{dhcp-proxy} service (see L{DHCPProxyService} for the optional hooks)."""
+    return DHCPProxyService(reactor, endpoint=endpoint, api_port=api_port, interface=interface,
+                            dhcp_port=dhcp_port, proxy_port=proxy_port, **kwargs)
