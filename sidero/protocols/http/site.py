@@ -1,0 +1,165 @@
+"""The HTTP/1.1 side of the API port: iPXE scripts, boot assets, health (spec §3.1).
+
+Routes are bound to an instance (klein's router-on-self pattern), so the dependencies are
+attributes, not module globals: the boot lookup (an in-memory cache), the settings, and the
+directories files are served from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.static import File
+
+from sidero.protocols.http.ipxe import (
+    BootLookup,
+    BootQuery,
+    BootSettings,
+    LookupFailed,
+    boot_script,
+    decide,
+)
+
+NOT_FOUND_BODY = b"404 page not found\n"
+
+
+class NotFoundResource(Resource):
+    """Go's C{http.NotFound}: 404 with C{404 page not found}."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return NOT_FOUND_BODY
+
+
+class StaticRoots(Resource):
+    """Serve a file from the first of several directories that has it.
+
+    The operator's own iPXE binaries shadow Debian's; each root is a L{File}, which gives HEAD,
+    Range and If-Modified-Since, and refuses paths that leave its root.
+    """
+
+    def __init__(self, roots: Sequence[str]) -> None:
+        super().__init__()
+        self.roots = [r for r in roots if r]
+
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        for root in self.roots:
+            candidate = File(root)
+            child = candidate.getChild(path, request)
+            if isinstance(child, File) and child.exists():
+                return child
+        return NotFoundResource()
+
+    def render(self, request: IRequest) -> bytes:
+        return NotFoundResource().render(request)
+
+
+class BootSite:
+    """Klein application for the HTTP routes of the API port."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        lookup: BootLookup,
+        settings: BootSettings,
+        env_dir: str,
+        tftp_roots: Sequence[str],
+        ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
+    ) -> None:
+        self.lookup = lookup
+        self.settings = settings
+        self.env_dir = env_dir
+        self.tftp_roots = list(tftp_roots)
+        self.ready = ready
+        self.script = boot_script(settings.api_endpoint, settings.api_port)
+
+    def resource(self) -> IResource:
+        return self.app.resource()
+
+    def _log_request(self, request: IRequest, **fields: Any) -> None:
+        peer = request.getClientAddress()
+        self.log.info(
+            "HTTP {method} {uri} {remote}",
+            method=request.method.decode("ascii", "replace"),
+            uri=request.uri.decode("utf-8", "replace"),
+            remote=getattr(peer, "host", str(peer)),
+            **fields,
+        )
+
+    @app.route("/boot.ipxe", methods=["GET", "HEAD"])
+    def boot_ipxe(self, request: IRequest) -> bytes:
+        self._log_request(request)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return self.script
+
+    @app.route("/ipxe", methods=["GET", "HEAD"])
+    def ipxe(self, request: IRequest) -> bytes:
+        query = BootQuery.from_args(request.args or {})
+        try:
+            response = decide(query, self.lookup, self.settings)
+        except LookupFailed as e:
+            self._log_request(request, uuid=query.uuid, decision="lookup failed", error=str(e))
+            request.setResponseCode(500)
+            return b""
+        self._log_request(
+            request, uuid=query.uuid, mac=query.mac, arch=query.arch,
+            decision=response.decision, environment=response.environment, status=response.status,
+        )
+        request.setResponseCode(response.status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return response.body
+
+    @app.route("/env/", branch=True)
+    def env(self, request: IRequest) -> IResource:
+        self._log_request(request)
+        return File(self.env_dir)
+
+    @app.route("/tftp/", branch=True)
+    def tftp(self, request: IRequest) -> IResource:
+        self._log_request(request)
+        return StaticRoots(self.tftp_roots)
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"ok\n"
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    def readyz(self, request: IRequest) -> bytes:
+        ok, why = self.ready()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if not ok:
+            request.setResponseCode(503)
+        return (why + "\n").encode()
+
+    @app.handle_errors(Exception)
+    def not_found(self, request: IRequest, failure: Any) -> bytes:
+        from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+        if failure.check(NotFound):
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return NOT_FOUND_BODY
+        if failure.check(MethodNotAllowed):
+            request.setResponseCode(405)
+            return b"method not allowed\n"
+        self.log.failure("HTTP handler failed for {uri}", failure, uri=request.uri)
+        request.setResponseCode(500)
+        return b""
+
+
+def ensure_dirs(*paths: str) -> None:
+    """Create asset directories at start-up (in the disk pool), like Sidero's data dir layout."""
+    for path in paths:
+        os.makedirs(path, exist_ok=True)

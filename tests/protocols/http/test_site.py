@@ -1,0 +1,105 @@
+"""The HTTP routes over a real loopback socket: scripts, assets with Range/HEAD/conditional GET."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+from twisted.web.server import Site
+
+from sidero.protocols.http.ipxe import BootSettings
+from sidero.protocols.http.site import BootSite
+from tests.protocols.http.test_ipxe import UUID, DictLookup, binding, ready_env, server
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+
+
+class SiteTests(TestCase):
+    def setUp(self) -> None:
+        self.tmp = self.mktemp()
+        os.makedirs(os.path.join(self.tmp, "env", "default"))
+        os.makedirs(os.path.join(self.tmp, "own"))
+        os.makedirs(os.path.join(self.tmp, "debian"))
+        with open(os.path.join(self.tmp, "env", "default", "vmlinuz"), "wb") as f:
+            f.write(PAYLOAD)
+        with open(os.path.join(self.tmp, "debian", "ipxe.efi"), "wb") as f:
+            f.write(b"debian")
+        with open(os.path.join(self.tmp, "own", "ipxe.efi"), "wb") as f:
+            f.write(b"operator")
+        with open(os.path.join(self.tmp, "debian", "undionly.kpxe"), "wb") as f:
+            f.write(b"debian-kpxe")
+        self.lookup = DictLookup(servers={}, bindings={}, classes={},
+                                 environments={"default": ready_env("default", [])})
+        site = BootSite(
+            self.lookup, BootSettings("127.0.0.1", 8081), os.path.join(self.tmp, "env"),
+            [os.path.join(self.tmp, "own"), os.path.join(self.tmp, "debian")],
+        )
+        self.port = reactor.listenTCP(0, Site(site.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(self.port.stopListening)
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    async def fetch(self, method: str, path: str, **kwargs: Any) -> tuple[Any, bytes]:
+        response = await treq.request(method, self.base + path, persistent=False, **kwargs)
+        return response, await response.content()
+
+    async def test_boot_script(self) -> None:
+        """/boot.ipxe serves the chain script pointing at the configured endpoint."""
+        response, body = await self.fetch("GET", "/boot.ipxe")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"http://127.0.0.1:8081/ipxe?uuid=${uuid}", body)
+
+    async def test_ipxe_decision(self) -> None:
+        """/ipxe answers with the agent for unknown servers and the Talos script when allocated."""
+        response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}&mac=52-54-00-12-34-56&arch=x86_64")
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"kernel /env/agent-amd64/vmlinuz", body)
+        self.lookup.kinds["servers"][UUID] = server()
+        self.lookup.kinds["bindings"][UUID] = binding(None)
+        response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}")
+        self.assertIn(b"kernel /env/default/vmlinuz", body)
+
+    async def test_ipxe_lookup_failure_is_500(self) -> None:
+        """A failing lookup answers 500 with an empty body."""
+        self.lookup.failing.add(UUID)
+        response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}")
+        self.assertEqual((response.code, body), (500, b""))
+
+    async def test_env_range_head_conditional(self) -> None:
+        """Environment assets support Range, HEAD and If-Modified-Since."""
+        response, body = await self.fetch("GET", "/env/default/vmlinuz")
+        self.assertEqual((response.code, body), (200, PAYLOAD))
+        response, body = await self.fetch("GET", "/env/default/vmlinuz", headers={"Range": "bytes=100-199"})
+        self.assertEqual((response.code, body), (206, PAYLOAD[100:200]))
+        response, body = await self.fetch("HEAD", "/env/default/vmlinuz")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-length"), [str(len(PAYLOAD))])
+        self.assertEqual(body, b"")
+        last_modified = response.headers.getRawHeaders("last-modified")[0]
+        response, body = await self.fetch(
+            "GET", "/env/default/vmlinuz", headers={"If-Modified-Since": last_modified})
+        self.assertEqual(response.code, 304)
+
+    async def test_tftp_roots_order_and_escape(self) -> None:
+        """/tftp/ prefers the operator's directory, falls back to Debian's, and never escapes."""
+        _, body = await self.fetch("GET", "/tftp/ipxe.efi")
+        self.assertEqual(body, b"operator")
+        _, body = await self.fetch("GET", "/tftp/undionly.kpxe")
+        self.assertEqual(body, b"debian-kpxe")
+        response, _ = await self.fetch("GET", "/tftp/../env/default/vmlinuz")
+        self.assertNotEqual(response.code, 200)
+        response, _ = await self.fetch("GET", "/tftp/%2e%2e/env/default/vmlinuz")
+        self.assertEqual(response.code, 404)
+
+    async def test_unknown_path_is_go_404(self) -> None:
+        """Unknown paths answer Go's `404 page not found`."""
+        response, body = await self.fetch("GET", "/nothing-here")
+        self.assertEqual((response.code, body), (404, b"404 page not found\n"))
+
+    async def test_health(self) -> None:
+        """/healthz and /readyz answer 200 when ready."""
+        for path in ("/healthz", "/readyz"):
+            response, _ = await self.fetch("GET", path)
+            self.assertEqual(response.code, 200)
