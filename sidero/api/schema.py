@@ -54,11 +54,11 @@ def array(items: Schema, description: str = "", **extra: Any) -> Schema:
 
 
 def obj(properties: dict[str, Schema], required: tuple[str, ...] = (), description: str = "",
-        **extra: Any) -> Schema:
+        extra: dict[str, Any] | None = None) -> Schema:
     node: Schema = {"type": "object", "properties": properties}
     if required:
         node["required"] = sorted(required)
-    return _with(node, description, extra)
+    return _with(node, description, extra or {})
 
 
 def string_map(description: str = "") -> Schema:
@@ -88,7 +88,7 @@ def object_reference(description: str = "") -> Schema:
         "namespace": string("Namespace of the referent."),
         "resourceVersion": string("Specific resourceVersion to which this reference is made, if any."),
         "uid": string("UID of the referent."),
-    }, description=description, **{"x-kubernetes-map-type": "atomic"})
+    }, description=description, extra={"x-kubernetes-map-type": "atomic"})
 
 
 def config_patches(description: str = "RFC 6902 JSON patches applied to the Talos machine config.") -> Schema:
@@ -123,7 +123,7 @@ def label_selector(description: str = "") -> Schema:
             "values": array(string(), "Values for In and NotIn; empty for Exists and DoesNotExist."),
         }, required=("key", "operator")), "Label selector requirements, ANDed."),
         "matchLabels": string_map("Label key/value pairs, each equivalent to an In requirement."),
-    }, description=description, **{"x-kubernetes-map-type": "atomic"})
+    }, description=description, extra={"x-kubernetes-map-type": "atomic"})
 
 
 BOOT_FROM_DISK_DESCRIPTION = (
