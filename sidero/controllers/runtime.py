@@ -26,10 +26,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sidero.api.registry import ResourceType
-from sidero.controllers.informer import Backoff, Informer, object_key
+from sidero.controllers.informer import Backoff, Informer, object_key, split_key
 from sidero.controllers.leader import AlwaysLeader, ILeaderElector
 from sidero.controllers.workqueue import DEFAULT_MAX_WORKERS, ExponentialBackoff, WorkQueue
 from sidero.store.interfaces import IResourceStore, Object
+
+__all__ = [
+    "Controller", "ControllerManager", "Result", "object_key", "split_key", "DEFAULT_REQUEUE_AFTER",
+]
 
 #: controller-runtime's default requeue delay for "requeue later" results (spec §0.3).
 DEFAULT_REQUEUE_AFTER = 20.0
