@@ -1,0 +1,759 @@
+# -*- test-case-name: tests.service.test_config -*-
+"""Every setting of the sidero process, in one table.
+
+The table (L{SETTINGS}) is the single source for three things that must never drift apart:
+the twistd command-line options (L{SettingsOptions}), the environment variables read at
+start-up, and the README configuration table (C{python -m sidero.config --markdown}).
+
+Resolution (L{resolve}) is a pure function of the flags given, the environment and a few
+host facts (L{Host}); for each setting the first source present wins: command-line flag,
+then its environment variables in table order, then the default. An invalid value is a
+L{ConfigError} whose one-line message names the option, the value, where it came from and
+what is accepted. The result is the frozen L{Settings} every service receives.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import IO, Any
+
+from twisted.python import usage
+
+from sidero import netinfo
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_STATE_DIR = "/var/lib/sidero"
+IPXE_SYSTEM_DIR = "/usr/lib/ipxe"
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+UNIX_PATH_MAX = 107
+
+#: Every service that a C{--disable-<name>} flag can switch off.
+SERVICES: tuple[str, ...] = (
+    "dhcp-proxy",
+    "tftp",
+    "http",
+    "grpc",
+    "siderolink",
+    "log-receiver",
+    "event-sink",
+    "controllers",
+    "webhook",
+    "management",
+    "metrics",
+    "health",
+)
+
+
+class ConfigError(Exception):
+    """A setting has a value sidero cannot use; C{str()} is the one line shown to the user."""
+
+    def __init__(self, option: str, value: str, source: str, accepted: str) -> None:
+        self.option = option
+        self.value = value
+        self.source = source
+        self.accepted = accepted
+        super().__init__(
+            f'invalid value "{value}" for {option} (from {source}): expected {accepted}'
+        )
+
+
+class StartupError(Exception):
+    """Start-up cannot go on for a reason that is not one bad value (one line, too)."""
+
+
+# --- parsers: str -> value, raising ValueError (the table supplies the message) --------------
+
+
+def parse_bool(text: str) -> bool:
+    """Go's C{strconv.ParseBool} spellings, plus yes/no/on/off for environment files."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "t", "true", "y", "yes", "on"):
+        return True
+    if lowered in ("0", "f", "false", "n", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def parse_port(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", text):
+        raise ValueError(text)
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(text)
+    return port
+
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """A Go C{time.ParseDuration} string (C{20m}, C{1h30m}, C{1.5s}, C{0}) in seconds.
+
+    Negative durations are refused: every duration sidero reads is a timeout.
+    """
+    if text == "0":
+        return 0.0
+    if not text or text[0] in "+-":
+        raise ValueError(text)
+    total = 0.0
+    pos = 0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None or match.group(1) in ("", "."):
+            raise ValueError(text)
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def parse_probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ValueError(text)
+    return value
+
+
+def parse_cidrs(text: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated CIDRs (host bits allowed, as Go's C{net.ParseCIDR}); empty = none."""
+    if not text.strip():
+        return ()
+    networks = []
+    for item in text.split(","):
+        item = item.strip()
+        if "/" not in item:
+            raise ValueError(item)
+        networks.append(ipaddress.ip_network(item, strict=False))
+    return tuple(networks)
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def parse_host(text: str) -> str:
+    """An IP literal (brackets allowed around IPv6) or a DNS name; no scheme, no port."""
+    if text == "":
+        return ""
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(text)
+    return text
+
+
+def parse_listen_address(text: str) -> str:
+    if text == "":
+        return ""
+    return str(ipaddress.ip_address(text[1:-1] if text.startswith("[") else text))
+
+
+def parse_interface(text: str) -> str:
+    """A Linux interface name (IFNAMSIZ-1 bytes, no slash, colon or blank), or empty."""
+    if text == "":
+        return ""
+    if len(text.encode()) > 15 or text in (".", "..") or re.search(r"[\s/:]", text):
+        raise ValueError(text)
+    return text
+
+
+def parse_path(text: str) -> str:
+    if "\0" in text:
+        raise ValueError(text)
+    return os.path.abspath(text) if text else ""
+
+
+def parse_required_path(text: str) -> str:
+    if not text:
+        raise ValueError(text)
+    return parse_path(text)
+
+
+def parse_text(text: str) -> str:
+    return text
+
+
+def choice(*values: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.lower()
+        if lowered not in values:
+            raise ValueError(text)
+        return lowered
+
+    return parse
+
+
+def _parse_level(text: str) -> str:
+    lowered = text.lower()
+    if lowered == "warning":
+        return "warn"
+    return choice("debug", "info", "warn", "error", "critical")(lowered)
+
+
+# --- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the configuration table.
+
+    @ivar name: the L{Settings} field; the flag is C{--name} with dashes.
+    @ivar env: environment variables, the first one set wins.
+    @ivar default: the default as a user would write it (parsed like any value).
+    @ivar default_doc: README text for a default that is computed at start-up.
+    @ivar dash_empty: C{-} means "empty" (the Go manager's convention for template defaults).
+    @ivar empty_falls_through: an empty value defers to the next source rather than winning.
+    """
+
+    name: str
+    env: tuple[str, ...]
+    default: str
+    parse: Callable[[str], Any]
+    accepted: str
+    help: str
+    boolean: bool = False
+    default_doc: str | None = None
+    dash_empty: bool = False
+    empty_falls_through: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+CM = "SIDERO_CONTROLLER_MANAGER_"
+
+
+def _own(name: str) -> str:
+    return "SIDERO_" + name.upper()
+
+
+def _bool(name: str, env: tuple[str, ...], default: bool, help: str) -> Setting:
+    return Setting(
+        name, env, "true" if default else "false", parse_bool, "true or false", help, boolean=True
+    )
+
+
+def _port(name: str, env: tuple[str, ...], default: str, help: str, **kw: Any) -> Setting:
+    return Setting(name, env, default, parse_port, "a port number from 1 to 65535", help, **kw)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    # Sidero controller manager flags and installation variables (spec 3.13).
+    Setting(
+        "api_endpoint", (CM + "API_ENDPOINT", "API_ENDPOINT"), "", parse_host,
+        "a host name or IP address, or - for the default",
+        "Address servers use to reach Sidero (URLs, iPXE script, kernel args, DHCP).",
+        default_doc="host's first non-loopback address (global IPv4, else global IPv6)",
+        dash_empty=True, empty_falls_through=True,
+    ),
+    _port("api_port", (CM + "API_PORT",), "8081",
+          "External TCP port of the HTTP/gRPC endpoint, used in every URL handed out."),
+    _port("http_port", (_own("http_port"), CM + "CONTAINER_API_PORT"), "",
+          "TCP port the HTTP/gRPC server binds.", default_doc="the API port"),
+    Setting(
+        "siderolink_endpoint", (CM + "SIDEROLINK_ENDPOINT",), "", parse_host,
+        "a host name or IP address, or - for the default",
+        "WireGuard endpoint address announced to servers.",
+        default_doc="the API endpoint", dash_empty=True,
+    ),
+    _port("siderolink_port", (CM + "SIDEROLINK_PORT",), "51821", "WireGuard UDP port."),
+    Setting(
+        "extra_agent_kernel_args", (CM + "EXTRA_AGENT_KERNEL_ARGS",), "", parse_text,
+        "kernel arguments separated by spaces, or - for none",
+        "Extra kernel arguments for the agent environment.", dash_empty=True,
+    ),
+    Setting(
+        "boot_from_disk_method", (CM + "BOOT_FROM_DISK_METHOD",), "ipxe-exit",
+        choice("ipxe-exit", "http-404", "ipxe-sanboot"),
+        "one of ipxe-exit, http-404, ipxe-sanboot",
+        "Default way to make an allocated server boot from its disk.",
+    ),
+    _bool("enable_leader_election", (_own("enable_leader_election"),), True,
+          "Run controllers only while holding the leader lease."),
+    _bool("auto_accept_servers", (CM + "AUTO_ACCEPT_SERVERS",), False,
+          "Create newly registered servers with accepted: true."),
+    _bool("insecure_wipe", (CM + "INSECURE_WIPE",), True,
+          "Fast wipe (discard, zero first/last MiB) instead of a full wipe."),
+    _bool("auto_bmc_setup", (CM + "AUTO_BMC_SETUP",), True,
+          "Ask the agent to configure the BMC."),
+    Setting(
+        "server_reboot_timeout", (CM + "SERVER_REBOOT_TIMEOUT",), "20m", parse_duration,
+        "a Go duration such as 20m, 1h30m or 90s",
+        "How long a wipe reboot may take before the server is power cycled again.",
+    ),
+    Setting(
+        "ipmi_pxe_method", (CM + "IPMI_PXE_METHOD",), "uefi", choice("uefi", "bios"),
+        "one of uefi, bios", "Default PXE boot mode requested over IPMI.",
+    ),
+    Setting(
+        "events_negative_address_filter", (CM + "EVENTS_NEGATIVE_ADDRESS_FILTER",), "",
+        parse_cidrs, "comma-separated CIDRs (e.g. 10.0.0.0/8,fd00::/8), or - for none",
+        "Addresses never reported in ServerBinding addresses by the event sink.",
+        dash_empty=True,
+    ),
+    Setting(
+        "test_power_explicit_failure", (CM + "TEST_POWER_EXPLICIT_FAILURE",), "0",
+        parse_probability, "a probability from 0 to 1",
+        "Test only: probability that a power operation fails with an error.",
+    ),
+    Setting(
+        "test_power_silent_failure", (CM + "TEST_POWER_SILENT_FAILURE",), "0",
+        parse_probability, "a probability from 0 to 1",
+        "Test only: probability that a power operation silently does nothing.",
+    ),
+    _port("webhook_port", (_own("webhook_port"),), "9443",
+          "Port of the admission/conversion webhook server (Kubernetes store)."),
+    Setting(
+        "webhook_cert_dir", (_own("webhook_cert_dir"),), "/tmp/k8s-webhook-server/serving-certs",
+        parse_required_path, "a directory path", "Directory holding tls.crt and tls.key for webhooks.",
+    ),
+    _port("metrics_port", (_own("metrics_port"),), "8443", "Prometheus metrics port."),
+    _port("health_port", (_own("health_port"),), "9440", "Health/readiness probe port."),
+    # Settings of this implementation.
+    Setting(
+        "state_dir", (_own("state_dir"),), DEFAULT_STATE_DIR, parse_required_path, "a directory path",
+        "Data directory (state.db, env/, tftp/, ipxe/).",
+        default_doc=f"{DEFAULT_STATE_DIR}; when not root and it is not writable,"
+        " $XDG_STATE_HOME/sidero or ~/.local/state/sidero",
+    ),
+    Setting(
+        "kubeconfig", (_own("kubeconfig"), "KUBECONFIG"), "", parse_path, "a file path",
+        "Kubeconfig for the Kubernetes store.", default_doc="in-cluster configuration",
+    ),
+    Setting(
+        "store", (_own("store"),), "auto", choice("auto", "embedded", "kubernetes"),
+        "one of auto, embedded, kubernetes",
+        "Where resources live; auto = kubernetes when a kubeconfig or in-cluster"
+        " environment is present, else the embedded SQLite store.",
+    ),
+    Setting(
+        "listen_address", (_own("listen_address"),), "", parse_listen_address,
+        "an IP address, or empty for all", "Address TCP and UDP services bind.",
+        default_doc="all addresses",
+    ),
+    _port("tftp_port", (_own("tftp_port"),), "69", "TFTP UDP port."),
+    _port("dhcp_port", (_own("dhcp_port"),), "67", "DHCP proxy UDP port."),
+    _port("dhcp_proxy_port", (_own("dhcp_proxy_port"),), "4011", "PXE proxyDHCP (BINL) UDP port."),
+    Setting(
+        "dhcp_interface", (_own("dhcp_interface"),), "", parse_interface, "an interface name",
+        "Interface the DHCP proxy binds to.",
+        default_doc="the interface owning the API endpoint address",
+    ),
+    Setting(
+        "ipxe_dir", (_own("ipxe_dir"),), "", parse_path, "a directory path",
+        f"Extra directory searched for iPXE binaries before {IPXE_SYSTEM_DIR}.",
+        default_doc="none",
+    ),
+    Setting(
+        "management_socket", (_own("management_socket"),), "", parse_path, "a file path",
+        "Unix socket of the local management API.", default_doc="<state-dir>/sidero.sock",
+    ),
+    Setting(
+        "log_format", (_own("log_format"),), "text", choice("text", "json"), "one of text, json",
+        "Log output: readable text or one JSON object per line.",
+    ),
+    Setting(
+        "log_level", (_own("log_level"),), "info", _parse_level,
+        "one of debug, info, warn, error, critical", "Lowest level of events logged.",
+    ),
+) + tuple(
+    _bool(
+        "disable_" + service.replace("-", "_"),
+        (_own("disable_" + service.replace("-", "_")),)
+        + ((CM + "DISABLE_DHCP_PROXY",) if service == "dhcp-proxy" else ()),
+        False,
+        f"Do not run the {service} service.",
+    )
+    for service in SERVICES
+)
+
+SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+# --- resolved settings -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration services receive (built by L{resolve}, or directly in tests).
+
+    Durations are seconds. C{store} is never C{auto} here: L{resolve} decides.
+    """
+
+    api_endpoint: str = "127.0.0.1"
+    api_port: int = 8081
+    http_port: int = 8081
+    siderolink_endpoint: str = "127.0.0.1"
+    siderolink_port: int = 51821
+    extra_agent_kernel_args: str = ""
+    boot_from_disk_method: str = "ipxe-exit"
+    enable_leader_election: bool = True
+    auto_accept_servers: bool = False
+    insecure_wipe: bool = True
+    auto_bmc_setup: bool = True
+    server_reboot_timeout: float = 1200.0
+    ipmi_pxe_method: str = "uefi"
+    events_negative_address_filter: tuple[IPNetwork, ...] = ()
+    test_power_explicit_failure: float = 0.0
+    test_power_silent_failure: float = 0.0
+    webhook_port: int = 9443
+    webhook_cert_dir: str = "/tmp/k8s-webhook-server/serving-certs"
+    metrics_port: int = 8443
+    health_port: int = 9440
+    state_dir: str = DEFAULT_STATE_DIR
+    kubeconfig: str = ""
+    store: str = "embedded"
+    listen_address: str = ""
+    tftp_port: int = 69
+    dhcp_port: int = 67
+    dhcp_proxy_port: int = 4011
+    dhcp_interface: str = ""
+    ipxe_dir: str = ""
+    management_socket: str = DEFAULT_STATE_DIR + "/sidero.sock"
+    log_format: str = "text"
+    log_level: str = "info"
+    disabled: frozenset[str] = field(default_factory=frozenset)
+
+    def enabled(self, service: str) -> bool:
+        """Whether C{service} (one of L{SERVICES}) should run."""
+        if service not in SERVICES:
+            raise KeyError(service)
+        return service not in self.disabled
+
+    @property
+    def ipxe_search_path(self) -> tuple[str, ...]:
+        """Directories holding stock iPXE binaries, most specific first."""
+        return tuple(d for d in (self.ipxe_dir, IPXE_SYSTEM_DIR) if d)
+
+    @property
+    def tftp_roots(self) -> tuple[str, ...]:
+        """TFTP search path: patched binaries in C{<state-dir>/tftp}, then stock iPXE."""
+        return (os.path.join(self.state_dir, "tftp"), *self.ipxe_search_path)
+
+    @property
+    def database_path(self) -> str:
+        return os.path.join(self.state_dir, "state.db")
+
+
+_SETTINGS_FIELDS = {f.name for f in fields(Settings)}
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something resolution decided that the operator should see in the log."""
+
+    level: str
+    format: str
+    fields: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    settings: Settings
+    notes: tuple[Note, ...]
+    sources: Mapping[str, str]
+
+
+def _writable_dir(path: str) -> bool:
+    """Whether C{path} is, or could be created as, a directory we can write into."""
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return False
+        probe = parent
+    return os.path.isdir(probe) and os.access(probe, os.W_OK | os.X_OK)
+
+
+@dataclass(frozen=True)
+class Host:
+    """Facts about the machine that resolution depends on (injected in tests)."""
+
+    is_root: bool
+    home: str
+    addresses: Callable[[], Sequence[netinfo.InterfaceAddress]]
+    writable: Callable[[str], bool] = _writable_dir
+
+    @classmethod
+    def current(cls) -> Host:
+        return cls(
+            is_root=os.geteuid() == 0,
+            home=os.path.expanduser("~"),
+            addresses=netinfo.read_addresses,
+        )
+
+
+def _raw_value(
+    setting: Setting, flags: Mapping[str, str], environ: Mapping[str, str]
+) -> tuple[str, str]:
+    """The winning raw text for C{setting} and where it came from."""
+    candidates: list[tuple[str, str]] = []
+    if setting.name in flags:
+        candidates.append((flags[setting.name], setting.flag))
+    candidates += [(environ[v], v) for v in setting.env if v in environ]
+    for text, source in candidates:
+        text = text.strip()
+        if setting.dash_empty and text == "-":
+            text = ""
+        if text == "" and setting.empty_falls_through:
+            continue
+        if text == "" and source != setting.flag and not setting.dash_empty:
+            # An empty variable (common in environment files) means "not set".
+            continue
+        return text, source
+    return setting.default, "default"
+
+
+def resolve(
+    flags: Mapping[str, str], environ: Mapping[str, str], host: Host | None = None
+) -> Resolution:
+    """Resolve every setting: flag, then environment variables, then default.
+
+    @param flags: setting name -> raw text from the command line (booleans as "true"/"false").
+    @raise ConfigError: a value is invalid.
+    @raise StartupError: no value can be found for something required (the API endpoint).
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    notes: list[Note] = []
+    for setting in SETTINGS:
+        text, source = _raw_value(setting, flags, environ)
+        sources[setting.name] = source
+        if text == "" and setting.default_doc is not None and source == "default":
+            values[setting.name] = None  # computed below
+            continue
+        try:
+            values[setting.name] = setting.parse(text)
+        except ValueError:
+            raise ConfigError(setting.flag, text, source, setting.accepted) from None
+
+    if values["api_endpoint"] is None:
+        host = host or Host.current()
+        chosen = netinfo.choose_endpoint(host.addresses())
+        if chosen is None:
+            raise StartupError(
+                "no API endpoint: no non-loopback, non-link-local address on this host;"
+                f" set --api-endpoint or {CM}API_ENDPOINT"
+            )
+        values["api_endpoint"] = str(chosen.address)
+        sources["api_endpoint"] = "chosen"
+        notes.append(Note("info", "API endpoint {endpoint} chosen: {reason}",
+                          {"endpoint": str(chosen.address), "reason": chosen.reason}))
+    if values["http_port"] is None:
+        values["http_port"] = values["api_port"]
+    if not values["siderolink_endpoint"]:
+        values["siderolink_endpoint"] = values["api_endpoint"]
+
+    state_dir = values["state_dir"]
+    if sources["state_dir"] == "default":
+        host = host or Host.current()
+        if not host.is_root and not host.writable(state_dir):
+            xdg = environ.get("XDG_STATE_HOME", "").strip()
+            base = xdg if os.path.isabs(xdg) else os.path.join(host.home, ".local", "state")
+            fallback = os.path.join(base, "sidero")
+            notes.append(Note(
+                "warn", "State directory {default} is not writable and sidero is not root:"
+                " using {state_dir} instead (set --state-dir to choose)",
+                {"default": state_dir, "state_dir": fallback},
+            ))
+            values["state_dir"] = state_dir = fallback
+    if values["management_socket"] is None:
+        values["management_socket"] = os.path.join(state_dir, "sidero.sock")
+    if len(os.fsencode(values["management_socket"])) > UNIX_PATH_MAX:
+        raise ConfigError(
+            "--management-socket", values["management_socket"], sources["management_socket"],
+            f"a socket path of at most {UNIX_PATH_MAX} bytes",
+        )
+    for name in ("kubeconfig", "ipxe_dir", "dhcp_interface", "listen_address"):
+        if values[name] is None:
+            values[name] = ""
+
+    if values["store"] == "auto":
+        if values["kubeconfig"]:
+            values["store"], why = "kubernetes", f"a kubeconfig is set ({sources['kubeconfig']})"
+        elif environ.get("KUBERNETES_SERVICE_HOST") and environ.get("KUBERNETES_SERVICE_PORT"):
+            values["store"], why = "kubernetes", "running inside a Kubernetes pod"
+        else:
+            values["store"], why = "embedded", "no kubeconfig and not inside a Kubernetes pod"
+        notes.append(Note("info", "Store {store} chosen: {reason}",
+                          {"store": values["store"], "reason": why}))
+
+    disabled = frozenset(
+        service for service in SERVICES if values.pop("disable_" + service.replace("-", "_"))
+    )
+    settings = Settings(disabled=disabled, **{k: v for k, v in values.items() if k in _SETTINGS_FIELDS})
+    return Resolution(settings=settings, notes=tuple(notes), sources=sources)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+
+def _help_text(setting: Setting) -> str:
+    default = setting.default_doc if setting.default_doc is not None else (setting.default or '""')
+    env = ", ".join(setting.env)
+    return f"{setting.help} Accepts {setting.accepted}. [default: {default}] [env: {env}]"
+
+
+def rewrite_go_booleans(argv: Sequence[str]) -> list[str]:
+    """Turn Go-style C{--flag=true|false} into C{--flag} / C{--no-flag} for getopt.
+
+    @raise ConfigError: the value after C{=} is not a boolean.
+    """
+    booleans = {s.name.replace("_", "-"): s for s in SETTINGS if s.boolean}
+    result: list[str] = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return result + list(argv[index:])
+        if arg.startswith("--") and "=" in arg:
+            name, _, value = arg[2:].partition("=")
+            if name in booleans:
+                try:
+                    result.append(("--" if parse_bool(value) else "--no-") + name)
+                except ValueError:
+                    setting = booleans[name]
+                    raise ConfigError(setting.flag, value, setting.flag, setting.accepted) from None
+                continue
+        result.append(arg)
+    return result
+
+
+class SettingsOptions(usage.Options):
+    """twistd options generated from L{SETTINGS}; C{postOptions} resolves L{Settings}.
+
+    An invalid value prints one line to stderr and exits with status 1 instead of raising
+    L{usage.UsageError}, which twistd would answer with the whole usage text.
+
+    @ivar given: setting name -> raw text from the command line, last one wins.
+    @ivar environ: the environment resolution reads (C{os.environ} unless injected).
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "Every option can also be set through the environment variable shown; a command-line"
+        " flag wins over a variable, which wins over the default. Booleans take --x / --no-x"
+        " or Go-style --x=true|false."
+    )
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        host: Host | None = None,
+        stderr: IO[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.given: dict[str, str] = {}
+        self.environ: Mapping[str, str] = os.environ if environ is None else environ
+        self.host = host
+        self.stderr = stderr
+        self.resolution: Resolution | None = None
+
+    @property
+    def settings(self) -> Settings:
+        assert self.resolution is not None, "parseOptions() has not run"
+        return self.resolution.settings
+
+    def fail(self, error: Exception) -> None:
+        """Print C{sidero: <error>} on one line and exit with status 1."""
+        stream = self.stderr if self.stderr is not None else sys.stderr
+        stream.write(f"sidero: {error}\n")
+        stream.flush()
+        raise SystemExit(1)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        argv = sys.argv[1:] if options is None else options
+        try:
+            argv = rewrite_go_booleans(argv)
+        except ConfigError as e:
+            self.fail(e)
+        super().parseOptions(argv)
+
+    def postOptions(self) -> None:
+        try:
+            self.resolution = resolve(self.given, self.environ, self.host)
+        except (ConfigError, StartupError) as e:
+            self.fail(e)
+
+
+def _value_handler(setting: Setting) -> Callable[[SettingsOptions, str], None]:
+    def handler(self: SettingsOptions, value: str) -> None:
+        self.given[setting.name] = value
+
+    handler.__doc__ = _help_text(setting)
+    return handler
+
+
+def _flag_handler(setting: Setting, value: str) -> Callable[[SettingsOptions], None]:
+    def handler(self: SettingsOptions) -> None:
+        self.given[setting.name] = value
+
+    handler.__doc__ = (
+        _help_text(setting) if value == "true" else f"Turn {setting.flag} off."
+    )
+    return handler
+
+
+for _setting in SETTINGS:
+    if _setting.boolean:
+        setattr(SettingsOptions, "opt_" + _setting.name, _flag_handler(_setting, "true"))
+        setattr(SettingsOptions, "opt_no_" + _setting.name, _flag_handler(_setting, "false"))
+    else:
+        setattr(SettingsOptions, "opt_" + _setting.name, _value_handler(_setting))
+del _setting
+
+
+# --- documentation ---------------------------------------------------------------------------
+
+
+def markdown_table() -> str:
+    """The README configuration table, generated from L{SETTINGS}."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "| Flag | Environment variables | Default | Accepted | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for s in SETTINGS:
+        flag = f"`{s.flag}` / `--no-{s.flag[2:]}`" if s.boolean else f"`{s.flag}`"
+        env = ", ".join(f"`{v}`" for v in s.env)
+        if s.default_doc is not None:
+            default = s.default_doc
+        else:
+            default = f"`{s.default}`" if s.default else "empty"
+        lines.append(
+            f"| {flag} | {env} | {cell(default)} | {cell(s.accepted)} | {cell(s.help)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["--markdown"]:
+        sys.stdout.write(markdown_table())
+        return 0
+    sys.stderr.write("usage: python -m sidero.config --markdown\n")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

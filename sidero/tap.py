@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.service.test_tap -*-
+"""twistd wiring: C{twistd -n sidero [options]} builds the whole process here.
+
+This is the only module that touches the global reactor. L{makeService} resolves nothing
+itself (L{Options} did, from L{sidero.config.SETTINGS}); it runs the L{FACTORIES} in
+dependency order, each C{_make_<name>(settings, context)} returning a named service or None
+(disabled, or its implementation is not in this build). Another part plugs in by adding a
+factory to the list.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.application.service import IService, Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
+
+from sidero import logs
+from sidero.app import AppContext, OrderedMultiService
+from sidero.config import SERVICES, Note, Settings, SettingsOptions, StartupError
+from sidero.threads import ThreadPoolService
+
+log = Logger(namespace="sidero.tap")
+
+#: Thread pools (name, max threads): Kubernetes client, disk/sqlite, IPMI, subprocesses.
+THREAD_POOLS: tuple[tuple[str, int], ...] = (("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2))
+
+# Stores this build can run; "kubernetes" joins when its backend lands.
+AVAILABLE_STORES = ("embedded",)
+
+
+class Options(SettingsOptions):
+    """C{twistd sidero} options: every row of the settings table, plus build checks."""
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self.settings.store not in AVAILABLE_STORES:
+            why = (
+                "" if self.resolution is None or self.resolution.sources["store"] != "default"
+                else " (chosen by --store auto because a kubeconfig or in-cluster environment is present)"
+            )
+            self.fail(StartupError(
+                f"--store {self.settings.store} is not available in this build: no Kubernetes"
+                f" store backend{why}; use --store embedded"
+            ))
+
+
+class SideroService(OrderedMultiService):
+    """The root service; a failed start stops the process with exit status 1."""
+
+    def __init__(self, reactor: Any, settings: Settings) -> None:
+        super().__init__(reactor)
+        self.reactor = reactor
+        self.settings = settings
+        self.context = AppContext(reactor=reactor, settings=settings)
+        self.exit_on_start_failure = True
+
+    def on_start_failure(self, failure: Failure) -> None:
+        if not self.exit_on_start_failure:
+            return
+        log.critical("sidero cannot start: {error}; stopping", error=failure.getErrorMessage())
+        # twistd always exits 0 after reactor.stop(); systemd must see a failure to restart us.
+        atexit.register(_exit_failure)
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+def _exit_failure() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+# --- factories, in dependency order ------------------------------------------------------------
+
+Factory = Callable[[Settings, AppContext], IService | None]
+
+
+def _make_threads(settings: Settings, context: AppContext) -> IService | None:
+    """The blocking-work pools; later factories find them in C{context.pools}."""
+    group = OrderedMultiService(context.reactor)
+    for name, size in THREAD_POOLS:
+        pool = ThreadPoolService(context.reactor, name, max_threads=size)
+        pool.setServiceParent(group)
+        context.pools[name] = pool
+    return group
+
+
+class StoreService(Service):
+    """Opens the resource store on start (before anything reads it) and closes it on stop."""
+
+    def __init__(self, store: Any, directory: str) -> None:
+        self.store = store
+        self.directory = directory
+
+    def startService(self) -> Deferred[Any]:
+        super().startService()
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+        return ensureDeferred(self.store.open())
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        return ensureDeferred(self.store.close())
+
+
+def _make_store(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.api.admission import Admission
+    from sidero.store.embedded import EmbeddedStore
+
+    store = EmbeddedStore(context.reactor, settings.database_path, admission=Admission())
+    context.store = store
+    return StoreService(store, settings.state_dir)
+
+
+FACTORIES: list[tuple[str, Factory]] = [
+    ("threads", _make_threads),
+    ("store", _make_store),
+]
+
+
+def build_service(
+    settings: Settings,
+    reactor: Any,
+    factories: Sequence[tuple[str, Factory]] | None = None,
+    notes: Sequence[Note] = (),
+    log_observer: ILogObserver | None = None,
+) -> SideroService:
+    """The service tree for C{settings}: one named child per factory that returned one."""
+    root = SideroService(reactor, settings)
+    root.setName("sidero")
+    root.log_observer = log_observer
+    for note in notes:
+        log.emit(logs.LEVELS[note.level], note.format, **note.fields)
+    for name, factory in FACTORIES if factories is None else factories:
+        if name in SERVICES and not settings.enabled(name):
+            log.info("Service {service} disabled by --disable-{service}", service=name)
+            continue
+        service = factory(settings, root.context)
+        if service is None:
+            continue
+        service.setName(name)
+        service.setServiceParent(root)
+    return root
+
+
+def makeService(options: Options) -> SideroService:
+    """twistd entry point: logging first, then the service tree on the global reactor."""
+    from twisted.internet import reactor
+
+    settings = options.settings
+    stream = _log_stream(options)
+    observer = logs.make_observer(settings.log_format, settings.log_level, stream)
+    logs.bridge_stdlib_logging(settings.log_level)
+    notes = options.resolution.notes if options.resolution is not None else ()
+    return build_service(settings, reactor, notes=notes, log_observer=observer)
+
+
+def _log_stream(options: Options) -> Any:
+    """stdout, or twistd's C{--logfile} when one was given (daemon mode)."""
+    parent = getattr(options, "parent", None)
+    logfile = parent.get("logfile") if parent is not None else None
+    if logfile and logfile != "-":
+        from twisted.python.logfile import LogFile
+
+        return LogFile.fromFullPath(logfile)
+    return sys.stdout
