@@ -746,12 +746,14 @@ def markdown_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, stdout: IO[str] | None = None, stderr: IO[str] | None = None
+) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args == ["--markdown"]:
-        sys.stdout.write(markdown_table())
+        (stdout or sys.stdout).write(markdown_table())
         return 0
-    sys.stderr.write("usage: python -m sidero.config --markdown\n")
+    (stderr or sys.stderr).write("usage: python -m sidero.config --markdown\n")
     return 2
 
 

@@ -1,0 +1,148 @@
+"""Log formats, the level filter and the stdlib logging bridge."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from twisted.logger import LogLevel, LogPublisher, formatEvent
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from sidero import logs
+
+T = 1_700_000_000.25  # 2023-11-14T22:13:20.250Z
+
+
+def event(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "log_time": T, "log_level": LogLevel.info, "log_namespace": "sidero.tftp",
+        "log_format": "RRQ {filename} from {peer}", "filename": "ipxe.efi", "peer": "10.0.0.9",
+    }
+    base.update(kw)
+    return base
+
+
+def failed() -> Failure:
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        return Failure()
+    raise AssertionError("unreachable")
+
+
+class TextFormatTests(SynchronousTestCase):
+    """format_text."""
+
+    def test_line(self) -> None:
+        """Time in UTC with milliseconds, level, namespace, rendered message."""
+        self.assertEqual(
+            logs.format_text(event()),
+            "2023-11-14T22:13:20.250Z INFO     [sidero.tftp] RRQ ipxe.efi from 10.0.0.9\n",
+        )
+
+    def test_failure_traceback_indented(self) -> None:
+        """A failure's traceback follows, indented, so one event stays one block."""
+        text = logs.format_text(event(log_level=LogLevel.critical, log_failure=failed(),
+                                      log_format="boom"))
+        lines = text.splitlines()
+        self.assertIn("CRITICAL", lines[0])
+        self.assertTrue(all(line.startswith("    ") for line in lines[1:]))
+        self.assertIn("ZeroDivisionError", text)
+
+
+class JSONFormatTests(SynchronousTestCase):
+    """format_json."""
+
+    def test_fields(self) -> None:
+        """One JSON object per line, with the structured fields kept as keys."""
+        line = logs.format_json(event())
+        self.assertTrue(line.endswith("\n"))
+        self.assertEqual(line.count("\n"), 1)
+        record = json.loads(line)
+        self.assertEqual(record, {
+            "time": "2023-11-14T22:13:20.250Z", "level": "info", "logger": "sidero.tftp",
+            "msg": "RRQ ipxe.efi from 10.0.0.9", "filename": "ipxe.efi", "peer": "10.0.0.9",
+        })
+
+    def test_unserialisable_and_failure(self) -> None:
+        """Odd values become strings; a failure adds error and traceback."""
+        record = json.loads(logs.format_json(event(peer=object(), log_failure=failed())))
+        self.assertIsInstance(record["peer"], str)
+        self.assertEqual(record["error"], "ZeroDivisionError: division by zero")
+        self.assertIn("Traceback", record["traceback"])
+
+
+class ObserverTests(SynchronousTestCase):
+    """make_observer and the environment factory."""
+
+    def test_level_filter(self) -> None:
+        """Events below the configured level are dropped."""
+        out = io.StringIO()
+        observer = logs.make_observer("json", "warn", out)
+        observer(event(log_level=LogLevel.info))
+        observer(event(log_level=LogLevel.error))
+        lines = out.getvalue().splitlines()
+        self.assertEqual([json.loads(x)["level"] for x in lines], ["error"])
+
+    def test_environment_factory(self) -> None:
+        """twistd --logger=sidero.logs.observer honours SIDERO_LOG_FORMAT/LEVEL, tolerating junk."""
+        observer = logs.observer({"SIDERO_LOG_FORMAT": "json", "SIDERO_LOG_LEVEL": "WARNING"})
+        writer = observer._observer  # type: ignore[attr-defined]
+        self.assertIs(writer.formatter, logs.format_json)
+        self.assertIs(logs.observer({"SIDERO_LOG_FORMAT": "xml"})._observer.formatter,  # type: ignore[attr-defined]
+                      logs.format_text)
+
+
+class BridgeTests(SynchronousTestCase):
+    """stdlib logging into twisted.logger."""
+
+    def test_record_becomes_event(self) -> None:
+        """A stdlib record arrives with its logger name as namespace and a mapped level."""
+        seen: list[dict[str, object]] = []
+        publisher = LogPublisher(seen.append)
+        bridge = logs.StdlibBridge(publisher)
+        logger = logging.getLogger("kubernetes.test")
+        logger.propagate = False
+        logger.addHandler(bridge)
+        self.addCleanup(logger.removeHandler, bridge)
+        logger.warning("watch of %s {braces} failed", "servers")
+        (ev,) = seen
+        self.assertEqual(ev["log_namespace"], "kubernetes.test")
+        self.assertIs(ev["log_level"], LogLevel.warn)
+        self.assertEqual(formatEvent(ev), "watch of servers {braces} failed")
+
+    def test_exception_becomes_failure(self) -> None:
+        """logger.exception() carries the exception as log_failure."""
+        seen: list[dict[str, object]] = []
+        bridge = logs.StdlibBridge(LogPublisher(seen.append))
+        logger = logging.getLogger("pyghmi.test")
+        logger.propagate = False
+        logger.addHandler(bridge)
+        self.addCleanup(logger.removeHandler, bridge)
+        try:
+            raise OSError("bmc down")
+        except OSError:
+            logger.exception("ipmi")
+        self.assertIsInstance(seen[0]["log_failure"], Failure)
+
+    def test_levels(self) -> None:
+        """Stdlib levels map to the nearest twisted level at or below them."""
+        self.assertIs(logs.twisted_level(logging.DEBUG), LogLevel.debug)
+        self.assertIs(logs.twisted_level(logging.INFO), LogLevel.info)
+        self.assertIs(logs.twisted_level(logging.WARNING + 5), LogLevel.warn)
+        self.assertIs(logs.twisted_level(logging.ERROR), LogLevel.error)
+        self.assertIs(logs.twisted_level(logging.CRITICAL), LogLevel.critical)
+
+    def test_install_is_idempotent(self) -> None:
+        """bridge_stdlib_logging adds one handler however often it is called."""
+        for name in ["", *logs.LIBRARY_LOGGERS]:
+            self.addCleanup(logging.getLogger(name).setLevel, logging.getLogger(name).level)
+        first = logs.bridge_stdlib_logging("info")
+        second = logs.bridge_stdlib_logging("debug")
+        self.addCleanup(logging.getLogger().removeHandler, first)
+        self.addCleanup(setattr, logs, "_bridge", None)
+        self.assertIs(first, second)
+        self.assertEqual(logging.getLogger().handlers.count(first), 1)
+        self.assertEqual(logging.getLogger("urllib3").level, logging.DEBUG)
