@@ -295,7 +295,7 @@ def metal_cluster_down(hub: Object) -> Object:
 
 def metal_cluster_up(old: Object) -> Object:
     out = copy.deepcopy(old)
-    _take_hub(out)
+    restored = _take_hub(out)
     spec = out.get("spec") or {}
     status = out.get("status") or {}
     endpoints = spec.pop("apiEndpoints", None) or status.get("apiEndpoints") or []
@@ -305,6 +305,9 @@ def metal_cluster_up(old: Object) -> Object:
     out["spec"] = spec
     if "status" in out:
         out["status"] = {"ready": bool(status.get("ready"))}
+        if restored is not None and "status" not in restored and not status.get("ready"):
+            # v1alpha2 always serialises a status; the hub object had none.
+            del out["status"]
     return out
 
 
@@ -353,6 +356,9 @@ def metal_machine_up(old: Object) -> Object:
             if hub_status.get(key):
                 new_status[key] = hub_status[key]
         out["status"] = new_status
+        if not new_status and restored and "status" not in restored:
+            # v1alpha2 always serialises a status; the hub object had none.
+            del out["status"]
     return out
 
 
