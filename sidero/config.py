@@ -579,10 +579,16 @@ def resolve(
     if values["management_socket"] is None:
         values["management_socket"] = os.path.join(state_dir, "sidero.sock")
     if len(os.fsencode(values["management_socket"])) > UNIX_PATH_MAX:
-        raise ConfigError(
-            "--management-socket", values["management_socket"], sources["management_socket"],
-            f"a socket path of at most {UNIX_PATH_MAX} bytes",
-        )
+        if sources["management_socket"] != "default":
+            raise ConfigError(
+                "--management-socket", values["management_socket"], sources["management_socket"],
+                f"a socket path of at most {UNIX_PATH_MAX} bytes",
+            )
+        notes.append(Note(
+            "warn", "Management socket path {path} is longer than {limit} bytes and cannot be"
+            " bound; set --management-socket", {"path": values["management_socket"],
+                                                "limit": UNIX_PATH_MAX},
+        ))
     for name in ("kubeconfig", "ipxe_dir", "dhcp_interface", "listen_address"):
         if values[name] is None:
             values[name] = ""

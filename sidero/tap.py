@@ -118,9 +118,52 @@ def _make_store(settings: Settings, context: AppContext) -> IService | None:
     return StoreService(store, settings.state_dir)
 
 
+def _make_controllers(settings: Settings, context: AppContext) -> IService | None:
+    """Shared informers, controllers and the spec 2.4 start-up runnables.
+
+    With the embedded store this process is the only writer, so it always leads; a
+    Kubernetes-backed build would pass a Lease elector when --enable-leader-election is set.
+    """
+    from sidero.controllers.runtime import ControllerManager
+    from sidero.controllers.startup import install_startup_runnables
+
+    manager = ControllerManager(context.store, context.reactor)
+    install_startup_runnables(manager, context.store)
+    context.extra["controller_manager"] = manager
+    return manager
+
+
+def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.protocols.dhcp.service import make_dhcp_proxy_service
+
+    return make_dhcp_proxy_service(
+        context.reactor,
+        endpoint=settings.api_endpoint,
+        api_port=settings.api_port,
+        interface=settings.dhcp_interface or None,
+        dhcp_port=settings.dhcp_port,
+        proxy_port=settings.dhcp_proxy_port,
+    )
+
+
+def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.protocols.tftp.service import make_tftp_service
+
+    os.makedirs(settings.tftp_roots[0], exist_ok=True)
+    return make_tftp_service(
+        context.reactor,
+        roots=list(settings.tftp_roots),
+        port=settings.tftp_port,
+        interface=settings.listen_address,
+    )
+
+
 FACTORIES: list[tuple[str, Factory]] = [
     ("threads", _make_threads),
     ("store", _make_store),
+    ("controllers", _make_controllers),
+    ("dhcp-proxy", _make_dhcp_proxy),
+    ("tftp", _make_tftp),
 ]
 
 

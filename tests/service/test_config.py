@@ -226,10 +226,13 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(s.database_path, "/srv/sidero/state.db")
 
     def test_management_socket_too_long(self) -> None:
-        """A socket path longer than sun_path allows is refused at start-up."""
+        """A socket path longer than sun_path allows is refused when set, warned when derived."""
+        long_path = "/" + "x" * 120
         with self.assertRaises(ConfigError) as caught:
-            resolve({"state_dir": "/" + "x" * 120}, {}, host())
+            resolve({"management_socket": long_path + "/s.sock"}, {}, host())
         self.assertIn("--management-socket", str(caught.exception))
+        r = resolve({"state_dir": long_path}, {}, host())
+        self.assertTrue(any("Management socket" in n.format for n in r.notes))
 
     def test_state_dir_fallback_when_not_root(self) -> None:
         """Not root and /var/lib/sidero not writable: XDG_STATE_HOME or ~/.local/state, noted."""
