@@ -184,7 +184,11 @@ def as_list(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style, no sequence indentation: what kubectl's YAML looks like."""
+    """Block style, no sequence indentation, double quotes: what kubectl's YAML looks like."""
+
+    def choose_scalar_style(self) -> str:
+        style: str = super().choose_scalar_style()
+        return '"' if style == "'" else style
 
 
 def _str_presenter(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
