@@ -206,7 +206,7 @@ def validate(value: Any, schema: Schema, path: str) -> list[Cause]:
         extra = schema.get("additionalProperties")
         if isinstance(extra, dict):
             for key, item in value.items():
-                causes += validate(item, extra, f"{path}[{key}]")
+                causes += validate(item, extra, _child(path, key))
     elif wanted == "array":
         items = schema.get("items") or {}
         for i, item in enumerate(value):

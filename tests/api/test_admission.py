@@ -130,7 +130,7 @@ class SchemaTests(AdmissionTestCase):
         """qualifiers.labelSelectors maps must hold strings."""
         e = self.invalid(registry.SERVER_CLASS, {"metadata": {"name": "c"},
                                                  "spec": {"qualifiers": {"labelSelectors": [{"a": 1}]}}})
-        self.assertEqual(self.fields(e), ["spec.qualifiers.labelSelectors[0][a]"])
+        self.assertEqual(self.fields(e), ["spec.qualifiers.labelSelectors[0].a"])
 
 
 class VersionTests(AdmissionTestCase):
