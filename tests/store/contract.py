@@ -113,6 +113,11 @@ class StoreContractTests(_Base):
         return {"apiVersion": registry.SERVER.api_version, "kind": "Server", "metadata": meta,
                 "spec": {"accepted": False, **spec}}
 
+    def binding_spec(self) -> Object:
+        """A ServerBinding spec that passes the CRD schema (metalMachineRef is required)."""
+        return {"metalMachineRef": {"kind": "MetalMachine", "namespace": "default",
+                                    "name": self.unique("mm")}}
+
     def owner_ref(self, owner: Object) -> Object:
         return {"apiVersion": owner["apiVersion"], "kind": owner["kind"],
                 "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}
@@ -595,7 +600,7 @@ class StoreContractTests(_Base):
         binding = await self.create({
             "apiVersion": registry.SERVER_BINDING.api_version, "kind": "ServerBinding",
             "metadata": {"name": self.unique("sb"), "ownerReferences": [self.owner_ref(owner)]},
-            "spec": {}})
+            "spec": self.binding_spec()})
         secret = await self.create({
             "apiVersion": "v1", "kind": "Secret",
             "metadata": {"name": self.unique("sec"), "namespace": "default",
@@ -620,7 +625,7 @@ class StoreContractTests(_Base):
             "apiVersion": registry.SERVER_BINDING.api_version, "kind": "ServerBinding",
             "metadata": {"name": self.unique("sb"),
                          "ownerReferences": [self.owner_ref(one), self.owner_ref(two)]},
-            "spec": {}})
+            "spec": self.binding_spec()})
         name = dep["metadata"]["name"]
         await self.store.delete(registry.SERVER, one["metadata"]["name"])
 
@@ -639,7 +644,7 @@ class StoreContractTests(_Base):
             "apiVersion": registry.SERVER_BINDING.api_version, "kind": "ServerBinding",
             "metadata": {"name": self.unique("sb"), "finalizers": [FINALIZER],
                          "ownerReferences": [self.owner_ref(owner)]},
-            "spec": {}})
+            "spec": self.binding_spec()})
         name = dep["metadata"]["name"]
         await self.store.delete(registry.SERVER, owner["metadata"]["name"])
 

@@ -105,6 +105,17 @@ class EmbeddedInlineContractTests(StoreContractTests, TestCase):
         return succeed(None)
 
 
+class EmbeddedAdmittedContractTests(EmbeddedInlineContractTests):
+    """The contract with sidero's real admission, as a real API server with our CRDs applies
+    schemas: proves the contract's objects are valid and survive pruning."""
+
+    def makeStore(self) -> Deferred[IResourceStore]:
+        store, self.clock = inline_store(admission=Admission())
+        result_of(self, store.open())
+        self.addCleanup(lambda: result_of(self, store.close()))
+        return succeed(store)
+
+
 @implementer(IAdmission)
 class StandInAdmission:
     """Defaults C{spec.pxeMode} and refuses a Server whose hostname is C{bad}."""
