@@ -114,7 +114,7 @@ class SchemaTests(AdmissionTestCase):
 
     def test_condition_time_format(self) -> None:
         """lastTransitionTime must be a date-time."""
-        binding = {"metadata": {"name": UUID}, "spec": {"metalMachineRef": {"name": "m"}},
+        binding: dict[str, Any] = {"metadata": {"name": UUID}, "spec": {"metalMachineRef": {"name": "m"}},
                    "status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "yesterday"}]}}
         e = self.invalid(registry.SERVER_BINDING, binding)
         self.assertEqual(self.fields(e), ["status.conditions[0].lastTransitionTime"])

@@ -74,7 +74,7 @@ class APIServerParityTests(TestCase):
             except ApiException as e:
                 if e.status != 422:
                     raise
-                causes = json.loads(e.body).get("details", {}).get("causes", [])
+                causes = json.loads(e.body or "{}").get("details", {}).get("causes", [])
                 return None, sorted(f'{c.get("field", "")}: {c.get("message", "")}' for c in causes)
         finally:
             api_client.close()

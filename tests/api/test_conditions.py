@@ -56,16 +56,16 @@ class SetTests(SynchronousTestCase):
         obj: dict = {}
         c.mark_false(obj, "X", "R", "Error", "m", T0)
         c.mark_false(obj, "X", "R", "Error", "m", T1)
-        self.assertEqual(c.get(obj, "X")["lastTransitionTime"], "2023-11-14T22:13:20Z")
+        self.assertEqual(c.get_conditions(obj)[0]["lastTransitionTime"], "2023-11-14T22:13:20Z")
 
     def test_changed_message_updates_transition_time(self) -> None:
         """Any change of status, severity, reason or message takes the new time."""
         obj: dict = {}
         c.mark_false(obj, "X", "R", "Error", "m", T0)
         c.mark_false(obj, "X", "R", "Error", "other", T1)
-        self.assertEqual(c.get(obj, "X")["lastTransitionTime"], "2023-11-14T22:14:20Z")
+        self.assertEqual(c.get_conditions(obj)[0]["lastTransitionTime"], "2023-11-14T22:14:20Z")
         c.mark_true(obj, "X", T1 + 60)
-        self.assertEqual(c.get(obj, "X")["lastTransitionTime"], "2023-11-14T22:15:20Z")
+        self.assertEqual(c.get_conditions(obj)[0]["lastTransitionTime"], "2023-11-14T22:15:20Z")
 
     def test_sorted_ready_first(self) -> None:
         """Ready comes first, others alphabetically by type."""

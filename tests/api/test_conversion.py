@@ -16,15 +16,15 @@ I2 = "infrastructure.cluster.x-k8s.io/v1alpha2"
 I3 = "infrastructure.cluster.x-k8s.io/v1alpha3"
 
 
-def annotations(obj: dict[str, Any]) -> dict[str, str]:
+def annotations_of(obj: dict[str, Any]) -> dict[str, str]:
     return obj.get("metadata", {}).get("annotations", {})
 
 
-SERVER_V1 = {"apiVersion": V1, "kind": "Server", "metadata": {"name": "s"}, "spec": {
+SERVER_V1: dict[str, Any] = {"apiVersion": V1, "kind": "Server", "metadata": {"name": "s"}, "spec": {
     "hostname": "example.com", "accepted": True,
     "system": {"manufacturer": "Sidero", "productName": "Server", "version": "v1.0"},
     "cpu": {"manufacturer": "Sidero CPU", "version": "v1"}}}
-SERVER_V2 = {"apiVersion": V2, "kind": "Server", "metadata": {"name": "s"}, "spec": {
+SERVER_V2: dict[str, Any] = {"apiVersion": V2, "kind": "Server", "metadata": {"name": "s"}, "spec": {
     "hostname": "example.com", "accepted": True, "hardware": {
         "system": {"manufacturer": "Sidero", "productName": "Server", "version": "v1.0"},
         "compute": {"processors": [{"manufacturer": "Sidero CPU", "productName": "v1"}]}}}}
@@ -38,7 +38,7 @@ class ServerConversionTests(SynchronousTestCase):
     def test_v1alpha2_to_v1alpha1(self) -> None:
         """TestServerConvertV1alpha2V1Alpha1: the inverse, plus the hub JSON in the annotation."""
         down = convert(SERVER_V2, V1)
-        stored = json.loads(annotations(down).pop(ANNOTATION))
+        stored = json.loads(annotations_of(down).pop(ANNOTATION))
         self.assertEqual(down["metadata"], {"name": "s", "annotations": {}})
         down["metadata"].pop("annotations")
         self.assertEqual(down, SERVER_V1)
@@ -78,7 +78,7 @@ class ServerConversionTests(SynchronousTestCase):
         self.assertEqual(hw["compute"]["processors"], [{"manufacturer": "Sidero CPU", "productName": "v2",
                                                         "speed": 2400}])
         self.assertEqual(hw["memory"], {"moduleCount": 2})
-        self.assertNotIn(ANNOTATION, annotations(up))
+        self.assertNotIn(ANNOTATION, annotations_of(up))
 
     def test_corrupt_annotation_ignored(self) -> None:
         """An unparsable conversion-data annotation is removed and ignored."""

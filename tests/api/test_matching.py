@@ -177,7 +177,7 @@ class FilterV1alpha2Tests(SynchronousTestCase):
     def test_hardware_qualifier_needs_hardware(self) -> None:
         """A server without hardware fails any hardware qualifier, even an empty entry."""
         bare = {"metadata": {"name": "bare"}, "spec": {"accepted": True}}
-        sc = {"spec": {"qualifiers": {"hardware": [{}]}}}
+        sc: dict[str, Any] = {"spec": {"qualifiers": {"hardware": [{}]}}}
         self.assertEqual(names(matching.servers_for_class(sc, [bare, ATOM])), ["atom"])
 
     def test_invalid_selector_raises(self) -> None:
@@ -187,7 +187,7 @@ class FilterV1alpha2Tests(SynchronousTestCase):
 
     def test_reset_any(self) -> None:
         """Resetting any empties qualifiers and keeps the selector."""
-        sc = {"metadata": {"name": "any"}, "spec": {"qualifiers": {"labelSelectors": [{"a": "b"}]},
+        sc: dict[str, Any] = {"metadata": {"name": "any"}, "spec": {"qualifiers": {"labelSelectors": [{"a": "b"}]},
                                                     "selector": {"matchLabels": {"x": "y"}}}}
         reset = matching.reset_any_server_class(sc)
         self.assertEqual(reset["spec"], {"qualifiers": {}, "selector": {"matchLabels": {"x": "y"}}})
