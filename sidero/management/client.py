@@ -112,6 +112,8 @@ class ManagementClient:
         if response.status >= 400:
             if isinstance(decoded, dict) and decoded.get("kind") == "Status":
                 err = StoreError.from_status(decoded)
+                if decoded.get("reason") and err.reason != decoded["reason"]:
+                    err.reason = str(decoded["reason"])  # a reason the store has no class for
             else:
                 err = StoreError(str(decoded).strip() or response.reason)
             err.code = response.status
