@@ -386,6 +386,38 @@ class EmbeddedStoreTests(TestCase):
         self.assertEqual([(e.type, e.object["metadata"]["name"]) for e in recorder.events],
                          [(DELETED, "owner"), (DELETED, "dep")])
 
+    def test_gc_resumes_after_restart(self) -> None:
+        """Dependents of an owner removed just before a stop are collected at the next open."""
+        path = self.mktemp()
+        store, _ = inline_store(path)
+        result_of(self, store.open())
+        owner = result_of(self, store.create(server("owner")))
+        dep = server("dep")
+        dep["metadata"]["ownerReferences"] = [{"apiVersion": owner["apiVersion"], "kind": "Server",
+                                               "name": "owner", "uid": owner["metadata"]["uid"]}]
+        result_of(self, store.create(dep))
+        result_of(self, store.close())
+        # As if the process died between the owner's removal and the garbage collector's turn.
+        conn = sqlite3.connect(path)
+        conn.execute("DELETE FROM objects WHERE name = 'owner'")
+        conn.commit()
+        conn.close()
+        again, _ = inline_store(path)
+        result_of(self, again.open())
+        self.addCleanup(lambda: result_of(self, again.close()))
+        result_of(self, again.gc_idle())
+        self.failureResultOf(again.get(registry.SERVER, "dep"), errors.NotFound)
+
+    def test_bad_input_is_bad_request(self) -> None:
+        """A patch that is not an object, or an object that is not JSON, is refused with BadRequest."""
+        store, _ = self.open()
+        result_of(self, store.create(server("a")))
+        self.failureResultOf(store.patch(registry.SERVER, "a", ["x"]), errors.BadRequest)  # type: ignore[arg-type]
+        self.failureResultOf(store.create(server("b", hostname=object())), errors.BadRequest)
+        self.failureResultOf(store.create({"apiVersion": "v9", "kind": "Nope", "metadata": {"name": "x"}}),
+                             errors.BadRequest)
+        self.failureResultOf(store.patch(registry.SERVER, "a", {}, subresource="scale"), errors.NotFound)
+
     # -- durability -----------------------------------------------------------------------
 
     def test_restart_keeps_objects_and_resource_versions(self) -> None:
