@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
@@ -50,6 +50,8 @@ class OrderedMultiService(MultiService):
     """
 
     log = Logger()
+    #: Log "All services started" at info (the root) rather than debug (nested groups).
+    announce = False
 
     def __init__(self, clock: Any, stop_timeout: float = 30.0) -> None:
         super().__init__()
@@ -108,8 +110,11 @@ class OrderedMultiService(MultiService):
             self.log.debug("Starting {service}", service=child.name)
             await maybeDeferred(child.startService)
             self._running_children.append(child)
-        self.log.info("All services started: {services}",
-                      services=", ".join(str(c.name) for c in self._running_children))
+        self.log.emit(
+            LogLevel.info if self.announce else LogLevel.debug,
+            "All services started: {services}",
+            services=", ".join(str(c.name) for c in self._running_children),
+        )
 
     def _start_failed(self, failure: Failure) -> None:
         name = next((c.name for c in self if c not in self._running_children), "?")

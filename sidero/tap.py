@@ -54,6 +54,8 @@ class Options(SettingsOptions):
 class SideroService(OrderedMultiService):
     """The root service; a failed start stops the process with exit status 1."""
 
+    announce = True
+
     def __init__(self, reactor: Any, settings: Settings) -> None:
         super().__init__(reactor)
         self.reactor = reactor

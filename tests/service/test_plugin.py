@@ -1,0 +1,141 @@
+"""The twistd dropin from an installed wheel, and the real process started by twistd."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import zipfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from sidero.config import SETTINGS
+from tests.service.wheelenv import DROPIN, WheelEnv, wheel_env
+
+
+def free_port(kind: int) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class InstalledWheelTests(SynchronousTestCase):
+    """Build the wheel, install it in a fresh venv, run twistd from outside the repository."""
+
+    def setUp(self) -> None:
+        self.env: WheelEnv = wheel_env()
+        self.cwd = tempfile.mkdtemp(prefix="sidero-cwd-")
+
+    def twistd(self, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.env.twistd, *args], cwd=self.cwd, env=env or self.env.env(),
+            capture_output=True, text=True, timeout=timeout,
+        )
+
+    def test_wheel_ships_dropin_without_package_markers(self) -> None:
+        """The wheel has twisted/plugins/sidero_plugin.py and no twisted/__init__ of its own."""
+        with zipfile.ZipFile(self.env.wheel) as zf:
+            names = zf.namelist()
+        self.assertIn(DROPIN, names)
+        self.assertNotIn("twisted/__init__.py", names)
+        self.assertNotIn("twisted/plugins/__init__.py", names)
+        self.assertFalse([n for n in names if n.startswith("tests/")])
+
+    def test_plugin_found_and_cache_written(self) -> None:
+        """getPlugins finds tapname sidero from site-packages, and dropin.cache was written."""
+        out = subprocess.run(
+            [self.env.python, "-c",
+             "from twisted.plugin import getPlugins; from twisted.application.service import"
+             " IServiceMaker; print([p.tapname for p in getPlugins(IServiceMaker)])"],
+            cwd=self.cwd, env=self.env.env(), capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("'sidero'", out.stdout)
+        cache = os.path.join(self.env.site_packages, "twisted", "plugins", "dropin.cache")
+        self.assertTrue(os.path.exists(cache))
+
+    def test_help_lists_every_setting(self) -> None:
+        """C{twistd sidero --help} shows every flag of the settings table (and --no- forms)."""
+        result = self.twistd("sidero", "--help")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for setting in SETTINGS:
+            self.assertIn(setting.flag, result.stdout)
+            if setting.boolean:
+                self.assertIn("--no-" + setting.flag[2:], result.stdout)
+
+    def test_invalid_variable_one_line(self) -> None:
+        """A bad variable stops twistd with exit 1 and one line, not the usage text."""
+        result = self.twistd(
+            "-n", "--pidfile=", "sidero",
+            env=self.env.env(SIDERO_CONTROLLER_MANAGER_IPMI_PXE_METHOD="foo"),
+        )
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(
+            result.stderr,
+            'sidero: invalid value "foo" for --ipmi-pxe-method (from '
+            "SIDERO_CONTROLLER_MANAGER_IPMI_PXE_METHOD): expected one of uefi, bios\n",
+        )
+        self.assertEqual(result.stdout, "")
+
+    def test_real_process(self) -> None:
+        """twistd -n sidero stays up with a clean log and a state db, then shuts down on SIGTERM."""
+        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        api_port = free_port(socket.SOCK_STREAM)
+        tftp_port = free_port(socket.SOCK_DGRAM)
+        log_path = os.path.join(self.cwd, "out.log")
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(
+                [self.env.twistd, "-n", "--pidfile=", "sidero", "--state-dir", state_dir,
+                 "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
+                 "--api-port", str(api_port), "--disable-dhcp-proxy",
+                 "--tftp-port", str(tftp_port)],
+                cwd=self.cwd, env=self.env.env(), stdout=log, stderr=subprocess.STDOUT,
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and "All services started: threads, store" not in _read(log_path):
+                self.assertIsNone(proc.poll(), _read(log_path))
+                time.sleep(0.2)
+            self.assertIn("All services started: threads, store, controllers, tftp", _read(log_path))
+            time.sleep(3)
+            self.assertIsNone(proc.poll(), "twistd exited early:\n" + _read(log_path))
+            self.assertTrue(os.path.exists(os.path.join(state_dir, "state.db")))
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        text = _read(log_path)
+        # twistd shuts down in order, then re-raises the signal so the parent sees it (systemd
+        # counts SIGTERM as a clean exit).
+        self.assertEqual(code, -signal.SIGTERM, text)
+        self.assertIn("Server Shut Down", text)
+        for bad in ("Traceback", "CRITICAL", "ERROR ", "Unhandled"):
+            self.assertNotIn(bad, text)
+        self.assertIn("Main loop terminated", text)
+        lines = text.splitlines()
+        # Every line is ours: "<time> <LEVEL> [namespace] message".
+        self.assertTrue(all(line[:4].isdigit() and "Z " in line[:30] for line in lines), text)
+
+    def test_start_failure_exits_nonzero(self) -> None:
+        """A service that cannot start (state dir is a file) stops twistd with exit status 1."""
+        not_a_dir = os.path.join(self.cwd, "file")
+        with open(not_a_dir, "w") as f:
+            f.write("x")
+        result = self.twistd(
+            "-n", "--pidfile=", "sidero", "--state-dir", not_a_dir, "--api-endpoint", "127.0.0.1",
+            "--listen-address", "127.0.0.1", "--disable-dhcp-proxy", "--disable-tftp",
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("sidero cannot start", result.stdout)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
