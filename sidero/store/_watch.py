@@ -11,6 +11,7 @@ already covered, so it sees every change exactly once.
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -65,15 +66,18 @@ class Hub:
 
     def __init__(self) -> None:
         self.rv = 0
-        self._watchers: dict[str, set[Watcher]] = {}
+        # Per kind, in registration order (a dict used as an ordered set).
+        self._watchers: dict[str, dict[Watcher, None]] = {}
+        self._pending: deque[StoredEvent] = deque()
+        self._publishing = False
 
     def add(self, watcher: Watcher) -> None:
-        self._watchers.setdefault(watcher.kind.resource, set()).add(watcher)
+        self._watchers.setdefault(watcher.kind.resource, {})[watcher] = None
 
     def remove(self, watcher: Watcher) -> None:
         watchers = self._watchers.get(watcher.kind.resource)
         if watchers is not None:
-            watchers.discard(watcher)
+            watchers.pop(watcher, None)
             if not watchers:
                 del self._watchers[watcher.kind.resource]
 
@@ -81,7 +85,22 @@ class Hub:
         return sum(len(w) for w in self._watchers.values())
 
     def publish(self, event: StoredEvent) -> None:
-        """Offer a committed change to the watchers of its kind."""
+        """Offer a committed change to the watchers of its kind.
+
+        Not re-entrant: a callback whose write completes synchronously queues its change
+        behind the current one, so every watcher still sees resourceVersion order.
+        """
+        self._pending.append(event)
+        if self._publishing:
+            return
+        self._publishing = True
+        try:
+            while self._pending:
+                self._dispatch(self._pending.popleft())
+        finally:
+            self._publishing = False
+
+    def _dispatch(self, event: StoredEvent) -> None:
         if event.rv <= self.rv:
             self.log.error("store change {rv} published twice or late (at {current})",
                            rv=event.rv, current=self.rv)

@@ -338,6 +338,20 @@ class EmbeddedStoreTests(TestCase):
         self.assertEqual(len(seen), 1)
         self.assertEqual(store.watcher_count(), 0)
 
+    def test_write_from_callback_keeps_order(self) -> None:
+        """A callback that writes while an event is being delivered does not reorder other watchers."""
+        store, _ = self.open()
+
+        def writer(event: WatchEvent) -> None:
+            if event.object["metadata"]["name"] == "a":
+                store.create(server("b"))
+
+        self.watch(store, registry.SERVER, writer, resource_version="0")
+        recorder = Recorder()
+        self.watch(store, registry.SERVER, recorder, resource_version="0")
+        result_of(self, store.create(server("a")))
+        self.assertEqual([e.object["metadata"]["name"] for e in recorder.events], ["a", "b"])
+
     def test_close_ends_watches_with_unavailable(self) -> None:
         """Closing the store ends running watches with Unavailable and refuses later calls."""
         store, _ = inline_store()
