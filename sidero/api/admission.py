@@ -30,7 +30,7 @@ from zope.interface import implementer
 from sidero.api import registry
 from sidero.api.conversion import ConversionError, convert
 from sidero.api.registry import ResourceType, split_api_version
-from sidero.api.schema import Schema, storage_schema
+from sidero.api.schema import Schema, shared_schema
 from sidero.store.errors import BadRequest, invalid
 from sidero.store.interfaces import IAdmission
 
@@ -522,7 +522,7 @@ class Admission:
         return obj
 
     def _structural(self, kind: ResourceType, obj: Object) -> tuple[Object, list[Cause]]:
-        schema = storage_schema(kind)
+        schema = shared_schema(kind, kind.storage_version)
         metadata = obj.pop("metadata")
         for key in _ENSURE.get((kind.group, kind.kind), ()):
             if key not in obj and key in schema["properties"]:

@@ -443,6 +443,12 @@ def schema_for(kind: ResourceType, version: str) -> Schema:
 
     @raise KeyError: the kind is not custom or does not serve C{version}.
     """
+    return copy.deepcopy(shared_schema(kind, version))
+
+
+def shared_schema(kind: ResourceType, version: str) -> Schema:
+    """Like L{schema_for} but the cached instance: callers must never modify it (admission
+    reads it on every write, so copying it each time would be wasted work)."""
     if not kind.custom or version not in kind.served_versions:
         raise KeyError(f"{kind.kind} does not serve version {version!r}")
     key = (kind.group, kind.kind, version)
@@ -458,7 +464,7 @@ def schema_for(kind: ResourceType, version: str) -> Schema:
         if status is not None:
             props["status"] = status
         _CACHE[key] = obj(props, description=_DESCRIPTIONS[kind.kind])
-    return copy.deepcopy(_CACHE[key])
+    return _CACHE[key]
 
 
 def storage_schema(kind: ResourceType) -> Schema:

@@ -142,3 +142,16 @@ class FieldTests(SynchronousTestCase):
         self.assertEqual(spec["required"], ["template"])
         self.assertEqual(spec["properties"]["template"]["required"], ["spec"])
         self.assertNotIn("status", schema.schema_for(registry.METAL_MACHINE_TEMPLATE, "v1alpha3")["properties"])
+
+
+class SharedSchemaTests(SynchronousTestCase):
+    def test_admission_leaves_shared_schema_untouched(self) -> None:
+        """Admitting objects (pruning, defaulting) never modifies the cached schema."""
+        from sidero.api.admission import Admission
+
+        before = schema.schema_for(registry.SERVER_CLASS, "v1alpha2")
+        Admission().admit(registry.SERVER_CLASS, "CREATE", {"metadata": {"name": "c"}}, None)
+        out = Admission().admit(registry.SERVER_CLASS, "CREATE", {"metadata": {"name": "d"}}, None)
+        assert out is not None
+        out["status"]["serversInUse"].append("x")
+        self.assertEqual(schema.shared_schema(registry.SERVER_CLASS, "v1alpha2"), before)
