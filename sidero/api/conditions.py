@@ -36,9 +36,9 @@ def rfc3339(now: Now) -> str:
     if callable(now):
         now = now()
     if isinstance(now, datetime.datetime):
-        moment = now.astimezone(datetime.timezone.utc) if now.tzinfo else now
+        moment = now.astimezone(datetime.UTC) if now.tzinfo else now
     else:
-        moment = datetime.datetime.fromtimestamp(float(now), datetime.timezone.utc)
+        moment = datetime.datetime.fromtimestamp(float(now), datetime.UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -88,7 +88,7 @@ def _same(a: Condition, b: Condition) -> bool:
     return all(a.get(k, "") == b.get(k, "") for k in ("status", "severity", "reason", "message"))
 
 
-def set(obj: Object, new: Condition) -> Object:  # noqa: A001 - mirrors conditions.Set
+def set(obj: Object, new: Condition) -> Object:
     """Set C{new} on C{obj} in place (and return C{obj}), keeping the old transition time when
     status, severity, reason and message are all unchanged."""
     conditions = get_conditions(obj)
