@@ -13,12 +13,13 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.application.service import IService, Service
+from twisted.application.service import Application, IService, Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from sidero import logs
@@ -204,6 +205,18 @@ def makeService(options: Options) -> SideroService:
     logs.bridge_stdlib_logging(settings.log_level)
     notes = options.resolution.notes if options.resolution is not None else ()
     return build_service(settings, reactor, notes=notes, log_observer=observer)
+
+
+def make_application(environ: Mapping[str, str] | None = None) -> Componentized:
+    """The twistd Application for C{twistd -y tap/sidero.tac}: settings from the environment only.
+
+    An invalid variable prints one line and exits 1, as with the plugin.
+    """
+    options = Options(environ=environ)
+    options.parseOptions([])
+    application = Application("sidero")
+    makeService(options).setServiceParent(application)
+    return application
 
 
 def _log_stream(options: Options) -> Any:
