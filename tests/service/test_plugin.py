@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import zipfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.config import SETTINGS
-from tests.service.wheelenv import DROPIN, WheelEnv, wheel_env
+from tests.service.wheelenv import DROPIN, REPO, WheelEnv, wheel_env
 
 
 def free_port(kind: int) -> int:
@@ -82,26 +83,19 @@ class InstalledWheelTests(SynchronousTestCase):
         )
         self.assertEqual(result.stdout, "")
 
-    def test_real_process(self) -> None:
-        """twistd -n sidero stays up with a clean log and a state db, then shuts down on SIGTERM."""
-        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
-        api_port = free_port(socket.SOCK_STREAM)
-        tftp_port = free_port(socket.SOCK_DGRAM)
+    def run_until_started(self, args: list[str], env: dict[str, str], state_dir: str) -> str:
+        """Start twistd, wait for the full start, check it stays up, SIGTERM it; the log."""
         log_path = os.path.join(self.cwd, "out.log")
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(
-                [self.env.twistd, "-n", "--pidfile=", "sidero", "--state-dir", state_dir,
-                 "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
-                 "--api-port", str(api_port), "--disable-dhcp-proxy",
-                 "--tftp-port", str(tftp_port)],
-                cwd=self.cwd, env=self.env.env(), stdout=log, stderr=subprocess.STDOUT,
-            )
+            proc = subprocess.Popen([self.env.twistd, *args], cwd=self.cwd, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+        started = "All services started: threads, store, controllers, tftp"
         try:
             deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and "All services started: threads, store" not in _read(log_path):
+            while time.monotonic() < deadline and started not in _read(log_path):
                 self.assertIsNone(proc.poll(), _read(log_path))
                 time.sleep(0.2)
-            self.assertIn("All services started: threads, store, controllers, tftp", _read(log_path))
+            self.assertIn(started, _read(log_path))
             time.sleep(3)
             self.assertIsNone(proc.poll(), "twistd exited early:\n" + _read(log_path))
             self.assertTrue(os.path.exists(os.path.join(state_dir, "state.db")))
@@ -116,12 +110,41 @@ class InstalledWheelTests(SynchronousTestCase):
         # counts SIGTERM as a clean exit).
         self.assertEqual(code, -signal.SIGTERM, text)
         self.assertIn("Server Shut Down", text)
-        for bad in ("Traceback", "CRITICAL", "ERROR ", "Unhandled"):
+        for bad in ("Traceback", "CRITICAL", "ERROR ", "Unhandled", '"level": "error"'):
             self.assertNotIn(bad, text)
+        return text
+
+    def test_real_process(self) -> None:
+        """twistd -n sidero stays up with a clean log and a state db, then shuts down on SIGTERM."""
+        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        text = self.run_until_started(
+            ["-n", "--pidfile=", "sidero", "--state-dir", state_dir,
+             "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
+             "--api-port", str(free_port(socket.SOCK_STREAM)), "--disable-dhcp-proxy",
+             "--tftp-port", str(free_port(socket.SOCK_DGRAM))],
+            self.env.env(), state_dir,
+        )
         self.assertIn("Main loop terminated", text)
-        lines = text.splitlines()
         # Every line is ours: "<time> <LEVEL> [namespace] message".
-        self.assertTrue(all(line[:4].isdigit() and "Z " in line[:30] for line in lines), text)
+        self.assertTrue(all(line[:4].isdigit() and "Z " in line[:30] for line in text.splitlines()),
+                        text)
+
+    def test_tac_from_environment(self) -> None:
+        """twistd -y tap/sidero.tac takes every setting from variables (JSON logs here)."""
+        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        env = self.env.env(
+            SIDERO_STATE_DIR=state_dir,
+            SIDERO_CONTROLLER_MANAGER_API_ENDPOINT="127.0.0.1",
+            SIDERO_CONTROLLER_MANAGER_API_PORT=str(free_port(socket.SOCK_STREAM)),
+            SIDERO_LISTEN_ADDRESS="127.0.0.1",
+            SIDERO_CONTROLLER_MANAGER_DISABLE_DHCP_PROXY="true",
+            SIDERO_TFTP_PORT=str(free_port(socket.SOCK_DGRAM)),
+            SIDERO_LOG_FORMAT="json",
+        )
+        tac = os.path.join(REPO, "tap", "sidero.tac")
+        text = self.run_until_started(["-n", "--pidfile=", "-y", tac], env, state_dir)
+        records = [json.loads(line) for line in text.splitlines()]
+        self.assertIn("Main loop terminated.", [r["msg"] for r in records])
 
     def test_start_failure_exits_nonzero(self) -> None:
         """A service that cannot start (state dir is a file) stops twistd with exit status 1."""
