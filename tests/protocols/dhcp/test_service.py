@@ -107,7 +107,7 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(opener.calls, [("eth0", 67), ("eth0", 4011)])
         protos = [entry[2] for entry in reactor.adoptedPorts]
         self.assertEqual([type(x) for x in protos], [DHCPProxyProtocol] * 2)
-        self.assertEqual([x.proxy_port for x in protos], [False, True])  # type: ignore[attr-defined]
+        self.assertEqual([x.proxy_port for x in protos], [False, True])
         self.assertTrue(all(s.fileno() == -1 for s in opener.sockets))  # originals closed
         svc.startService()
         self.assertTrue(svc.running)
