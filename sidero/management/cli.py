@@ -25,7 +25,7 @@ from sidero.api.registry import ResourceType, UnknownKind
 from sidero.management import printers
 from sidero.management.client import ManagementClient, ServiceUnreachable
 from sidero.management.codec import DecodeError, load_documents
-from sidero.management.server import SOCKET_ENV, default_socket_path, merge_patch
+from sidero.management.common import SOCKET_ENV, default_socket_path, merge_patch
 from sidero.store.errors import Invalid, NotFound, StoreError
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"

@@ -21,7 +21,6 @@ import json
 import os
 import socket
 import stat
-from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -39,22 +38,20 @@ from sidero.api import registry
 from sidero.api.registry import ResourceType
 from sidero.api.selectors import FieldSelector, LabelSelector, SelectorError
 from sidero.management.codec import DecodeError, load_body
+from sidero.management.common import (  # noqa: F401 - re-exported for callers of the service
+    DEFAULT_SOCKET_PATH,
+    SOCKET_ENV,
+    default_socket_path,
+    merge_patch,
+)
 from sidero.store.errors import BadRequest, NotFound, StoreError
 from sidero.store.interfaces import IResourceStore, Object
 
-DEFAULT_SOCKET_PATH = "/var/lib/sidero/sidero.sock"
-SOCKET_ENV = "SIDERO_MANAGEMENT_SOCKET"
 MAX_BODY_BYTES = 3 * 1024 * 1024  # the Kubernetes API server's request body limit
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 
 log = Logger()
-
-
-def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
-    """The socket both the service and the CLI use unless told otherwise."""
-    env = os.environ if environ is None else environ
-    return env.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH
 
 
 # --- errors that are not store failures but are reported the same way -----------------------
@@ -206,19 +203,6 @@ def incoming(route: Route, body: Object, *, name: str | None = None) -> Object:
         raise
     except Exception as e:
         raise BadRequest(f"cannot convert {api_version} {kind.kind} to {kind.api_version}: {e}") from None
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: maps merge recursively, C{null} deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 # --- the HTTP side ---------------------------------------------------------------------------
