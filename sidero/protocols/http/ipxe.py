@@ -186,16 +186,19 @@ def agent_kernel_args(settings: BootSettings, mac: str) -> list[str]:
 
 
 def talos_kernel_args(settings: BootSettings, args: Sequence[str]) -> list[str]:
-    """Append the Talos/SideroLink args of §3.2 unless an arg with that key is already there."""
+    """Append the Talos/SideroLink args of §3.2 unless an arg with that key is already there.
+
+    The SideroLink args (API, kernel log and event sink in the tunnel) are added only when
+    this process runs SideroLink (a tunnel address is known): pointing Talos at a Provision
+    API that is not there would stall its boot.
+    """
     result = list(args)
     tunnel = settings.siderolink_server_address
-    wanted = [
-        ("talos.config",
-         f"talos.config=http://{join_host_port(settings.api_endpoint, settings.api_port)}/configdata?uuid="),
-        ("siderolink.api", f"siderolink.api={join_host_port(settings.api_endpoint, settings.api_port)}"),
-    ]
+    endpoint = join_host_port(settings.api_endpoint, settings.api_port)
+    wanted = [("talos.config", f"talos.config=http://{endpoint}/configdata?uuid=")]
     if tunnel:
         wanted += [
+            ("siderolink.api", f"siderolink.api={endpoint}"),
             ("talos.logging.kernel", f"talos.logging.kernel=tcp://[{tunnel}]:{LOG_RECEIVER_PORT}"),
             ("talos.events.sink", f"talos.events.sink=[{tunnel}]:{EVENT_SINK_PORT}"),
         ]

@@ -149,7 +149,7 @@ class DecisionTests(SynchronousTestCase):
         self.assertEqual(
             r.body,
             b"#!ipxe\nkernel /env/default/vmlinuz  console=ttyS0 "
-            b"talos.config=http://10.5.0.2:8081/configdata?uuid= siderolink.api=10.5.0.2:8081\n"
+            b"talos.config=http://10.5.0.2:8081/configdata?uuid=\n"
             b"initrd /env/default/initramfs.xz\nboot\n",
         )
 
@@ -228,6 +228,11 @@ class KernelArgsTests(SynchronousTestCase):
         self.assertEqual(args[i : i + 3], ["console=tty1", "console=ttyS1", "initrd=initramfs.xz"])
         self.assertEqual(args[-1], "foo=bar")
         self.assertNotIn("console=ttyS0", args)
+
+    def test_siderolink_args_need_a_tunnel(self) -> None:
+        """Without SideroLink running only talos.config is added (IPv6 endpoints bracketed)."""
+        args = talos_kernel_args(BootSettings("fd00::2", 8081), [])
+        self.assertEqual(args, ["talos.config=http://[fd00::2]:8081/configdata?uuid="])
 
     def test_talos_args_not_duplicated(self) -> None:
         """A Talos arg already present in the environment is not appended again."""
