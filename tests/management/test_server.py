@@ -195,6 +195,29 @@ class ServiceTests(ServerTestCase):
         return deferToThread(ManagementClient(self.socket_path).request, "GET", "/healthz").addCallback(
             self.assertEqual, "ok")
 
+    def test_start_refuses_non_socket_path(self) -> None:
+        """A service whose path is a regular file refuses to start and leaves the file alone."""
+        path = os.path.join(self.tmp, "file.sock")
+        with open(path, "w") as f:
+            f.write("keep")
+        svc = ManagementService(global_reactor, self.store, path)
+        self.assertRaises(UnsafeSocketPath, svc.startService)
+        self.assertFalse(svc.running)
+        with open(path) as f:
+            self.assertEqual(f.read(), "keep")
+
+    def test_start_replaces_stale_socket(self) -> None:
+        """A socket file left by a dead process is replaced and the new service answers."""
+        path = os.path.join(self.tmp, "stale.sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.close()
+        svc = ManagementService(global_reactor, self.store, path)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        return deferToThread(ManagementClient(path).request, "GET", "/healthz").addCallback(
+            self.assertEqual, "ok")
+
     def test_group_mode(self) -> None:
         """With a group, the socket gets that group and mode 0660."""
         path = os.path.join(self.tmp, "group.sock")
