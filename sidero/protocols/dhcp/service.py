@@ -107,6 +107,7 @@ class DHCPProxyService(MultiService):
 
     def _bind(self) -> None:
         self._attempted = True
+        self.failure = None
         ports: list[IListeningPort] = []
         try:
             server_ip = self._resolve(self.endpoint)
@@ -158,8 +159,7 @@ class DHCPProxyService(MultiService):
         ds: list[Deferred[Any]] = [maybeDeferred(p.stopListening) for p in ports]
         if self.running:
             ds.append(maybeDeferred(super().stopService))
-        self._attempted = False
-        self.failure = None
+        self._attempted = False  # a restart tries again; self.failure stays for reporting
         return gatherResults(ds, consumeErrors=True)
 
 

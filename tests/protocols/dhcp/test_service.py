@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.testing import MemoryReactorClock
@@ -10,6 +16,7 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from sidero.protocols.dhcp import codec
 from sidero.protocols.dhcp.interfaces import (
     InterfaceAddress,
     InterfaceSelectionError,
@@ -19,6 +26,8 @@ from sidero.protocols.dhcp.interfaces import (
 )
 from sidero.protocols.dhcp.protocol import DHCPProxyProtocol
 from sidero.protocols.dhcp.service import DHCPProxyService, make_dhcp_proxy_service
+from tests.protocols.dhcp import packets as p
+from tests.protocols.dhcp.netlab import REPO, NetLab
 
 ADDRS = [InterfaceAddress("lo", "127.0.0.1"), InterfaceAddress("eth0", "10.213.0.2"),
          InterfaceAddress("eth1", "10.99.0.1")]
@@ -207,3 +216,62 @@ class RealSocketTests(SynchronousTestCase):
             self.assertFalse(s.getblocking())
         finally:
             s.close()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RunnerTests(SynchronousTestCase):
+    """The ``python -m sidero.protocols.dhcp`` runner as a real process on loopback."""
+
+    def spawn(self, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = Path(self.mktemp())
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sidero.protocols.dhcp", *args], stdout=out,
+                stderr=subprocess.STDOUT, cwd=REPO,
+                env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
+
+        def cleanup() -> None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+        self.addCleanup(cleanup)
+        return proc, log
+
+    def test_no_interface_keeps_running(self) -> None:
+        """An endpoint no interface owns: one clear line, the process stays up, exits cleanly."""
+        proc, log = self.spawn("--endpoint", "192.0.2.77", "--dhcp-port", "0", "--proxy-port", "0")
+        NetLab.wait_for(log, "DHCP proxy NOT started", 20, proc)
+        time.sleep(0.3)
+        self.assertIsNone(proc.poll())
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)
+        text = log.read_text()
+        self.assertEqual(text.count("NOT started"), 1)
+        self.assertIn("--dhcp-interface", text)
+        self.assertIn('"failure": "no local interface owns the API endpoint address', text)
+
+    def test_answers_on_loopback(self) -> None:
+        """The runner bound to lo ACKs a :4011-style REQUEST sent to its proxy port."""
+        if os.geteuid() != 0:
+            raise self.skipTest("SO_BINDTODEVICE needs root/CAP_NET_RAW: runner not exercised")
+        port = _free_udp_port()
+        proc, log = self.spawn("--endpoint", "127.0.0.1", "--interface", "lo",
+                               "--dhcp-port", str(_free_udp_port()), "--proxy-port", str(port))
+        NetLab.wait_for(log, "DHCP proxy listening on lo", 20, proc)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.bind(("127.0.0.1", 0))
+            s.sendto(p.EDK2_PROXY_REQUEST, ("127.0.0.1", port))
+            data, _addr = s.recvfrom(2048)
+        ack = codec.decode(data)
+        self.assertEqual(ack.message_type, codec.DHCPACK)
+        self.assertEqual(ack.siaddr, "127.0.0.1")
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)
+        self.assertIn('"acks": 1', log.read_text())
