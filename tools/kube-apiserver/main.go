@@ -88,6 +88,9 @@ func startEtcd(dataDir string) (*embed.Etcd, error) {
 	cfg.AdvertisePeerUrls = []url.URL{loop}
 	cfg.InitialCluster = cfg.InitialClusterFromName(cfg.Name)
 	cfg.ListenMetricsUrls = nil
+	// The REST gateway would dial the advertised client URL, which says port 0; kube-apiserver
+	// speaks gRPC only, so it is not needed.
+	cfg.EnableGRPCGateway = false
 
 	e, err := embed.StartEtcd(cfg)
 	if err != nil {
