@@ -1,0 +1,1 @@
+"""The Agent API wire contract: agent.proto and its generated modules (scripts/gen-proto)."""
