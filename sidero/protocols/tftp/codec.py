@@ -169,17 +169,19 @@ def _decode_text(raw: bytes, what: str) -> str:
 
 
 def _decode_options(fields: list[bytes], what: str) -> dict[str, str]:
-    # NUL padding after the last option produces empty fields: ignore those.
-    while fields and fields[-1] == b"":
-        fields.pop()
-    if len(fields) % 2:
-        raise MalformedDatagram(f"{what}: option {fields[-1][:32]!r} has no value")
     options: dict[str, str] = {}
-    for i in range(0, len(fields), 2):
-        name = fields[i].decode("latin-1").lower()
+    i = 0
+    while i < len(fields):
+        name = fields[i]
         if not name:
-            raise MalformedDatagram(f"{what}: empty option name")
-        options.setdefault(name, fields[i + 1].decode("latin-1"))
+            # NUL padding after the last option is tolerated; an empty name is not.
+            if any(fields[i:]):
+                raise MalformedDatagram(f"{what}: empty option name")
+            break
+        if i + 1 >= len(fields):
+            raise MalformedDatagram(f"{what}: option {name[:32]!r} has no value")
+        options.setdefault(name.decode("latin-1").lower(), fields[i + 1].decode("latin-1"))
+        i += 2
     return options
 
 
@@ -238,7 +240,9 @@ def decode_ack_fast(datagram: bytes) -> int:
 
 
 def _decimal(value: str, low: int, high: int) -> int | None:
-    raw = value.encode("latin-1")
+    if not value.isascii():
+        return None
+    raw = value.encode("ascii")
     if _DECIMAL.fullmatch(raw) is None:
         return None
     number = int(raw)
