@@ -48,7 +48,9 @@ class IPowerManager(Interface):
     def set_pxe(mode: str) -> Deferred[None]:
         """Make the next boot (only) a PXE boot; C{mode} is C{"uefi"} (EFI flag set) or C{"bios"}.
 
-        @raise UnsupportedPXEMode: (as a failure) for any other mode; nothing is sent.
+        @raise UnsupportedPXEMode: (as a failure) for any other mode when the implementation
+            chooses the flavour (IPMI); nothing is sent.  The HTTP API cannot choose one and,
+            like Sidero's, ignores the mode.
         """
 
     def close() -> Deferred[None]:
