@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, Protocol, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.logger import Logger
@@ -182,6 +182,18 @@ class _FileSink(TwistedProtocol):
             self._chain.addBoth(fail)
 
 
+def _describe(e: BaseException) -> str:
+    """Readable text for Agent errors, which wrap a list of Failures."""
+    reasons = getattr(e, "reasons", None)
+    if isinstance(reasons, list) and reasons:
+        inner = "; ".join(
+            (r.getErrorMessage() or getattr(r.type, "__name__", "error")) if isinstance(r, Failure) else str(r)
+            for r in reasons
+        )
+        return f"{type(e).__name__}: {inner}"
+    return str(e) or type(e).__name__
+
+
 @dataclass(frozen=True)
 class Downloaded:
     sha512: str
@@ -247,10 +259,10 @@ class Downloader:
         try:
             try:
                 response: IResponse = await request
-            except CancelledError:
-                raise AssetError(f"download of {url} timed out after {self.timeout:g}s") from None
             except Exception as e:
-                raise AssetError(f"failed to download asset: {e}") from e
+                if timed_out:
+                    raise AssetError(f"download of {url} timed out after {self.timeout:g}s") from None
+                raise AssetError(f"failed to download asset: {_describe(e)}") from e
             if not 200 <= response.code < 300:
                 response.deliverBody(_Discard())
                 raise AssetError(f"failed to download asset: {response.code}")
@@ -261,7 +273,7 @@ class Downloader:
             except Exception as e:
                 if timed_out:
                     raise AssetError(f"download of {url} timed out after {self.timeout:g}s") from e
-                raise AssetError(f"failed to download asset: {e}") from e
+                raise AssetError(f"failed to download asset: {_describe(e)}") from e
             return Downloaded(sink.hash.hexdigest(), sink.size)
         finally:
             if timer.active():
