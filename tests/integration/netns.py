@@ -80,7 +80,7 @@ class TestNetwork:
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start a process inside a namespace (own process group), output to C{log_path}."""
         ns = self.sw if role == "sw" else self.ns(role)
-        log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+        log = open(log_path, "ab")  # the child keeps its own descriptor; ours closes below
         proc = subprocess.Popen(
             ["ip", "netns", "exec", ns, *argv], stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env=env, start_new_session=True,

@@ -108,17 +108,22 @@ class PXEBootTests(TestCase):
              f"http://{BOOT_IP}:8081/readyz"], capture_output=True)
         return probe.returncode == 0
 
-    def http_requests(self) -> list[dict[str, Any]]:
-        events = []
+    def read_events(self) -> list[dict[str, Any]]:
+        """sidero's JSON log lines (--log-format json)."""
+        out = []
         with open(self.sidero_log, errors="replace") as f:
             for line in f:
                 try:
                     event = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(event, dict) and str(event.get("log_format", "")).startswith("HTTP "):
-                    events.append(event)
-        return events
+                if isinstance(event, dict):
+                    out.append(event)
+        return out
+
+    def http_requests(self) -> list[dict[str, Any]]:
+        return [e for e in self.read_events()
+                if str(e.get("msg", "")).startswith("HTTP ") and "uri" in e]
 
     async def boot_vm(self, console: str, *qemu_args: str) -> str:
         await self.wait_for("sidero to be ready", self.sidero_ready, 60)
@@ -174,18 +179,6 @@ class PXEBootTests(TestCase):
             "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=,bootindex=1",
         )
         self.assert_chain(console, "x86_64")
-        tftp = [e for e in self.read_events() if "tftp" in str(e.get("log_namespace", ""))
-                and ("ipxe.efi" in json.dumps(e) or "snponly.efi" in json.dumps(e))]
+        tftp = [e for e in self.read_events() if "tftp" in str(e.get("logger", ""))
+                and "snponly.efi" in json.dumps(e)]
         self.assertTrue(tftp, "no TFTP transfer of the iPXE EFI binary was logged")
-
-    def read_events(self) -> list[dict[str, Any]]:
-        out = []
-        with open(self.sidero_log, errors="replace") as f:
-            for line in f:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
-                    out.append(event)
-        return out
