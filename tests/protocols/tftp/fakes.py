@@ -101,7 +101,7 @@ class FakePort:
         self.protocol = protocol
         self.transport = FakeDatagramTransport()
         self.stopped = False
-        protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+        protocol.makeConnection(self.transport)
 
     def stopListening(self) -> None:
         self.stopped = True
@@ -130,7 +130,7 @@ class Harness:
             max_sessions=max_sessions,
             config=config or SessionConfig(timeout=5.0, max_retries=3),
         )
-        self.protocol.makeConnection(self.transport)  # type: ignore[arg-type]
+        self.protocol.makeConnection(self.transport)
 
     def _listen(self, protocol: DatagramProtocol) -> Any:
         port = FakePort(protocol)

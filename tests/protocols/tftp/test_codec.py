@@ -135,7 +135,7 @@ class OptionTests(SynchronousTestCase):
 
 option_names = st.sampled_from(["blksize", "BLKSIZE", "timeout", "tsize", "windowsize", "x"])
 text = st.text(
-    alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+    alphabet=st.characters(exclude_characters="\0", exclude_categories=["Cs"]),
     min_size=1, max_size=30,
 )
 
