@@ -173,10 +173,8 @@ class FailureInjectionTests(SynchronousTestCase):
                     continue  # "Failed to determine power status", requeue
                 if on:
                     continue  # a silent failure may lie: the periodic re-check catches it
-                for step in (lambda: m.set_pxe("uefi"), m.power_on):
-                    if _settle(step()) is _FAILED:
-                        explicit_failures += 1
-                        break
+                if _settle(m.set_pxe("uefi")) is _FAILED or _settle(m.power_on()) is _FAILED:
+                    explicit_failures += 1
             # (a silently dropped set_pxe can leave a server on without PXE: that is what the
             # silent mode simulates, and the wipe timeout handles it in production)
             self.assertTrue(machine.powered, name)
@@ -190,5 +188,10 @@ _FAILED = object()
 def _settle(d: Deferred[Any]) -> Any:
     """The result of an already-fired Deferred, or _FAILED for a SimulatedFailure."""
     box: list[Any] = []
-    d.addCallbacks(box.append, lambda f: (f.trap(SimulatedFailure), box.append(_FAILED)))
+
+    def failed(f: Any) -> None:
+        f.trap(SimulatedFailure)
+        box.append(_FAILED)
+
+    d.addCallbacks(box.append, failed)
     return box[0]
