@@ -15,7 +15,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.static import File
+from twisted.web.static import File, NoRangeStaticProducer, StaticProducer
 
 from sidero.protocols.http.ipxe import (
     BootLookup,
@@ -40,6 +40,28 @@ class NotFoundResource(Resource):
         return NOT_FOUND_BODY
 
 
+class _WholeFileProducer(NoRangeStaticProducer):
+    """Whole-file responses in 1 MiB reads instead of Twisted's 64 KiB.
+
+    Kernels and initrds are tens to hundreds of MiB sent to many machines at once; larger
+    reads cut the per-chunk reactor work several times over (see bench/http). A read from the
+    page cache of this size takes well under a millisecond.
+    """
+
+    bufferSize = 1 << 20
+
+
+class AssetFile(File):
+    """L{File} for boot assets: HEAD, Range, If-Modified-Since, and large whole-file reads."""
+
+    def makeProducer(self, request: IRequest, fileForReading: Any) -> StaticProducer:
+        if request.getHeader(b"range") is None:
+            self._setContentHeaders(request)
+            request.setResponseCode(200)
+            return _WholeFileProducer(request, fileForReading)
+        return super().makeProducer(request, fileForReading)
+
+
 class StaticRoots(Resource):
     """Serve a file from the first of several directories that has it.
 
@@ -53,7 +75,7 @@ class StaticRoots(Resource):
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
         for root in self.roots:
-            candidate = File(root)
+            candidate = AssetFile(root)
             child = candidate.getChild(path, request)
             if isinstance(child, File) and child.exists():
                 return child
@@ -123,7 +145,7 @@ class BootSite:
     @app.route("/env/", branch=True)
     def env(self, request: IRequest) -> IResource:
         self._log_request(request)
-        return File(self.env_dir)
+        return AssetFile(self.env_dir)
 
     @app.route("/tftp/", branch=True)
     def tftp(self, request: IRequest) -> IResource:
