@@ -123,8 +123,9 @@ class RealHTTPTests(TestCase):
 
     async def test_real_round_trip(self) -> None:
         """Power on and status work over a real loopback TCP connection."""
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
 
+        reactor: Any = global_reactor
         api = FakeVMAPI()
         port = reactor.listenTCP(0, Site(api), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
@@ -135,8 +136,9 @@ class RealHTTPTests(TestCase):
 
     async def test_connection_refused(self) -> None:
         """A closed port fails with an API error naming the URL."""
-        from twisted.internet import reactor
+        from twisted.internet import reactor as global_reactor
 
+        reactor: Any = global_reactor
         port = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
         number = port.getHost().port
         await port.stopListening()
