@@ -27,11 +27,12 @@ from typing import Any
 import grpc
 from twisted.application.internet import TCPServer
 from twisted.application.service import IService, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress, IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
@@ -308,6 +309,44 @@ class GrpcBackendService(Service):
         return done
 
 
+class ApiPortService(MultiService):
+    """The API port: children C{grpc-backend} (L{GrpcBackendService}) and C{listener} (a
+    TCPServer whose C{.factory} is the L{ApiPortFactory}).
+
+    Stopping is ordered: stop accepting; close HTTP connections (gracefully) and undecided
+    ones; let grpcio finish in-flight RPCs and close its connections (which closes their
+    clients); then abort whatever is still open, so nothing outlives the service.
+    """
+
+    def __init__(self, backend: GrpcBackendService, listener: TCPServer,
+                 factory: ApiPortFactory, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.backend = backend
+        self.listener = listener
+        self.factory = factory
+        backend.setServiceParent(self)
+        listener.setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        await maybeDeferred(self.listener.stopService)
+        for conn in list(self.factory.connections):
+            if conn.state != GRPC and conn.transport is not None:
+                conn.transport.loseConnection()
+        await maybeDeferred(self.backend.stopService)
+        for conn in list(self.factory.connections):
+            if conn.transport is not None:
+                conn.transport.abortConnection()  # type: ignore[attr-defined]
+        for _ in range(250):
+            if not self.factory.connections and not self.factory.backends:
+                break
+            await deferLater(self.reactor, 0.02, lambda: None)
+
+
 def make_api_port_service(
     reactor: Any,
     site_resource: IResource,
@@ -319,20 +358,16 @@ def make_api_port_service(
 ) -> IService:
     """The API port service, named C{http}: HTTP/1.1 for C{site_resource} and h2c gRPC for the
     server C{grpc_server_factory} builds (unstarted; this service binds and starts it).
-
-    Its children are C{grpc-backend} (L{GrpcBackendService}) and C{listener} (the TCPServer,
-    whose factory, an L{ApiPortFactory}, is its C{.factory}).
+    See L{ApiPortService}.
     """
     site = Site(site_resource, reactor=reactor)
     site.displayTracebacks = False
-    group = MultiService()
-    group.setName("http")
     backend = GrpcBackendService(reactor, grpc_server_factory, backend_address)
     backend.setName("grpc-backend")
-    backend.setServiceParent(group)
     factory = ApiPortFactory(reactor, site, backend.endpoint, sniff_timeout=sniff_timeout)
     listener = TCPServer(port, factory, interface=interface, reactor=reactor)
     listener.setName("listener")
     listener.factory = factory  # type: ignore[attr-defined]
-    listener.setServiceParent(group)
-    return group
+    service = ApiPortService(backend, listener, factory, reactor)
+    service.setName("http")
+    return service
