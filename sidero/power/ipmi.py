@@ -31,7 +31,10 @@ So, here:
   3. Each operation opens a session, sends its requests and logs out, in one pool call, like
      Sidero's one C{ipmitool} process per request.  No session outlives its operation, so no
      keepalive depends on a thread that happens to call in later, and a BMC that restarted
-     never leaves us holding a dead session.
+     never leaves us holding a dead session.  (pyghmi 1.6 files a logging-in session under
+     the credentials as passed but removes it under their UTF-8 encoding; with str
+     credentials the stale entry would hand the next operation our logged-out session, so
+     we pass bytes, and also drop any such entry when we log out.)
   4. A time limit covers waiting for the BMC's lock plus the call.  When it passes the caller
      gets L{CallTimeout} at once; a call still waiting for the lock is withdrawn and never runs.
      A thread cannot be interrupted, so a call already running keeps the BMC's lock until
@@ -165,9 +168,15 @@ Runner = Callable[..., "Deferred[Any]"]
 
 def _connection_message(endpoint: BMCEndpoint, error: BaseException) -> str:
     text = str(error.args[0]) if error.args and error.args[0] else ""
+    if text and not _is_pyghmi_error(error):
+        text = f"{type(error).__name__}: {text}"
     if not text:
         text = "no answer (BMC unreachable or not speaking IPMI on this port)"
     return f"IPMI session with {endpoint.address} failed: {text}"
+
+
+def _is_pyghmi_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith("pyghmi")
 
 
 class PyghmiSession:
@@ -175,17 +184,21 @@ class PyghmiSession:
 
     def __init__(self, endpoint: BMCEndpoint) -> None:
         # Imported here: importing sidero must not import pyghmi (it starts nothing, but is heavy).
-        from pyghmi.exceptions import PyghmiException
         from pyghmi.ipmi.command import Command
 
         self._endpoint = endpoint
-        self._errors: tuple[type[BaseException], ...] = (PyghmiException, OSError)
+        # Credentials go in as bytes: pyghmi files a logging-in session under the credentials
+        # as given but removes it under their encoded form, so with str the entry outlives
+        # the login and, once we log out, the next Command is handed the dead session.
+        self._key = (endpoint.host, endpoint.user.encode(), endpoint.password.encode(),
+                     endpoint.port, None)
         try:
             self._command = Command(
-                bmc=endpoint.host, userid=endpoint.user, password=endpoint.password,
+                bmc=endpoint.host, userid=self._key[1], password=self._key[2],
                 port=endpoint.port, keepalive=False,
             )
-        except self._errors as e:
+        except Exception as e:
+            self._forget()
             raise BMCConnectionError(_connection_message(endpoint, e)) from e
 
     def raw(self, netfn: int, command: int, data: Sequence[int] = ()) -> bytes:
@@ -193,7 +206,7 @@ class PyghmiSession:
             response: dict[str, Any] = self._command.raw_command(
                 netfn=netfn, command=command, data=tuple(data)
             )
-        except self._errors as e:
+        except Exception as e:  # pyghmi raises its own errors, socket errors and, rarely, bugs
             raise BMCConnectionError(_connection_message(self._endpoint, e)) from e
         code = int(response.get("code", 0) or 0)
         if code or "error" in response:
@@ -209,6 +222,17 @@ class PyghmiSession:
         try:
             self._command.ipmi_session.logout()
         except Exception:  # logging out of a broken session must not mask the result
+            pass
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop a stale half-open session pyghmi may still file under our credentials, so the
+        next operation logs in afresh (belt and braces for the bytes-credentials fix above)."""
+        try:
+            from pyghmi.ipmi.private.session import Session
+
+            Session.initting_sessions.pop(self._key, None)
+        except Exception:  # pyghmi internals moved: nothing to clean
             pass
 
 

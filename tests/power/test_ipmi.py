@@ -299,7 +299,7 @@ class PyghmiSessionTests(SynchronousTestCase):
     def session(self, response: Any) -> PyghmiSession:
         s = PyghmiSession.__new__(PyghmiSession)
         s._endpoint = A
-        s._errors = (IpmiException, OSError)
+        s._key = (A.host, b"admin", b"secret", A.port, None)
         s._command = StubCommand(response)
         return s
 
@@ -322,6 +322,11 @@ class PyghmiSessionTests(SynchronousTestCase):
         self.assertEqual(str(e), "IPMI session with 10.0.0.1:623 failed: Session no longer connected")
         e = self.assertRaises(BMCConnectionError, self.session(IpmiException(None)).raw, 0, 1)
         self.assertIn("no answer (BMC unreachable", str(e))
+
+    def test_unexpected_exception_mapped(self) -> None:
+        """Even a bug inside pyghmi reaches the caller as a BMCConnectionError naming it."""
+        e = self.assertRaises(BMCConnectionError, self.session(TypeError("bad compare")).raw, 0, 1)
+        self.assertEqual(str(e), "IPMI session with 10.0.0.1:623 failed: TypeError: bad compare")
 
     def test_close_never_raises(self) -> None:
         """Logging out of a broken session does not raise."""
