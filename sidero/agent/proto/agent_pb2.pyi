@@ -1,3 +1,4 @@
+# ruff: noqa
 # mypy: ignore-errors
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper

@@ -117,3 +117,31 @@ class ProtoTests(SynchronousTestCase):
         resp = pb.CreateServerResponse(wipe=True, reboot_timeout=1200.0)
         self.assertEqual(resp.SerializeToString(),
                          b"\x08\x01" + b"\x21" + b"\x00\x00\x00\x00\x00\xc0\x92\x40")
+
+
+class GeneratedUpToDateTests(SynchronousTestCase):
+    def test_generated_matches_proto(self) -> None:
+        """The committed agent_pb2 was generated from the committed agent.proto (run
+        scripts/gen-proto after editing the .proto)."""
+        import os
+        import tempfile
+
+        from google.protobuf import descriptor_pb2
+        from grpc_tools import protoc
+
+        root = os.path.dirname(os.path.dirname(os.path.dirname(pb.__file__)))
+        root = os.path.dirname(root)  # the directory holding the sidero package
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "set.pb")
+            rc = protoc.main(["protoc", f"-I{root}", f"--descriptor_set_out={out}",
+                              os.path.join(root, "sidero/agent/proto/agent.proto")])
+            self.assertEqual(rc, 0)
+            with open(out, "rb") as f:
+                fds = descriptor_pb2.FileDescriptorSet.FromString(f.read())
+        [compiled] = fds.file
+        # protoc records json_name in descriptor sets but not in generated Python.
+        for message in compiled.message_type:
+            for field in message.field:
+                field.ClearField("json_name")
+        committed = descriptor_pb2.FileDescriptorProto.FromString(pb.DESCRIPTOR.serialized_pb)
+        self.assertEqual(compiled, committed)
