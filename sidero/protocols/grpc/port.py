@@ -355,6 +355,7 @@ def make_api_port_service(
     interface: str = "",
     backend_address: str = "127.0.0.1:0",
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
+    stop_grace: float = 5.0,
 ) -> IService:
     """The API port service, named C{http}: HTTP/1.1 for C{site_resource} and h2c gRPC for the
     server C{grpc_server_factory} builds (unstarted; this service binds and starts it).
@@ -362,7 +363,7 @@ def make_api_port_service(
     """
     site = Site(site_resource, reactor=reactor)
     site.displayTracebacks = False
-    backend = GrpcBackendService(reactor, grpc_server_factory, backend_address)
+    backend = GrpcBackendService(reactor, grpc_server_factory, backend_address, stop_grace)
     backend.setName("grpc-backend")
     factory = ApiPortFactory(reactor, site, backend.endpoint, sniff_timeout=sniff_timeout)
     listener = TCPServer(port, factory, interface=interface, reactor=reactor)

@@ -440,6 +440,32 @@ class ApiPortTests(ApiPortTestsMixin, TestCase):
         self.assertGreaterEqual(self.factory.counters["grpc"], 10)
 
 
+class StopTests(ApiPortTestsMixin, TestCase):
+    async def test_stop_lets_inflight_rpc_finish(self) -> None:
+        """Stopping while an RPC waits on the store does not deadlock: the reactor keeps
+        serving the RPC's store call, the RPC succeeds, and the stop completes."""
+        await self.start()
+        real_get = self.store.get
+        gate: Deferred[None] = Deferred()
+        entered: Deferred[None] = Deferred()
+
+        def slow_get(*a: Any, **kw: Any) -> Deferred[Any]:
+            if not entered.called:
+                entered.callback(None)
+            return gate.addCallback(lambda _: None).addCallback(lambda _: real_get(*a, **kw))
+
+        self.store.get = slow_get  # type: ignore[method-assign]
+        hw = pb.HardwareInformation(system=pb.SystemInformation(uuid=UUID))
+        call = self.rpc("CreateServer", pb.CreateServerRequest(hardware=hw))
+        await entered
+        stopped = self.service.stopService()
+        global_reactor.callLater(0.2, gate.callback, None)
+        resp = await call
+        self.assertTrue(resp.wipe)
+        await stopped
+        self.assertEqual(self.factory.connections, set())
+
+
 class UnixBackendTests(ApiPortTestsMixin, TestCase):
     """The same port with grpcio on a UNIX socket instead of a loopback TCP port."""
 
