@@ -29,7 +29,7 @@ from sidero.power.ipmi import (
     IPMIPowerManager,
     make_endpoint,
 )
-from sidero.threads import ThreadPoolService
+from sidero.threads import CallTimeout, ThreadPoolService
 
 reactor: Any = global_reactor
 
@@ -272,6 +272,25 @@ class IPMISimulatorTests(TestCase):
         await gatherResults([self.manager.power_on(), second.set_pxe("uefi")])
         self.assertEqual((self.bmc.read("power"), self.bmc.read("boot")), ("1", None))
         self.assertEqual((other.read("power"), other.read("boot")), (None, "pxe"))
+
+    async def test_silent_bmc_times_out_without_blocking_others(self) -> None:
+        """A BMC that never answers fails with CallTimeout at our limit, while a working BMC is
+        driven normally in the meantime (real threads, real pyghmi)."""
+        silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        silent.bind(("127.0.0.1", 0))  # receives, never answers
+        self.addCleanup(silent.close)
+        executor = IPMIExecutor(reactor, self.pool.run, timeout=1.5)
+        dead = IPMIPowerManager(make_endpoint("127.0.0.1", silent.getsockname()[1], "a", "b", ""),
+                                executor)
+        alive = IPMIPowerManager(self.bmc.endpoint(), executor)
+        started = time.monotonic()
+        hung = dead.power_on()
+        await alive.power_on()
+        self.assertLess(time.monotonic() - started, 1.5)
+        self.assertEqual(self.bmc.read("power"), "1")
+        with self.assertRaises(CallTimeout):
+            await hung
+        self.assertLess(time.monotonic() - started, 4)
 
     async def test_sessions_are_logged_out(self) -> None:
         """After an operation no pyghmi session to the BMC is left behind."""
