@@ -132,19 +132,19 @@ def open_request(
     )
     try:
         return api_client.call_api(*request, _request_timeout=timeout).response
-    except (urllib3.exceptions.TimeoutError, TimeoutError) as e:
-        raise errors.Timeout(
-            f"the Kubernetes API server at {host_of(api_client)} did not answer {method} {path} in time"
-        ) from e
-    except urllib3.exceptions.MaxRetryError as e:
-        if isinstance(e.reason, urllib3.exceptions.TimeoutError):
+    except (urllib3.exceptions.HTTPError, TimeoutError) as e:
+        cause = e.reason if isinstance(e, urllib3.exceptions.MaxRetryError) else e
+        # urllib3 makes NewConnectionError (refused, unroutable) a ConnectTimeoutError subclass.
+        if isinstance(cause, (urllib3.exceptions.TimeoutError, TimeoutError)) and not isinstance(
+            cause, urllib3.exceptions.NewConnectionError
+        ):
             raise errors.Timeout(
                 f"the Kubernetes API server at {host_of(api_client)} did not answer {method} {path} in time"
             ) from e
         raise unreachable(host_of(api_client), e) from e
     except ApiException as e:  # status 0: the client's wrapping of TLS failures
         raise unreachable(host_of(api_client), Exception(e.reason)) from e
-    except (urllib3.exceptions.HTTPError, OSError) as e:
+    except OSError as e:
         raise unreachable(host_of(api_client), e) from e
 
 

@@ -62,9 +62,15 @@ def _namespace_for(kind: ResourceType, namespace: str | None) -> str | None:
 
 
 def _typed(kind: ResourceType, obj: Object) -> Object:
-    """List items of core kinds come without apiVersion/kind; every object we return has them."""
+    """The object in the embedded store's shape: list items of core kinds come without
+    apiVersion/kind, which every object we return has; managedFields (server-side apply
+    bookkeeping, which sidero does not use) are dropped.  An update without them leaves the
+    server's unchanged."""
     obj.setdefault("apiVersion", kind.api_version)
     obj.setdefault("kind", kind.kind)
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("managedFields", None)
     return obj
 
 
@@ -243,7 +249,7 @@ class KubernetesStore:
         """PUT; without a resourceVersion, read the current one first and retry on Conflict
         (custom resources refuse unconditional updates, the interface promises them)."""
         if (obj.get("metadata") or {}).get("resourceVersion"):
-            return kc.request(self.api_client, "PUT", path, body=obj,  # type: ignore[no-any-return]
+            return kc.request(self.api_client, "PUT", path, body=obj,
                               timeout=self._request_timeout)[1]
         object_path = path.removesuffix("/status")
         for attempt in range(UNCONDITIONAL_ATTEMPTS):
@@ -251,7 +257,7 @@ class KubernetesStore:
             body = copy.deepcopy(obj)
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             try:
-                return kc.request(self.api_client, "PUT", path, body=body,  # type: ignore[no-any-return]
+                return kc.request(self.api_client, "PUT", path, body=body,
                                   timeout=self._request_timeout)[1]
             except errors.Conflict:
                 if attempt == UNCONDITIONAL_ATTEMPTS - 1:
