@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.k8s.test_units -*-
+# -*- test-case-name: tests.k8s.test_client -*-
 """The official C{kubernetes} client, configured once and called through one blocking helper.
 
 Everything here blocks and must run in a thread pool (the store does that).  Requests go

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.k8s.test_units -*-
+# -*- test-case-name: tests.k8s.test_client -*-
 """Turning what the Kubernetes API server (or the path to it) says into store errors.
 
 The API server already speaks C{Status}: its reasons and messages are the ones the embedded
@@ -9,6 +9,7 @@ connections, TLS, timeouts) need wording of our own.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from sidero.store import errors
@@ -71,7 +72,9 @@ def _root_reason(error: BaseException) -> str:
             best = str(current) or type(current).__name__
             continue
         break
-    # urllib3 prefixes "<urllib3.connection.HTTPSConnection object at 0x...>: "; drop it.
-    if best.startswith("<") and ">: " in best:
-        best = best.split(">: ", 1)[1]
-    return best
+    # urllib3 prefixes the connection ("HTTPSConnection(host=..., port=...): " or
+    # "<... object at 0x...>: "); the caller names the server already.
+    return _CONNECTION_PREFIX.sub("", best)
+
+
+_CONNECTION_PREFIX = re.compile(r"^(?:<[^>]*>|\w+\([^)]*\)|None): ")

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from sidero.api import registry
 from sidero.api.registry import ResourceType
+from sidero.api.selectors import FieldSelector, LabelSelector, SelectorError
 from sidero.k8s import client as kc
 from sidero.k8s.errors import from_response, unreachable
 from sidero.store import errors
@@ -323,6 +324,11 @@ class KubernetesStore:
     ) -> Deferred[IWatch]:
         if self._closed:
             return fail(errors.Unavailable("the Kubernetes store is closed"))
+        try:  # refuse a bad selector now, as the embedded store does, not via done later
+            LabelSelector.parse(label_selector)
+            FieldSelector.parse(field_selector)
+        except SelectorError as e:
+            return fail(errors.BadRequest(str(e)))
         w = _Watch(self, kind, callback, namespace if kind.namespaced else None,
                    label_selector, field_selector, bookmarks)
         self._watches.add(w)

@@ -112,6 +112,8 @@ class ConfigurationErrorTests(TestCase):
             message.startswith(f"cannot reach the Kubernetes API server at https://127.0.0.1:{port}: "),
             message)
         self.assertIn("Connection refused", message)
+        self.assertNotIn("HTTPSConnection", message)
+        self.assertNotIn("\n", message)
         with self.assertRaises(errors.Unavailable):
             await store.get(SERVER, "x")
 
@@ -130,6 +132,18 @@ class StoreShapeTests(SynchronousTestCase):
         self.assertIsNone(KubernetesStore._deleted((200, gone), SERVER))
         status = {"kind": "Status", "status": "Success"}
         self.assertIsNone(KubernetesStore._deleted((200, status), SERVER))
+
+
+    def test_bad_watch_selector_fails_at_once(self) -> None:
+        """watch refuses an unparsable selector with BadRequest before starting any thread."""
+        from kubernetes.client import ApiClient
+        from twisted.internet.testing import MemoryReactor
+        from twisted.python.threadpool import ThreadPool
+
+        store = KubernetesStore(MemoryReactor(), ApiClient(), ThreadPool())
+        failure = self.failureResultOf(store.watch(SERVER, lambda e: None, label_selector="a in (b"))
+        failure.trap(errors.BadRequest)
+        self.assertEqual(store.watch_count(), 0)
 
 
 class SharedServerFaultTests(TestCase):
