@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -81,9 +82,13 @@ class PXEBootTests(TestCase):
                        os.path.join(self.work, "dnsmasq.out"))
         self.sidero_log = os.path.join(self.work, "sidero.log")
         env = dict(os.environ, PYTHONPATH=REPO)
+        # trial's temp paths can exceed the 107-byte limit of a unix socket path.
+        socket_dir = tempfile.mkdtemp(prefix="sd-")
+        self.addCleanup(shutil.rmtree, socket_dir, True)
         self.net.spawn("boot", sidero_command(
             "--api-endpoint", BOOT_IP, "--api-port", "8081", "--state-dir", self.state,
             "--dhcp-interface", "eth0", "--log-format", "json", "--no-enable-leader-election",
+            "--management-socket", os.path.join(socket_dir, "m.sock"),
         ), self.sidero_log, env=env)
 
     async def wait_for(self, what: str, predicate: Any, timeout: float) -> None:
