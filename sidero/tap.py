@@ -13,6 +13,8 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -64,20 +66,45 @@ class SideroService(OrderedMultiService):
         self.context = AppContext(reactor=reactor, settings=settings)
         self.exit_on_start_failure = True
 
+    def privilegedStartService(self) -> None:
+        # Children bind low ports here, before twistd drops privileges; a port in use must
+        # read as one clear line and exit 1, not as a traceback out of twistd.
+        for child in self:
+            try:
+                child.privilegedStartService()
+            except Exception as e:
+                log.critical("sidero cannot start: {service}: {error}", service=child.name,
+                             error=str(e) or repr(e))
+                raise SystemExit(1) from e
+
     def on_start_failure(self, failure: Failure) -> None:
         if not self.exit_on_start_failure:
             return
         log.critical("sidero cannot start: {error}; stopping", error=failure.getErrorMessage())
         # twistd always exits 0 after reactor.stop(); systemd must see a failure to restart us.
         atexit.register(_exit_failure)
+        # A thread a half-started service left behind would make the interpreter wait for it
+        # before atexit runs: a daemon watchdog makes sure we still exit.
+        self.reactor.addSystemEventTrigger("after", "shutdown", _start_exit_watchdog)
         if self.reactor.running:
             self.reactor.stop()
+
+
+EXIT_GRACE_SECONDS = 10.0
 
 
 def _exit_failure() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
+
+
+def _start_exit_watchdog() -> None:
+    def watchdog() -> None:
+        time.sleep(EXIT_GRACE_SECONDS)
+        _exit_failure()
+
+    threading.Thread(target=watchdog, name="sidero-exit-watchdog", daemon=True).start()
 
 
 # --- factories, in dependency order ------------------------------------------------------------
@@ -161,12 +188,62 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
     )
 
 
+def _make_http(settings: Settings, context: AppContext) -> IService | None:
+    """iPXE script, boot decisions, /env and /tftp assets and probes on the HTTP port.
+
+    Boot decisions read informer caches: the controller manager's shared ones when controllers
+    run, else informers of our own that live inside this service.
+    """
+    from twisted.application.service import MultiService
+
+    from sidero.api.registry import ENVIRONMENT, SERVER, SERVER_BINDING, SERVER_CLASS
+    from sidero.controllers.informer import Informer
+    from sidero.protocols.http.ipxe import BootSettings
+    from sidero.protocols.http.service import InformerBootLookup, make_http_service
+    from sidero.protocols.http.site import BootSite
+
+    group = MultiService()
+    manager = context.extra.get("controller_manager")
+    kinds = (SERVER, SERVER_BINDING, SERVER_CLASS, ENVIRONMENT)
+    if manager is not None:
+        informers = [manager.informer(kind) for kind in kinds]
+    else:
+        informers = [Informer(context.store, kind, clock=context.reactor) for kind in kinds]
+        for informer in informers:
+            informer.setServiceParent(group)
+
+    def ready() -> tuple[bool, str]:
+        waiting = [i.kind.plural for i in informers if not i.has_synced]
+        return (not waiting, "waiting for " + ", ".join(waiting) if waiting else "ok")
+
+    env_dir = os.path.join(settings.state_dir, "env")
+    os.makedirs(env_dir, exist_ok=True)
+    site = BootSite(
+        InformerBootLookup(*informers),
+        BootSettings(
+            api_endpoint=settings.api_endpoint,
+            api_port=settings.api_port,
+            boot_from_disk_method=settings.boot_from_disk_method,
+            extra_agent_kernel_args=settings.extra_agent_kernel_args,
+        ),
+        env_dir=env_dir,
+        tftp_roots=settings.tftp_roots,
+        ready=ready,
+    )
+    listener = make_http_service(
+        context.reactor, site.resource(), settings.http_port, interface=settings.listen_address
+    )
+    listener.setServiceParent(group)
+    return group
+
+
 FACTORIES: list[tuple[str, Factory]] = [
     ("threads", _make_threads),
     ("store", _make_store),
     ("controllers", _make_controllers),
     ("dhcp-proxy", _make_dhcp_proxy),
     ("tftp", _make_tftp),
+    ("http", _make_http),
 ]
 
 
@@ -187,7 +264,10 @@ def build_service(
         if name in SERVICES and not settings.enabled(name):
             log.info("Service {service} disabled by --disable-{service}", service=name)
             continue
-        service = factory(settings, root.context)
+        try:
+            service = factory(settings, root.context)
+        except OSError as e:
+            raise StartupError(f"cannot set up the {name} service: {e}") from e
         if service is None:
             continue
         service.setName(name)
@@ -204,7 +284,11 @@ def makeService(options: Options) -> SideroService:
     observer = logs.make_observer(settings.log_format, settings.log_level, stream)
     logs.bridge_stdlib_logging(settings.log_level)
     notes = options.resolution.notes if options.resolution is not None else ()
-    return build_service(settings, reactor, notes=notes, log_observer=observer)
+    try:
+        return build_service(settings, reactor, notes=notes, log_observer=observer)
+    except StartupError as e:
+        options.fail(e)
+        raise  # not reached: fail() exits
 
 
 def make_application(environ: Mapping[str, str] | None = None) -> Componentized:

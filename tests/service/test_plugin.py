@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import zipfile
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -83,13 +84,15 @@ class InstalledWheelTests(SynchronousTestCase):
         )
         self.assertEqual(result.stdout, "")
 
-    def run_until_started(self, args: list[str], env: dict[str, str], state_dir: str) -> str:
+    def run_until_started(
+        self, args: list[str], env: dict[str, str], state_dir: str, api_port: int
+    ) -> str:
         """Start twistd, wait for the full start, check it stays up, SIGTERM it; the log."""
         log_path = os.path.join(self.cwd, "out.log")
         with open(log_path, "w") as log:
             proc = subprocess.Popen([self.env.twistd, *args], cwd=self.cwd, env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
-        started = "All services started: threads, store, controllers, tftp"
+        started = "All services started: threads, store, controllers, tftp, http"
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and started not in _read(log_path):
@@ -99,6 +102,8 @@ class InstalledWheelTests(SynchronousTestCase):
             time.sleep(3)
             self.assertIsNone(proc.poll(), "twistd exited early:\n" + _read(log_path))
             self.assertTrue(os.path.exists(os.path.join(state_dir, "state.db")))
+            with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/boot.ipxe", timeout=10) as r:
+                self.assertTrue(r.read().startswith(b"#!ipxe"))
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=30)
         finally:
@@ -117,12 +122,13 @@ class InstalledWheelTests(SynchronousTestCase):
     def test_real_process(self) -> None:
         """twistd -n sidero stays up with a clean log and a state db, then shuts down on SIGTERM."""
         state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        api_port = free_port(socket.SOCK_STREAM)
         text = self.run_until_started(
             ["-n", "--pidfile=", "sidero", "--state-dir", state_dir,
              "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
-             "--api-port", str(free_port(socket.SOCK_STREAM)), "--disable-dhcp-proxy",
+             "--api-port", str(api_port), "--disable-dhcp-proxy",
              "--tftp-port", str(free_port(socket.SOCK_DGRAM))],
-            self.env.env(), state_dir,
+            self.env.env(), state_dir, api_port,
         )
         self.assertIn("Main loop terminated", text)
         # Every line is ours: "<time> <LEVEL> [namespace] message".
@@ -132,22 +138,23 @@ class InstalledWheelTests(SynchronousTestCase):
     def test_tac_from_environment(self) -> None:
         """twistd -y tap/sidero.tac takes every setting from variables (JSON logs here)."""
         state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        api_port = free_port(socket.SOCK_STREAM)
         env = self.env.env(
             SIDERO_STATE_DIR=state_dir,
             SIDERO_CONTROLLER_MANAGER_API_ENDPOINT="127.0.0.1",
-            SIDERO_CONTROLLER_MANAGER_API_PORT=str(free_port(socket.SOCK_STREAM)),
+            SIDERO_CONTROLLER_MANAGER_API_PORT=str(api_port),
             SIDERO_LISTEN_ADDRESS="127.0.0.1",
             SIDERO_CONTROLLER_MANAGER_DISABLE_DHCP_PROXY="true",
             SIDERO_TFTP_PORT=str(free_port(socket.SOCK_DGRAM)),
             SIDERO_LOG_FORMAT="json",
         )
         tac = os.path.join(REPO, "tap", "sidero.tac")
-        text = self.run_until_started(["-n", "--pidfile=", "-y", tac], env, state_dir)
+        text = self.run_until_started(["-n", "--pidfile=", "-y", tac], env, state_dir, api_port)
         records = [json.loads(line) for line in text.splitlines()]
         self.assertIn("Main loop terminated.", [r["msg"] for r in records])
 
-    def test_start_failure_exits_nonzero(self) -> None:
-        """A service that cannot start (state dir is a file) stops twistd with exit status 1."""
+    def test_setup_failure_one_line(self) -> None:
+        """A state directory that is a file stops twistd with exit 1 and one line."""
         not_a_dir = os.path.join(self.cwd, "file")
         with open(not_a_dir, "w") as f:
             f.write("x")
@@ -156,7 +163,36 @@ class InstalledWheelTests(SynchronousTestCase):
             "--listen-address", "127.0.0.1", "--disable-dhcp-proxy", "--disable-tftp",
         )
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertTrue(result.stderr.startswith("sidero: cannot set up the "), result.stderr)
+
+    def test_start_failure_exits_nonzero(self) -> None:
+        """The store failing to open at start (state.db is a directory) exits with status 1."""
+        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        os.mkdir(os.path.join(state_dir, "state.db"))
+        result = self.twistd(
+            "-n", "--pidfile=", "sidero", "--state-dir", state_dir, "--api-endpoint", "127.0.0.1",
+            "--listen-address", "127.0.0.1", "--disable-dhcp-proxy", "--disable-tftp",
+            "--api-port", str(free_port(socket.SOCK_STREAM)),
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertIn("sidero cannot start", result.stdout)
+        self.assertIn("Server Shut Down", result.stdout)
+
+    def test_port_in_use_exits_nonzero(self) -> None:
+        """An HTTP port already taken is reported in one log line and exits with status 1."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = self.twistd(
+                "-n", "--pidfile=", "sidero", "--state-dir", tempfile.mkdtemp(),
+                "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
+                "--disable-dhcp-proxy", "--disable-tftp", "--api-port", str(port),
+            )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"sidero cannot start: http: Couldn't listen on 127.0.0.1:{port}", result.stdout)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
 
 
 def _read(path: str) -> str:

@@ -7,6 +7,7 @@ import os
 import socket
 from typing import Any
 
+import treq
 from twisted.application.service import Application, IService, MultiService, Service
 from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import Deferred
@@ -20,7 +21,7 @@ from sidero import tap
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import Host, Settings, resolve
 
-FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp"]
+FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http"]
 
 
 def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
@@ -145,12 +146,24 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_disable_removes_service(self) -> None:
         """--disable-<name> leaves that child out and keeps the rest."""
-        for name in ["controllers", "dhcp-proxy", "tftp"]:
+        for name in ["controllers", "dhcp-proxy", "tftp", "http"]:
             with self.subTest(name=name):
                 flag = "disable_" + name.replace("-", "_")
                 root = tap.build_service(settings_for(self.state_dir, flag), MemoryReactorClock())
                 self.assertEqual(self.names(root), [n for n in FULL_TREE if n != name])
                 self.assertRaises(KeyError, root.getServiceNamed, name)
+
+    def test_http_without_controllers_has_own_informers(self) -> None:
+        """With --disable-controllers the HTTP service runs the informers it reads."""
+        root = tap.build_service(
+            settings_for(self.state_dir, "disable_controllers"), MemoryReactorClock()
+        )
+        http = root.getServiceNamed("http")
+        names = [str(child.name) for child in http]
+        self.assertIn("informer-servers", names)
+        self.assertIn("http", names)
+        with_manager = tap.build_service(settings_for(self.state_dir), MemoryReactorClock())
+        self.assertEqual([str(c.name) for c in with_manager.getServiceNamed("http")], ["http"])
 
     def test_absent_factory_result_is_skipped(self) -> None:
         """A factory returning None (implementation not in the build) adds no child."""
@@ -206,6 +219,13 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertIn("--store auto", stderr.getvalue())
 
 
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -224,8 +244,9 @@ class ServiceTreeLifecycleTests(TestCase):
         from sidero.store.errors import NotFound
 
         state_dir = os.path.abspath(self.mktemp())
+        api_port = free_tcp_port()
         settings = settings_for(
-            state_dir, "disable_dhcp_proxy",
+            state_dir, "disable_dhcp_proxy", api_port=str(api_port),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
         )
         root = tap.build_service(settings, global_reactor)
@@ -242,5 +263,11 @@ class ServiceTreeLifecycleTests(TestCase):
             except NotFound:
                 await deferLater(global_reactor, 0.05, lambda: None)
         self.assertIsNotNone(found, "ServerClass any was not created")
+        response = await treq.get(f"http://127.0.0.1:{api_port}/boot.ipxe", persistent=False)
+        self.assertEqual(response.code, 200)
+        self.assertTrue((await response.content()).startswith(b"#!ipxe"))
+        response = await treq.get(f"http://127.0.0.1:{api_port}/readyz", persistent=False)
+        await response.content()
+        self.assertEqual(response.code, 200)
         await root.stopService()
         self.assertFalse(root.running)
