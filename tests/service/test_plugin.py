@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +31,12 @@ class InstalledWheelTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.env: WheelEnv = wheel_env()
-        self.cwd = tempfile.mkdtemp(prefix="sidero-cwd-")
+        self.cwd = self.tempdir("sidero-cwd-")
+
+    def tempdir(self, prefix: str) -> str:
+        path = tempfile.mkdtemp(prefix=prefix)
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
 
     def twistd(self, *args: str, env: dict[str, str] | None = None,
                timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -121,7 +127,7 @@ class InstalledWheelTests(SynchronousTestCase):
 
     def test_real_process(self) -> None:
         """twistd -n sidero stays up with a clean log and a state db, then shuts down on SIGTERM."""
-        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        state_dir = self.tempdir("sidero-state-")
         api_port = free_port(socket.SOCK_STREAM)
         text = self.run_until_started(
             ["-n", "--pidfile=", "sidero", "--state-dir", state_dir,
@@ -137,7 +143,7 @@ class InstalledWheelTests(SynchronousTestCase):
 
     def test_tac_from_environment(self) -> None:
         """twistd -y tap/sidero.tac takes every setting from variables (JSON logs here)."""
-        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        state_dir = self.tempdir("sidero-state-")
         api_port = free_port(socket.SOCK_STREAM)
         env = self.env.env(
             SIDERO_STATE_DIR=state_dir,
@@ -168,7 +174,7 @@ class InstalledWheelTests(SynchronousTestCase):
 
     def test_start_failure_exits_nonzero(self) -> None:
         """The store failing to open at start (state.db is a directory) exits with status 1."""
-        state_dir = tempfile.mkdtemp(prefix="sidero-state-")
+        state_dir = self.tempdir("sidero-state-")
         os.mkdir(os.path.join(state_dir, "state.db"))
         result = self.twistd(
             "-n", "--pidfile=", "sidero", "--state-dir", state_dir, "--api-endpoint", "127.0.0.1",
@@ -186,7 +192,7 @@ class InstalledWheelTests(SynchronousTestCase):
             taken.listen()
             port = taken.getsockname()[1]
             result = self.twistd(
-                "-n", "--pidfile=", "sidero", "--state-dir", tempfile.mkdtemp(),
+                "-n", "--pidfile=", "sidero", "--state-dir", self.tempdir("sidero-state-"),
                 "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
                 "--disable-dhcp-proxy", "--disable-tftp", "--api-port", str(port),
             )
