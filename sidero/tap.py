@@ -237,6 +237,16 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
     return group
 
 
+def _make_management(settings: Settings, context: AppContext) -> IService | None:
+    """The C{sidero} CLI's API on a local unix socket (embedded store only: with Kubernetes,
+    kubectl is the management tool). The socket's permissions are the access control."""
+    if settings.store != "embedded":
+        return None
+    from sidero.management.server import make_management_service
+
+    return make_management_service(context.reactor, context.store, settings.management_socket)
+
+
 FACTORIES: list[tuple[str, Factory]] = [
     ("threads", _make_threads),
     ("store", _make_store),
@@ -244,6 +254,7 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("dhcp-proxy", _make_dhcp_proxy),
     ("tftp", _make_tftp),
     ("http", _make_http),
+    ("management", _make_management),
 ]
 
 

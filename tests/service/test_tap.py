@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import tempfile
 from typing import Any
 
 import treq
@@ -21,11 +22,13 @@ from sidero import tap
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import Host, Settings, resolve
 
-FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http"]
+FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "management"]
 
 
 def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
     given = dict(flags)
+    # trial's temp paths can exceed the 107-byte limit of a unix socket path.
+    given.setdefault("management_socket", os.path.join(tempfile.mkdtemp(prefix="sdm-"), "m.sock"))
     for name in argv_flags:
         given[name] = "true"
     host = Host(is_root=True, home="/nonexistent", addresses=lambda: [])
