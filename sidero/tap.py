@@ -154,12 +154,29 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     With the embedded store this process is the only writer, so it always leads; a
     Kubernetes-backed build would pass a Lease elector when --enable-leader-election is set.
     """
+    from sidero.controllers.events import EventRecorder
     from sidero.controllers.runtime import ControllerManager
+    from sidero.controllers.server import make_server_controller
+    from sidero.controllers.serverclass import make_serverclass_controller
     from sidero.controllers.startup import install_startup_runnables
+    from sidero.power.factory import PowerManagerFactory
 
     manager = ControllerManager(context.store, context.reactor)
     install_startup_runnables(manager, context.store)
+    recorder = EventRecorder(context.store, context.reactor)
+    # The Environment controller (sidero.controllers.environment) is not wired yet: the
+    # `default` Environment points at github.com, and nothing here may reach outside
+    # addresses until asset downloads can be pointed at a local mirror.
+    make_serverclass_controller(manager, context.store)
+    power = PowerManagerFactory.from_settings(
+        context.reactor, context.store, context.pools["ipmi"], settings)
+    make_server_controller(
+        manager, context.store, power.for_server,
+        reboot_timeout=settings.server_reboot_timeout, pxe_mode=settings.ipmi_pxe_method,
+        clock=context.reactor, recorder=recorder,
+    )
     context.extra["controller_manager"] = manager
+    context.extra["event_recorder"] = recorder
     return manager
 
 
@@ -230,9 +247,28 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         tftp_roots=settings.tftp_roots,
         ready=ready,
     )
-    listener = make_http_service(
-        context.reactor, site.resource(), settings.http_port, interface=settings.listen_address
-    )
+    if settings.enabled("grpc"):
+        # One port for HTTP/1.1 and the agent's gRPC API (h2c prior knowledge), spec 3.1.
+        from sidero.controllers.events import EventRecorder
+        from sidero.protocols.grpc.port import make_api_port_service
+        from sidero.protocols.grpc.server import EVENT_COMPONENT, AgentServicer, make_grpc_server
+
+        servicer = AgentServicer(
+            context.reactor, context.store,
+            auto_accept_servers=settings.auto_accept_servers,
+            auto_bmc_setup=settings.auto_bmc_setup,
+            insecure_wipe=settings.insecure_wipe,
+            server_reboot_timeout=settings.server_reboot_timeout,
+            events=EventRecorder(context.store, context.reactor, component=EVENT_COMPONENT),
+        )
+        listener = make_api_port_service(
+            context.reactor, site.resource(), lambda: make_grpc_server(servicer),
+            settings.http_port, interface=settings.listen_address,
+        )
+    else:
+        listener = make_http_service(
+            context.reactor, site.resource(), settings.http_port, interface=settings.listen_address
+        )
     listener.setServiceParent(group)
     return group
 
