@@ -85,7 +85,7 @@ class PXEBootTests(TestCase):
         # trial's temp paths can exceed the 107-byte limit of a unix socket path.
         socket_dir = tempfile.mkdtemp(prefix="sd-")
         self.addCleanup(shutil.rmtree, socket_dir, True)
-        self.net.spawn("boot", sidero_command(
+        self.sidero_proc = self.net.spawn("boot", sidero_command(
             "--api-endpoint", BOOT_IP, "--api-port", "8081", "--state-dir", self.state,
             "--dhcp-interface", "eth0", "--log-format", "json", "--no-enable-leader-election",
             "--management-socket", os.path.join(socket_dir, "m.sock"),
@@ -97,8 +97,9 @@ class PXEBootTests(TestCase):
             if predicate():
                 return
             await deferLater(reactor, 0.25, lambda: None)
-        self.fail(f"timed out after {timeout:g}s waiting for {what}\n--- sidero log tail:\n"
-                  + self.tail(self.sidero_log))
+        self.fail(f"timed out after {timeout:g}s waiting for {what}; sidero exit status "
+                  f"{self.sidero_proc.poll()}\n--- sidero log tail:\n" + self.tail(self.sidero_log)
+                  + "\n--- dnsmasq log tail:\n" + self.tail(self.dnsmasq_log, 10))
 
     def tail(self, path: str, lines: int = 40) -> str:
         try:
