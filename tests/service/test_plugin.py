@@ -59,13 +59,19 @@ class InstalledWheelTests(SynchronousTestCase):
         out = subprocess.run(
             [self.env.python, "-c",
              "from twisted.plugin import getPlugins; from twisted.application.service import"
-             " IServiceMaker; print([p.tapname for p in getPlugins(IServiceMaker)])"],
+             " IServiceMaker; print([p.tapname for p in getPlugins(IServiceMaker)]);"
+             " import twisted.plugins.sidero_plugin as m; print(m.__file__)"],
             cwd=self.cwd, env=self.env.env(), capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(out.returncode, 0, out.stderr)
-        self.assertIn("'sidero'", out.stdout)
-        cache = os.path.join(self.env.site_packages, "twisted", "plugins", "dropin.cache")
-        self.assertTrue(os.path.exists(cache))
+        tapnames, dropin = out.stdout.splitlines()[-2:]
+        self.assertIn("'sidero'", tapnames)
+        # The dropin loaded comes from an installed wheel (this venv's, or the tox env's that it
+        # inherits), never from the source tree; its dropin.cache was written beside it.
+        self.assertIn(os.sep + "site-packages" + os.sep, dropin)
+        self.assertNotIn(os.path.join("sidero", "plugins"), dropin)
+        cache = os.path.join(os.path.dirname(dropin), "dropin.cache")
+        self.assertTrue(os.path.exists(cache), f"no dropin.cache beside {dropin}")
 
     def test_help_lists_every_setting(self) -> None:
         """C{twistd sidero --help} shows every flag of the settings table (and --no- forms)."""
