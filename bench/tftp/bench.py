@@ -1,0 +1,173 @@
+"""TFTP throughput benchmark: sidero vs tftpd-hpa vs dnsmasq (a benchmark, not a test).
+
+N concurrent clients (one C{curl --parallel} process, N transfers of the same file, the
+way a rack of machines PXE-boots the same iPXE binary) fetch a file from each server in
+turn, on loopback, in the same run; prints aggregate MB/s and the ratio to sidero.
+
+dnsmasq's TFTP port is always 69, so the whole benchmark re-executes itself in a private
+network namespace (C{unshare -n}, needs root): every server binds that namespace's own
+loopback and nothing is visible outside it.  Without root, dnsmasq is left out.
+
+Usage: python bench/tftp/bench.py [--clients 100] [--size 1048576] [--blksize 1428]
+       [--rounds 3] [--profile DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NETNS_FLAG = "SIDERO_TFTP_BENCH_NETNS"
+HIGH_PORT = 46969
+
+
+def probe(port: int, deadline: float) -> bool:
+    """Wait until a TFTP server answers an RRQ on 127.0.0.1:port."""
+    rrq = b"\x00\x01probe\x00octet\x00"
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            try:
+                s.sendto(rrq, ("127.0.0.1", port))
+                s.recvfrom(2048)
+                return True
+            except OSError:
+                time.sleep(0.05)
+    return False
+
+
+@contextmanager
+def server(argv: list[str], port: int, log: str) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        if not probe(port, time.monotonic() + 10):
+            raise RuntimeError(f"{argv[0]} did not answer on port {port}; see {log}")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def fetch_all(port: int, clients: int, blksize: int, size: int) -> float:
+    """Run the clients; return the elapsed wall-clock seconds (fails on a bad transfer)."""
+    url = f"tftp://127.0.0.1:{port}/boot.bin"
+    argv = [
+        "curl", "-sS", "-Z", "--parallel-max", str(clients), "--parallel-immediate",
+        "--tftp-blksize", str(blksize), "-w", "%{size_download}\\n",
+    ]
+    for _ in range(clients):
+        argv += ["-o", "/dev/null", url]
+    start = time.monotonic()
+    done = subprocess.run(argv, capture_output=True, timeout=120)
+    elapsed = time.monotonic() - start
+    sizes = done.stdout.split()
+    if done.returncode != 0 or len(sizes) != clients or any(int(s) != size for s in sizes):
+        raise RuntimeError(
+            f"transfers failed on port {port}: rc={done.returncode} "
+            f"{done.stderr[-500:]!r} sizes={sorted(set(sizes))[:5]}"
+        )
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--size", type=int, default=1 << 20)
+    parser.add_argument("--blksize", type=int, default=1428)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", default="", help="comma-separated server names")
+    parser.add_argument("--profile", default="", help="write sidero cProfile output here")
+    args = parser.parse_args()
+
+    if os.environ.get(NETNS_FLAG) != "1" and os.geteuid() == 0 and shutil.which("unshare"):
+        os.environ[NETNS_FLAG] = "1"
+        os.execvp("unshare", ["unshare", "-n", "--", sys.executable, *sys.argv])
+    in_netns = os.environ.get(NETNS_FLAG) == "1"
+    if in_netns:
+        subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+        # tftpd-hpa resolves its bind address with AI_ADDRCONFIG, which fails when only
+        # loopback has an address: give the private namespace a veth with a private one.
+        subprocess.run(["ip", "link", "add", "tbench0", "type", "veth", "peer", "name", "tbench1"],
+                       check=False)
+        subprocess.run(["ip", "addr", "add", "10.213.99.1/24", "dev", "tbench0"], check=False)
+
+    work = tempfile.mkdtemp(prefix="tftp-bench-")
+    os.chmod(work, 0o755)
+    root = os.path.join(work, "root")
+    os.makedirs(root, mode=0o755)
+    with open(os.path.join(root, "boot.bin"), "wb") as f:
+        f.write(os.urandom(args.size))
+    os.chmod(os.path.join(root, "boot.bin"), 0o644)
+
+    python = sys.executable
+    serve = os.path.join(HERE, "serve_sidero.py")
+    servers: dict[str, tuple[list[str], int]] = {}
+    for mode in ("single", "standard"):
+        port = HIGH_PORT + len(servers)
+        argv = [python, serve, root, str(port), mode]
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            argv += ["--profile", os.path.join(os.path.abspath(args.profile), f"sidero-{mode}.prof")]
+        servers[f"sidero-{mode}"] = (argv, port)
+    if shutil.which("in.tftpd"):
+        port = HIGH_PORT + 10
+        servers["tftpd-hpa"] = (
+            ["in.tftpd", "-4", "-L", "-a", f"127.0.0.1:{port}", "-u", "root", "-s", root], port
+        )
+    if shutil.which("dnsmasq") and in_netns:
+        servers["dnsmasq"] = (
+            ["dnsmasq", "-k", "--conf-file=/dev/null", "--port=0", "--enable-tftp",
+             f"--tftp-root={root}", "--tftp-max=10000", "--listen-address=127.0.0.1",
+             "--bind-interfaces", "--user=root", "--pid-file=", "--quiet-tftp",
+             "--log-facility=-"],
+            69,
+        )
+    elif not in_netns:
+        print("dnsmasq skipped: its TFTP port is always 69; run as root for a private netns")
+    if args.only:
+        servers = {k: v for k, v in servers.items() if k in args.only.split(",")}
+
+    total = args.clients * args.size
+    print(
+        f"{args.clients} concurrent clients x {args.size} bytes, blksize {args.blksize}, "
+        f"best of {args.rounds} rounds, loopback{' (private netns)' if in_netns else ''}"
+    )
+    results: dict[str, float] = {}
+    for name, (argv, port) in servers.items():
+        times = []
+        with server(argv, port, os.path.join(work, f"{name}.log")):
+            fetch_all(port, min(args.clients, 4), args.blksize, args.size)  # warm-up
+            for _ in range(args.rounds):
+                times.append(fetch_all(port, args.clients, args.blksize, args.size))
+        best = min(times)
+        results[name] = total / best / 1e6
+        print(
+            f"  {name:16s} {results[name]:8.1f} MB/s   (best {best:.3f}s, "
+            f"rounds {', '.join(f'{t:.3f}' for t in times)})"
+        )
+    base = results.get("sidero-single")
+    if base:
+        print("ratios (sidero-single / peer):")
+        for name, rate in results.items():
+            if name != "sidero-single":
+                print(f"  vs {name:16s} {base / rate:6.2f}x")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
