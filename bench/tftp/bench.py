@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NETNS_FLAG = "SIDERO_TFTP_BENCH_NETNS"
@@ -147,18 +147,23 @@ def main() -> None:
         f"{args.clients} concurrent clients x {args.size} bytes, blksize {args.blksize}, "
         f"best of {args.rounds} rounds, loopback{' (private netns)' if in_netns else ''}"
     )
-    results: dict[str, float] = {}
-    for name, (argv, port) in servers.items():
-        times = []
-        with server(argv, port, os.path.join(work, f"{name}.log")):
+    # All servers run at once and the rounds interleave them, so a burst of load from
+    # elsewhere on the machine does not land on one server only.
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    with ExitStack() as stack:
+        for name, (argv, port) in servers.items():
+            stack.enter_context(server(argv, port, os.path.join(work, f"{name}.log")))
             fetch_all(port, min(args.clients, 4), args.blksize, args.size)  # warm-up
-            for _ in range(args.rounds):
-                times.append(fetch_all(port, args.clients, args.blksize, args.size))
-        best = min(times)
+        for _ in range(args.rounds):
+            for name, (_, port) in servers.items():
+                times[name].append(fetch_all(port, args.clients, args.blksize, args.size))
+    results: dict[str, float] = {}
+    for name, runs in times.items():
+        best = min(runs)
         results[name] = total / best / 1e6
         print(
             f"  {name:16s} {results[name]:8.1f} MB/s   (best {best:.3f}s, "
-            f"rounds {', '.join(f'{t:.3f}' for t in times)})"
+            f"rounds {', '.join(f'{t:.3f}' for t in runs)})"
         )
     base = results.get("sidero-single")
     if base:

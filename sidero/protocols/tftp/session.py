@@ -190,6 +190,9 @@ class ReadSession:
         self._chunks: deque[tuple[int, bytes]] = deque()
         self._buf_end = 0
         self._chunk_size = 0
+        self._low_water = 0  # read the next chunk once less than this is buffered ahead
+        self._current: tuple[int, bytes] = (0, b"")
+        self._deadline = 0.0
         self._reading = False
         self.bytes_sent = 0
 
@@ -226,6 +229,7 @@ class ReadSession:
             self._reader.close()
             self._reader = None
         self._chunks.clear()
+        self._current = (0, b"")
         self._on_done(self, outcome)
 
     # -- opening and negotiation -------------------------------------------------------
@@ -244,6 +248,7 @@ class ReadSession:
         window_bytes = self.blksize * self.windowsize
         want = max(self.config.read_ahead, window_bytes)
         self._chunk_size = -(-want // self.blksize) * self.blksize
+        self._low_water = window_bytes + self._chunk_size // 2
         self._retries = 0
         self._fill()
         if agreed.oack:
@@ -335,16 +340,30 @@ class ReadSession:
     # -- sending -----------------------------------------------------------------------
 
     def _arm(self) -> None:
-        timer = self._timer
-        if timer is not None and timer.active():
-            timer.reset(self._timeout)
-        else:
-            self._timer = self.clock.callLater(self._timeout, self._timed_out)
+        """Restart the retransmission deadline.
 
-    def _timed_out(self) -> None:
+        The deadline is a number, not a rescheduled DelayedCall: it moves on every ACK,
+        and re-sorting the reactor's timers per packet costs more than one timer that,
+        when it fires early, sleeps again until the current deadline.
+        """
+        self._deadline = deadline = self.clock.seconds() + self._timeout
+        timer = self._timer
+        if timer is None:
+            self._timer = self.clock.callLater(self._timeout, self._timer_fired)
+        elif timer.getTime() > deadline:  # the negotiated timeout is shorter
+            timer.reset(self._timeout)
+
+    def _timer_fired(self) -> None:
         self._timer = None
         if self.state is State.DONE:
             return
+        remaining = self._deadline - self.clock.seconds()
+        if remaining > 0:
+            self._timer = self.clock.callLater(remaining, self._timer_fired)
+            return
+        self._timed_out()
+
+    def _timed_out(self) -> None:
         self._retries += 1
         if self._retries > self.config.max_retries:
             self.log.info(
@@ -362,47 +381,64 @@ class ReadSession:
         self._arm()
 
     def _send_window(self) -> None:
-        """Send what is missing of the window [base, base+windowsize); arm the timer."""
-        end = min(self._base + self.windowsize, self._total + 1)
+        """Send what is missing of the window [base, base+windowsize); arm the timer.
+
+        This is the per-packet hot path, hence the local variables and the cached
+        current chunk.
+        """
+        end = self._base + self.windowsize
+        if end > self._total + 1:
+            end = self._total + 1
         blksize = self.blksize
+        size = self.size
         send = self._send
+        pack = _DATA_HEADER.pack
         block = self._next
+        offset = (block - 1) * blksize
+        start, chunk = self._current
+        chunk_end = start + len(chunk)
+        sent = 0
         while block < end:
-            offset = (block - 1) * blksize
-            payload = self._payload(offset)
-            if payload is None:
-                break  # read-ahead not there yet: _chunk_read resumes
-            send(_DATA_HEADER.pack(codec.DATA, block & 0xFFFF) + payload)
-            self.bytes_sent += len(payload)
+            if start <= offset < chunk_end:
+                rel = offset - start
+                payload = chunk[rel:rel + blksize]
+            elif offset >= size:
+                payload = b""
+            else:
+                found = self._find_chunk(offset)
+                if found is None:
+                    break  # read-ahead not there yet: _chunk_read resumes
+                start, chunk = found
+                chunk_end = start + len(chunk)
+                continue
+            send(pack(codec.DATA, block & 0xFFFF) + payload)
+            sent += len(payload)
             block += 1
-            if self.state is State.DONE:  # send() may end us (transport gone)
-                return
+            offset += blksize
+        self.bytes_sent += sent
         self._next = block
-        self._drop_consumed()
-        self._fill()
+        if self._buf_end - offset < self._low_water and not self._reading:
+            self._fill()
         self._arm()
 
-    def _payload(self, offset: int) -> bytes | None:
-        if offset >= self.size:
-            return b""
-        for start, chunk in self._chunks:
-            if start <= offset < start + len(chunk):
-                rel = offset - start
-                return chunk[rel:rel + self.blksize]
-        return None
-
-    def _drop_consumed(self) -> None:
+    def _find_chunk(self, offset: int) -> tuple[int, bytes] | None:
+        """Make the chunk holding C{offset} current, dropping chunks before the window."""
         floor = (self._base - 1) * self.blksize
         chunks = self._chunks
         while chunks and chunks[0][0] + len(chunks[0][1]) <= floor:
             chunks.popleft()
+        for start, chunk in chunks:
+            if start <= offset < start + len(chunk):
+                self._current = (start, chunk)
+                return self._current
+        self._fill()
+        return None
 
     def _fill(self) -> None:
-        """Keep the buffer one window ahead of the current window's end."""
+        """Keep at least C{_low_water} bytes buffered beyond what was sent."""
         if self._reading or self._reader is None or self._buf_end >= self.size:
             return
-        horizon = (self._base - 1 + 2 * self.windowsize) * self.blksize
-        if self._buf_end >= min(horizon, self.size):
+        if self._buf_end >= (self._next - 1) * self.blksize + self._low_water:
             return
         self._reading = True
         length = min(self._chunk_size, self.size - self._buf_end)
