@@ -212,11 +212,13 @@ class TFTPProtocol(DatagramProtocol):
         try:
             if self.single_port:
                 session = self.sessions.get(addr)
-                if session is not None:
-                    block = codec.decode_ack_fast(datagram)
-                    if block >= 0:
-                        session.ack_received(block)
-                        return
+                # The hot path: an ACK of a running transfer (decode_ack_fast, inlined).
+                if (
+                    session is not None and len(datagram) >= 4
+                    and datagram[1] == codec.ACK and datagram[0] == 0
+                ):
+                    session.ack_received((datagram[2] << 8) | datagram[3])
+                    return
             self._received(datagram, addr)
         except Exception:
             self._internal_error()

@@ -296,7 +296,26 @@ class ReadSession:
                 self._finish(Outcome.COMPLETE, None)
                 return
             self._retries = 0
-            self._base = self._next = acked + 1
+            self._base = acked + 1
+            if self.windowsize == 1:
+                # Lock-step (every client but atftp/EDK2): one block from the current
+                # chunk, without _send_window's loop set-up.  Same effects.
+                blksize = self.blksize
+                offset = acked * blksize
+                start, chunk = self._current
+                rel = offset - start
+                if 0 <= rel < len(chunk):
+                    payload = chunk[rel:rel + blksize]
+                    self._send(_DATA_HEADER.pack(codec.DATA, (acked + 1) & 0xFFFF) + payload)
+                    self.bytes_sent += len(payload)
+                    self._next = acked + 2
+                    if self._buf_end - offset < self._low_water and not self._reading:
+                        self._fill()
+                    self._deadline = self.clock.seconds() + self._timeout
+                    if self._timer is None:
+                        self._arm()
+                    return
+            self._next = acked + 1
             self._send_window()
         elif state is State.OACK_SENT:
             if wire_block == 0:
