@@ -249,16 +249,13 @@ class EmbeddedStore:
         return self._write(self._tx_create, rt, payload, self._now())  # type: ignore[return-value]
 
     def update(self, obj: Object) -> Deferred[Object]:
-        try:
-            self._check_open()
-            payload = _copy_json(obj)
-            rt = objects.kind_of(payload)
-            name, ns = self._identity(rt, payload)
-        except errors.StoreError as e:
-            return fail(e)
-        return self._write(self._tx_update, rt, ns, name, payload, False)  # type: ignore[return-value]
+        return self._replace(obj, status=False)
 
     def update_status(self, obj: Object) -> Deferred[Object]:
+        return self._replace(obj, status=True)
+
+    def _replace(self, obj: Object, status: bool) -> Deferred[Object]:
+        """update (metadata and spec) or update_status (status only), as one transaction."""
         try:
             self._check_open()
             payload = _copy_json(obj)
@@ -266,7 +263,7 @@ class EmbeddedStore:
             name, ns = self._identity(rt, payload)
         except errors.StoreError as e:
             return fail(e)
-        return self._write(self._tx_update, rt, ns, name, payload, True)  # type: ignore[return-value]
+        return self._write(self._tx_update, rt, ns, name, payload, status)  # type: ignore[return-value]
 
     def patch(
         self,
