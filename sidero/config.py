@@ -18,13 +18,14 @@ import ipaddress
 import os
 import re
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import IO, Any
 
 from twisted.python import usage
 
-from sidero import netinfo
+from sidero import TALOS_RELEASES_URL, netinfo
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -191,6 +192,14 @@ def parse_text(text: str) -> str:
     return text
 
 
+def parse_url(text: str) -> str:
+    """An absolute http or https URL with a host; a trailing slash is dropped."""
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise ValueError(text)
+    return text.rstrip("/")
+
+
 def choice(*values: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         lowered = text.lower()
@@ -330,6 +339,32 @@ SETTINGS: tuple[Setting, ...] = (
     _port("health_port", (_own("health_port"),), "9440", "Health/readiness probe port."),
     # Settings of this implementation.
     Setting(
+        "leader_election_namespace", (_own("leader_election_namespace"), "POD_NAMESPACE"),
+        "sidero-system", parse_host, "a namespace name",
+        "Namespace of the leader election Lease (Kubernetes store).",
+    ),
+    Setting(
+        "leader_election_lease_duration", (_own("leader_election_lease_duration"),), "15s",
+        parse_duration, "a Go duration such as 15s",
+        "How long a leader's Lease is honoured without renewal before another replica takes over.",
+    ),
+    Setting(
+        "leader_election_renew_deadline", (_own("leader_election_renew_deadline"),), "10s",
+        parse_duration, "a Go duration shorter than the lease duration",
+        "How long the leader keeps trying to renew before it gives up leadership.",
+    ),
+    Setting(
+        "leader_election_retry_period", (_own("leader_election_retry_period"),), "2s",
+        parse_duration, "a Go duration shorter than the renew deadline",
+        "Interval between attempts to acquire or renew the Lease.",
+    ),
+    Setting(
+        "talos_assets_url", (_own("talos_assets_url"),), TALOS_RELEASES_URL, parse_url,
+        "an http or https URL",
+        "Base URL of Talos release assets for the default Environment"
+        " (<url>/<release>/vmlinuz-amd64); point it at a local mirror on air-gapped sites.",
+    ),
+    Setting(
         "state_dir", (_own("state_dir"),), DEFAULT_STATE_DIR, parse_required_path, "a directory path",
         "Data directory (state.db, env/, tftp/, ipxe/).",
         default_doc=f"{DEFAULT_STATE_DIR}; when not root and it is not writable,"
@@ -419,6 +454,11 @@ class Settings:
     webhook_cert_dir: str = "/tmp/k8s-webhook-server/serving-certs"
     metrics_port: int = 8443
     health_port: int = 9440
+    leader_election_namespace: str = "sidero-system"
+    leader_election_lease_duration: float = 15.0
+    leader_election_renew_deadline: float = 10.0
+    leader_election_retry_period: float = 2.0
+    talos_assets_url: str = TALOS_RELEASES_URL
     state_dir: str = DEFAULT_STATE_DIR
     kubeconfig: str = ""
     store: str = "embedded"

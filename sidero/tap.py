@@ -154,6 +154,7 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     With the embedded store this process is the only writer, so it always leads; a
     Kubernetes-backed build would pass a Lease elector when --enable-leader-election is set.
     """
+    from sidero.controllers.environment import make_environment_controller
     from sidero.controllers.events import EventRecorder
     from sidero.controllers.runtime import ControllerManager
     from sidero.controllers.server import make_server_controller
@@ -162,11 +163,12 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     from sidero.power.factory import PowerManagerFactory
 
     manager = ControllerManager(context.store, context.reactor)
-    install_startup_runnables(manager, context.store)
+    install_startup_runnables(manager, context.store, assets_url=settings.talos_assets_url)
     recorder = EventRecorder(context.store, context.reactor)
-    # The Environment controller (sidero.controllers.environment) is not wired yet: the
-    # `default` Environment points at github.com, and nothing here may reach outside
-    # addresses until asset downloads can be pointed at a local mirror.
+    make_environment_controller(
+        manager, context.store, settings.state_dir, context.reactor,
+        pool=context.pools["disk"], assets_url=settings.talos_assets_url,
+    )
     make_serverclass_controller(manager, context.store)
     power = PowerManagerFactory.from_settings(
         context.reactor, context.store, context.pools["ipmi"], settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from sidero import TALOS_RELEASES_URL
 from sidero.api.registry import ENVIRONMENT
 
 Object = dict[str, Any]
@@ -21,7 +22,6 @@ KERNEL_ASSET = "vmlinuz"
 INITRD_ASSET = "initramfs.xz"
 DEFAULT_BMC_PORT = 623
 DEFAULT_BMC_INTERFACE = "lanplus"
-TALOS_RELEASES_URL = "https://github.com/siderolabs/talos/releases/download"
 
 _BASE_ARGS = (
     "init_on_alloc=1",
@@ -79,9 +79,10 @@ def default_kernel_args(talos_release: str) -> list[str]:
                   key=lambda s: s.encode("utf-8"))
 
 
-def default_environment(talos_release: str) -> Object:
-    """The C{default} Environment object (storage version), booting Talos C{talos_release}."""
-    base = f"{TALOS_RELEASES_URL}/{talos_release}"
+def default_environment(talos_release: str, assets_url: str = TALOS_RELEASES_URL) -> Object:
+    """The C{default} Environment object (storage version), booting Talos C{talos_release}
+    from C{assets_url} (Talos's GitHub releases, or a mirror with the same layout)."""
+    base = f"{assets_url.rstrip('/')}/{talos_release}"
     return {
         "apiVersion": ENVIRONMENT.api_version,
         "kind": ENVIRONMENT.kind,

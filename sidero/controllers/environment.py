@@ -33,10 +33,16 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
 
-from sidero import TALOS_RELEASE
+from sidero import TALOS_RELEASE, TALOS_RELEASES_URL
 from sidero.api.environment import DEFAULT_ENVIRONMENT, INITRD_ASSET, KERNEL_ASSET
 from sidero.api.registry import ENVIRONMENT
-from sidero.controllers.runtime import Controller, ControllerManager, Result, split_key
+from sidero.controllers.runtime import (
+    Controller,
+    ControllerManager,
+    ReconcileError,
+    Result,
+    split_key,
+)
 from sidero.controllers.startup import ensure_default_environment
 from sidero.store.errors import NotFound
 from sidero.store.interfaces import IResourceStore
@@ -58,7 +64,7 @@ _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 RESERVED_NAMES = frozenset({"agent-amd64", "agent-arm64"})
 
 
-class AssetError(Exception):
+class AssetError(ReconcileError):
     """A download that failed; the message is what the operator sees in the logs."""
 
 
@@ -292,8 +298,10 @@ class EnvironmentReconciler:
         downloader: Downloader,
         pool: BlockingRunner,
         talos_release: str = TALOS_RELEASE,
+        assets_url: str = TALOS_RELEASES_URL,
     ) -> None:
         self.store = store
+        self.assets_url = assets_url
         self.state_dir = state_dir
         self.downloader = downloader
         self.pool = pool
@@ -305,7 +313,7 @@ class EnvironmentReconciler:
     async def reconcile(self, key: str) -> Result | None:
         _, name = split_key(key)
         if name == DEFAULT_ENVIRONMENT:
-            await ensure_default_environment(self.store, self.talos_release)
+            await ensure_default_environment(self.store, self.talos_release, self.assets_url)
         try:
             env = await self.store.get(ENVIRONMENT, name)
         except NotFound:
@@ -372,6 +380,7 @@ def make_environment_controller(
     pool: BlockingRunner | None = None,
     agent: IAgent | None = None,
     talos_release: str = TALOS_RELEASE,
+    assets_url: str = TALOS_RELEASES_URL,
     timeout: float = DOWNLOAD_TIMEOUT,
 ) -> Controller:
     """Build the Environment controller, register it with C{manager} and return it.
@@ -386,7 +395,7 @@ def make_environment_controller(
         service.setServiceParent(manager)
         pool = service
     downloader = Downloader(reactor, pool, agent=agent, timeout=timeout)
-    reconciler = EnvironmentReconciler(store, state_dir, downloader, pool, talos_release)
+    reconciler = EnvironmentReconciler(store, state_dir, downloader, pool, talos_release, assets_url)
     controller = Controller("environment", ENVIRONMENT, reconciler.reconcile, clock=clock)
     manager.add_controller(controller)
     return controller

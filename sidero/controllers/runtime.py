@@ -32,8 +32,13 @@ from sidero.controllers.workqueue import DEFAULT_MAX_WORKERS, ExponentialBackoff
 from sidero.store.interfaces import IResourceStore, Object
 
 __all__ = [
-    "Controller", "ControllerManager", "Result", "object_key", "split_key", "DEFAULT_REQUEUE_AFTER",
+    "Controller", "ControllerManager", "ReconcileError", "Result", "object_key", "split_key", "DEFAULT_REQUEUE_AFTER",
 ]
+
+class ReconcileError(Exception):
+    """An expected failure whose message says everything (a download refused, a BMC away):
+    logged as one warning line without a traceback, then retried with backoff like any error."""
+
 
 #: controller-runtime's default requeue delay for "requeue later" results (spec §0.3).
 DEFAULT_REQUEUE_AFTER = 20.0
@@ -215,12 +220,21 @@ class Controller(Service):
             outcome = "error"
             if queue is not None:
                 queue.add_rate_limited(key)
-            self.log.failure(
-                "controller {controller} reconcile of {key} failed after {duration:.3f}s",
-                failure, controller=self.name, key=key, outcome=outcome,
+            fields: dict[str, Any] = dict(
+                controller=self.name, key=key, outcome=outcome,
                 duration=self.clock.seconds() - started,
                 retries=queue.num_requeues(key) if queue is not None else 0,
             )
+            if failure.check(ReconcileError):
+                self.log.warn(
+                    "controller {controller} reconcile of {key} failed after {duration:.3f}s:"
+                    " {error}", error=failure.getErrorMessage(), **fields,
+                )
+            else:
+                self.log.failure(
+                    "controller {controller} reconcile of {key} failed after {duration:.3f}s",
+                    failure, **fields,
+                )
             return
         if not isinstance(result, Result | None):
             self.log.warn(

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from sidero import TALOS_RELEASE
+from sidero import TALOS_RELEASE, TALOS_RELEASES_URL
 from sidero.api.environment import DEFAULT_ENVIRONMENT, default_environment
 from sidero.api.matching import ANY_SERVER_CLASS, any_server_class, reset_any_server_class
 from sidero.api.registry import ENVIRONMENT, SERVER_CLASS
@@ -61,8 +61,11 @@ async def ensure_any_server_class(store: IResourceStore) -> Object:
     raise Conflict(f'ServerClass "{ANY_SERVER_CLASS}" kept changing; giving up for now')
 
 
-async def ensure_default_environment(store: IResourceStore, talos_release: str = TALOS_RELEASE) -> Object:
-    """Create Environment C{default} for C{talos_release} if missing; never update it."""
+async def ensure_default_environment(
+    store: IResourceStore, talos_release: str = TALOS_RELEASE, assets_url: str = TALOS_RELEASES_URL
+) -> Object:
+    """Create Environment C{default} for C{talos_release} (assets under C{assets_url}) if
+    missing; never update it: an operator's edits win."""
     if not talos_release:
         raise ValueError("TALOS_RELEASE is not set: cannot build the default Environment")
     try:
@@ -70,7 +73,7 @@ async def ensure_default_environment(store: IResourceStore, talos_release: str =
     except NotFound:
         pass
     try:
-        created = await store.create(default_environment(talos_release))
+        created = await store.create(default_environment(talos_release, assets_url))
         log.info(
             "created Environment {name} for Talos {release}",
             name=DEFAULT_ENVIRONMENT, release=talos_release,
@@ -81,7 +84,8 @@ async def ensure_default_environment(store: IResourceStore, talos_release: str =
 
 
 def install_startup_runnables(
-    manager: ControllerManager, store: IResourceStore, talos_release: str = TALOS_RELEASE
+    manager: ControllerManager, store: IResourceStore, talos_release: str = TALOS_RELEASE,
+    assets_url: str = TALOS_RELEASES_URL,
 ) -> None:
     """Register the §2.4 runnables with C{manager}: they run on each leadership gain and are
     retried with backoff until they succeed."""
@@ -92,7 +96,7 @@ def install_startup_runnables(
         await ensure_any_server_class(store)
 
     async def default_env() -> None:
-        await ensure_default_environment(store, talos_release)
+        await ensure_default_environment(store, talos_release, assets_url)
 
     manager.add_runnable("ensure-serverclass-any", any_class)
     manager.add_runnable("ensure-environment-default", default_env)

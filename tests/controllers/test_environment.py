@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -258,6 +259,9 @@ class EnvironmentTests(TestCase):
     async def test_controller_retries_until_ready(self) -> None:
         """Through the controller, a failing asset is retried with backoff until it downloads."""
         self.assets.flaky_failures = 2
+        warnings: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(warnings.append)
+        self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
         manager = ControllerManager(self.store, reactor)
         make_environment_controller(manager, self.store, self.state_dir, reactor, pool=self.pool,
                                     talos_release="v1.13.0")
@@ -275,4 +279,9 @@ class EnvironmentTests(TestCase):
         self.assertEqual(self.read("e2", "initramfs.xz"), INITRD)
         self.assertEqual(self.assets.flaky_failures, 0)
         self.assertGreaterEqual(self.assets.requests.count(b"/flaky"), 3)
-        self.assertEqual(len(self.flushLoggedErrors(AssetError)), 2)
+        # Expected failures are one warning line each, never a logged traceback.
+        self.assertEqual(self.flushLoggedErrors(AssetError), [])
+        failed = [e for e in warnings if e.get("controller") == "environment" and e.get("outcome") == "error"]
+        self.assertEqual(len(failed), 2)
+        self.assertTrue(all(e["log_level"] == LogLevel.warn and "failure" not in e for e in failed))
+        self.assertIn("failed to download asset: 503", failed[0]["error"])

@@ -87,6 +87,7 @@ class PXEBootTests(TestCase):
         self.addCleanup(shutil.rmtree, socket_dir, True)
         self.sidero_proc = self.net.spawn("boot", sidero_command(
             "--api-endpoint", BOOT_IP, "--api-port", "8081", "--state-dir", self.state,
+            "--talos-assets-url", "http://127.0.0.1:1",
             "--dhcp-interface", "eth0", "--log-format", "json", "--no-enable-leader-election",
             "--management-socket", os.path.join(socket_dir, "m.sock"),
         ), self.sidero_log, env=env)

@@ -29,6 +29,9 @@ def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
     given = dict(flags)
     # trial's temp paths can exceed the 107-byte limit of a unix socket path.
     given.setdefault("management_socket", os.path.join(tempfile.mkdtemp(prefix="sdm-"), "m.sock"))
+    # Never github.com from a test: a closed loopback port makes the default Environment's
+    # downloads fail at once (a logged warning, retried with backoff).
+    given.setdefault("talos_assets_url", "http://127.0.0.1:1")
     for name in argv_flags:
         given[name] = "true"
     host = Host(is_root=True, home="/nonexistent", addresses=lambda: [])

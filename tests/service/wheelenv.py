@@ -43,6 +43,9 @@ class WheelEnv:
             k: v for k, v in os.environ.items()
             if not k.startswith(("SIDERO_", "KUBERNETES_", "PYTHON")) and k not in ("KUBECONFIG", "API_ENDPOINT")
         }
+        # Never github.com from a test: the default Environment's downloads hit a closed
+        # loopback port instead (a warning, retried with backoff).
+        env["SIDERO_TALOS_ASSETS_URL"] = "http://127.0.0.1:1"
         env.update(extra)
         return env
 
