@@ -193,22 +193,22 @@ def hardware_information() -> Schema:
             "processors": array(processor),
             "totalCoreCount": uint32(),
             "totalThreadCount": uint32(),
-        }),
+        }, description="Processors and core/thread counts."),
         "memory": obj({
             "moduleCount": uint32(),
             "modules": array(memory_module),
             "totalSize": string("Total memory, e.g. \"32 GB\"."),
-        }),
+        }, description="Memory modules and total size."),
         "network": obj({
             "interfaceCount": uint32(),
             "interfaces": array(interface),
-        }),
+        }, description="Network interfaces."),
         "storage": obj({
             "deviceCount": uint32(),
             "devices": array(storage_device),
             "totalSize": string("Total storage, e.g. \"1116 GB\"."),
-        }),
-        "system": system_information(with_uuid=True),
+        }, description="Storage devices and total size."),
+        "system": _with(system_information(with_uuid=True), "SMBIOS system information.", {}),
     })
 
 
@@ -244,16 +244,16 @@ def server_spec(version: str) -> Schema:
         "cordoned": boolean("Excluded from all ServerClass membership."),
         "environmentRef": object_reference("Environment to boot for this server (highest precedence)."),
         "hostname": string("Hostname reported by the agent at registration."),
-        "managementApi": obj({"endpoint": string()}, required=("endpoint",),
+        "managementApi": obj({"endpoint": string("host:port of the power API.")}, required=("endpoint",),
                              description="host:port of a simple HTTP power API."),
         "pxeBootAlways": boolean("Always serve the OS environment on PXE, even after install."),
         "pxeMode": string("IPMI boot-from-PXE flavour: bios or uefi; empty means the controller default."),
     }
     if version == "v1alpha1":
-        props["cpu"] = cpu_information()
-        props["system"] = system_information(with_uuid=False)
+        props["cpu"] = _with(cpu_information(), "CPU information.", {})
+        props["system"] = _with(system_information(with_uuid=False), "SMBIOS system information.", {})
     else:
-        props["hardware"] = hardware_information()
+        props["hardware"] = _with(hardware_information(), "Discovered hardware inventory, set at registration.", {})
         props["strategicPatches"] = strategic_patches()
     return obj(props, required=("accepted",), description="Desired state of the Server.")
 
@@ -278,13 +278,15 @@ def server_class_spec(version: str) -> Schema:
     label_selectors = array(string_map(), "Label maps; a server matches when any pair matches (OR).")
     if version == "v1alpha1":
         qualifiers = obj({
-            "cpu": array(cpu_information()),
+            "cpu": array(cpu_information(), "CPU filters; a server matches when any entry matches."),
             "labelSelectors": label_selectors,
-            "systemInformation": array(system_information(with_uuid=False)),
+            "systemInformation": array(system_information(with_uuid=False),
+                                       "System filters; a server matches when any entry matches."),
         })
     else:
         qualifiers = obj({
-            "hardware": array(hardware_information()),
+            "hardware": array(hardware_information(),
+                              "Hardware filters; a server matches when any entry partially equals its hardware."),
             "labelSelectors": label_selectors,
         })
     props: dict[str, Schema] = {
@@ -311,8 +313,9 @@ def server_class_status() -> Schema:
 def environment_spec() -> Schema:
     asset = {"sha512": string("Expected SHA-512 (never verified)."), "url": string("Where to fetch it.")}
     return obj({
-        "initrd": obj(dict(asset)),
-        "kernel": obj({**asset, "args": array(string(), "Kernel command line arguments.")}),
+        "initrd": obj(dict(asset), description="The initial ramdisk."),
+        "kernel": obj({**asset, "args": array(string(), "Kernel command line arguments.")},
+                      description="The kernel and its arguments."),
     }, description="Kernel and initrd to boot.")
 
 
@@ -381,7 +384,8 @@ def metal_cluster_status(version: str) -> Schema:
 
 def metal_machine_template_spec(version: str) -> Schema:
     return obj({
-        "template": obj({"spec": metal_machine_spec(version)}, required=("spec",)),
+        "template": obj({"spec": metal_machine_spec(version)}, required=("spec",),
+                        description="The MetalMachine to create."),
     }, required=("template",), description="Template for MetalMachines; immutable.")
 
 
@@ -402,7 +406,7 @@ def server_binding_status() -> Schema:
     return obj({
         "conditions": capi_conditions("Talos installation progress conditions."),
         "ready": boolean("True when a Server with the same name exists."),
-    })
+    }, description="Observed state of the ServerBinding.")
 
 
 # ---- per kind and version ---------------------------------------------------------------------
