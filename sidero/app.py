@@ -19,7 +19,8 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from sidero.config import Settings
+from sidero.config import Settings, StartupError
+from sidero.store.errors import StoreError
 from sidero.threads import ThreadPoolService, with_timeout
 
 
@@ -118,7 +119,12 @@ class OrderedMultiService(MultiService):
 
     def _start_failed(self, failure: Failure) -> None:
         name = next((c.name for c in self if c not in self._running_children), "?")
-        self.log.failure("Service {service} failed to start", failure, service=name)
+        if failure.check(StartupError, StoreError):
+            # Self-describing (no CRDs, API server unreachable...): one line, no traceback.
+            self.log.error("Service {service} failed to start: {error}", service=name,
+                           error=failure.getErrorMessage())
+        else:
+            self.log.failure("Service {service} failed to start", failure, service=name)
         d = Deferred.fromCoroutine(self._stop_children())
         d.addBoth(lambda _: self.on_start_failure(failure))
         d.addBoth(lambda _: self._settle(failure))

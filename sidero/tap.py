@@ -34,24 +34,8 @@ log = Logger(namespace="sidero.tap")
 #: Thread pools (name, max threads): Kubernetes client, disk/sqlite, IPMI, subprocesses.
 THREAD_POOLS: tuple[tuple[str, int], ...] = (("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2))
 
-# Stores this build can run; "kubernetes" joins when its backend lands.
-AVAILABLE_STORES = ("embedded",)
-
-
 class Options(SettingsOptions):
-    """C{twistd sidero} options: every row of the settings table, plus build checks."""
-
-    def postOptions(self) -> None:
-        super().postOptions()
-        if self.settings.store not in AVAILABLE_STORES:
-            why = (
-                "" if self.resolution is None or self.resolution.sources["store"] != "default"
-                else " (chosen by --store auto because a kubeconfig or in-cluster environment is present)"
-            )
-            self.fail(StartupError(
-                f"--store {self.settings.store} is not available in this build: no Kubernetes"
-                f" store backend{why}; use --store embedded"
-            ))
+    """C{twistd sidero} options: every row of the settings table."""
 
 
 class SideroService(OrderedMultiService):
@@ -140,6 +124,21 @@ class StoreService(Service):
 
 
 def _make_store(settings: Settings, context: AppContext) -> IService | None:
+    """The embedded SQLite store, or a Kubernetes API server (kubeconfig, KUBECONFIG or the
+    in-cluster service account).  A kubeconfig that cannot be used stops the start here, in
+    one line; an unreachable server or missing CRDs stop it when the store opens."""
+    if settings.store == "kubernetes":
+        from sidero.k8s.client import load_api_client
+        from sidero.k8s.errors import KubeconfigError
+        from sidero.k8s.store import KubernetesStore
+
+        try:
+            client = load_api_client(settings.kubeconfig or None)
+        except KubeconfigError as e:
+            raise StartupError(str(e)) from e
+        context.store = KubernetesStore(context.reactor, client, context.pools["k8s"].pool)
+        return StoreService(context.store, settings.state_dir)
+
     from sidero.api.admission import Admission
     from sidero.store.embedded import EmbeddedStore
 

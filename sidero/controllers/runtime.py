@@ -29,6 +29,7 @@ from sidero.api.registry import ResourceType
 from sidero.controllers.informer import Backoff, Informer, object_key, split_key
 from sidero.controllers.leader import AlwaysLeader, ILeaderElector
 from sidero.controllers.workqueue import DEFAULT_MAX_WORKERS, ExponentialBackoff, WorkQueue
+from sidero.store.errors import Conflict, Timeout, Unavailable
 from sidero.store.interfaces import IResourceStore, Object
 
 __all__ = [
@@ -37,7 +38,8 @@ __all__ = [
 
 class ReconcileError(Exception):
     """An expected failure whose message says everything (a download refused, a BMC away):
-    logged as one warning line without a traceback, then retried with backoff like any error."""
+    logged as one warning line without a traceback, then retried with backoff like any error.
+    The store's Unavailable, Conflict and Timeout are treated the same way."""
 
 
 #: controller-runtime's default requeue delay for "requeue later" results (spec §0.3).
@@ -225,7 +227,7 @@ class Controller(Service):
                 duration=self.clock.seconds() - started,
                 retries=queue.num_requeues(key) if queue is not None else 0,
             )
-            if failure.check(ReconcileError):
+            if failure.check(ReconcileError, Unavailable, Conflict, Timeout):
                 self.log.warn(
                     "controller {controller} reconcile of {key} failed after {duration:.3f}s:"
                     " {error}", error=failure.getErrorMessage(), **fields,

@@ -206,23 +206,29 @@ class BuildServiceTests(SynchronousTestCase):
             logging.getLogger().removeHandler(logs._bridge)
             logs._bridge = None
 
-    def test_kubernetes_store_unavailable(self) -> None:
-        """--store kubernetes without a backend in the build stops with one line."""
+    def test_kubernetes_store_bad_kubeconfig(self) -> None:
+        """--store kubernetes with a kubeconfig that does not exist stops with one line."""
         stderr = io.StringIO()
         options = tap.Options(environ={}, host=Host(True, "/x", lambda: []), stderr=stderr)
+        options.parseOptions(["--api-endpoint", "127.0.0.1", "--store", "kubernetes",
+                              "--kubeconfig", "/nonexistent/kubeconfig", "--state-dir", self.mktemp()])
         with self.assertRaises(SystemExit):
-            options.parseOptions(["--api-endpoint", "127.0.0.1", "--store", "kubernetes"])
-        self.assertEqual(stderr.getvalue().count("\n"), 1)
-        self.assertIn("--store kubernetes is not available", stderr.getvalue())
+            tap.makeService(options)
+        self._forget_bridge()
+        self.assertEqual(stderr.getvalue().count("\n"), 1, stderr.getvalue())
+        self.assertIn("kubeconfig /nonexistent/kubeconfig does not exist", stderr.getvalue())
 
-    def test_auto_store_kubernetes_explains(self) -> None:
-        """auto picking kubernetes (KUBECONFIG set) says why in the one-line error."""
+    def test_auto_store_kubernetes_from_kubeconfig_variable(self) -> None:
+        """auto picks kubernetes when KUBECONFIG is set, and that kubeconfig is what is checked."""
         stderr = io.StringIO()
         options = tap.Options(environ={"KUBECONFIG": "/k"}, host=Host(True, "/x", lambda: []),
                               stderr=stderr)
+        options.parseOptions(["--api-endpoint", "127.0.0.1", "--state-dir", self.mktemp()])
+        self.assertEqual(options.settings.store, "kubernetes")
         with self.assertRaises(SystemExit):
-            options.parseOptions(["--api-endpoint", "127.0.0.1"])
-        self.assertIn("--store auto", stderr.getvalue())
+            tap.makeService(options)
+        self._forget_bridge()
+        self.assertIn("kubeconfig /k does not exist", stderr.getvalue())
 
 
 def free_tcp_port() -> int:

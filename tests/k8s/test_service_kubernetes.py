@@ -1,0 +1,209 @@
+"""The real C{twistd sidero --store kubernetes} against a real kube-apiserver.
+
+One API server of this module's own (it is killed and restarted): the service starts on it,
+refuses to start without the CRDs or with a bad kubeconfig (one line, exit 1), serves boot
+decisions from its informer caches while the API server is down, and catches up after it
+returns without missing a change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.k8s import apiserver
+from tests.k8s.apiserver import KubeAPIServer, crd_manifests
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_SIDERO = REPO / "tests" / "integration" / "run_sidero.py"
+AGENT_SCRIPT_MARK = b"/env/agent-amd64/vmlinuz"
+DISK_BOOT = b"#!ipxe\nexit\n"
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """No SIDERO_* or KUBECONFIG of the caller's leaks into the service under test."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SIDERO_", "KUBERNETES_")) and k != "KUBECONFIG"}
+    env.update(extra)
+    return env
+
+
+class SideroProcess:
+    """C{twistd sidero} on loopback with the Kubernetes store, logging JSON to a file."""
+
+    def __init__(self, kubeconfig: str, workdir: str) -> None:
+        self.api_port = free_port()
+        self.log_path = os.path.join(workdir, "sidero.log")
+        self.args = [
+            sys.executable, str(RUN_SIDERO), "--store", "kubernetes", "--kubeconfig", kubeconfig,
+            "--state-dir", os.path.join(workdir, "state"), "--api-endpoint", "127.0.0.1",
+            "--listen-address", "127.0.0.1", "--api-port", str(self.api_port),
+            "--disable-dhcp-proxy", "--tftp-port", str(free_port(socket.SOCK_DGRAM)),
+            "--talos-assets-url", "http://127.0.0.1:1", "--no-enable-leader-election",
+            "--log-format", "json",
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         env=clean_env(), start_new_session=True)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.api_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+
+async def eventually(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """Poll C{check} (run in a thread: it may block on HTTP) until it returns a true value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = await threads.deferToThread(check)
+        except OSError as e:
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        await deferLater(reactor, 0.3, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}; last result {last!r}")
+
+
+class KubernetesServiceTests(TestCase):
+    """The service process on the Kubernetes store (own API server; it gets restarted)."""
+
+    timeout = 400
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.server = KubeAPIServer(apiserver.require_binary())
+        self.addCleanup(lambda: threads.deferToThread(self.server.stop))
+        await self.server.start()
+        self.workdir = tempfile.mkdtemp(prefix="sidero-k8s-svc-")
+
+    def run_to_exit(self, *extra: str, kubeconfig: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = SideroProcess(kubeconfig or str(self.server.kubeconfig), self.workdir)
+        return subprocess.run([*proc.args, *extra], env=clean_env(), capture_output=True,
+                              text=True, timeout=120)
+
+    async def kill_apiserver(self) -> None:
+        """Kill kube-apiserver like a crash, keeping its data, certificates and port."""
+        proc, self.server.process = self.server.process, None
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGKILL)
+        await threads.deferToThread(proc.wait, 30)
+        self.server._reap()
+
+    async def start_apiserver_again(self) -> None:
+        port = self.server.port
+        self.patch(apiserver, "free_port", lambda: port)
+        await self.server.start()
+
+    def kubectl_apply(self, obj: dict[str, Any]) -> None:
+        path = os.path.join(self.workdir, f"obj-{uuid.uuid4().hex}.json")
+        with open(path, "w") as f:
+            json.dump(obj, f)
+        result = self.server.kubectl("apply", "-f", path)
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    async def test_refuses_to_start_clearly(self) -> None:
+        """Missing CRDs, then a kubeconfig that does not exist: exit 1 with one clear line each."""
+        result = await threads.deferToThread(self.run_to_exit)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn("install sidero's CRDs", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+        missing = os.path.join(self.workdir, "nope.kubeconfig")
+        result = await threads.deferToThread(self.run_to_exit, kubeconfig=missing)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertIn(f"kubeconfig {missing} does not exist", result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    async def test_serves_boots_through_an_outage(self) -> None:
+        """Boot decisions come from the cache while the API server is down; no change is lost."""
+        await threads.deferToThread(self.server.apply_crds, crd_manifests())
+        host = str(uuid.uuid4())
+        self.kubectl_apply({
+            "apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server",
+            "metadata": {"name": host}, "spec": {"accepted": True},
+        })
+        self.kubectl_apply({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha3", "kind": "ServerBinding",
+            "metadata": {"name": host, "namespace": "default"},
+            "spec": {"metalMachineRef": {"name": "m0", "namespace": "default"}},
+        })
+        sidero = SideroProcess(str(self.server.kubeconfig), self.workdir)
+        sidero.start()
+        self.addCleanup(lambda: threads.deferToThread(sidero.stop))
+        await eventually("sidero to be ready", lambda: sidero.get("/readyz")[0] == 200)
+        # The Server controller (leader: election is off) adds its finalizer through the API.
+        await eventually("the Server finalizer", lambda: "storage.finalizers.server.k8s.io" in
+                         self.server.kubectl("get", "server", host, "-o", "jsonpath={.metadata.finalizers}").stdout)
+        # Allocated and installed: the boot decision is "boot from disk".
+        patch = json.dumps({"status": {"conditions": [{
+            "type": "PXEBooted", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
+        result = self.server.kubectl("patch", "server", host, "--subresource=status", "--type=merge", "-p", patch)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        await eventually("boot from disk", lambda: sidero.get(f"/ipxe?uuid={host}") == (200, DISK_BOOT))
+
+        await self.kill_apiserver()
+        # Down: the same answer, from the cache, with no API server at all.
+        for _ in range(3):
+            self.assertEqual(await threads.deferToThread(sidero.get, f"/ipxe?uuid={host}"), (200, DISK_BOOT))
+            self.assertEqual((await threads.deferToThread(sidero.get, "/boot.ipxe"))[0], 200)
+            await deferLater(reactor, 1.0, lambda: None)
+        self.assertIsNone(sidero.proc.poll() if sidero.proc else 0, "sidero exited during the outage")
+
+        await self.start_apiserver_again()
+        # Released right after the restart, maybe before the informers reconnected: the
+        # server goes back to the agent environment once the deletion is seen.
+        result = self.server.kubectl("delete", "serverbinding", host, "-n", "default", "--wait=false")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        await eventually("the agent environment after the binding went",
+                         lambda: AGENT_SCRIPT_MARK in sidero.get(f"/ipxe?uuid={host}")[1])
+        log = sidero.log()
+        self.assertNotIn("Traceback", log)
+        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        # The outage is reported (watch failures), never as a crash or a traceback.
+        self.assertFalse([r for r in records if r.get("level") == "critical" or "traceback" in r])
+        self.assertTrue([r for r in records if "serving cached data" in r.get("msg", "")])
