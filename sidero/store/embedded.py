@@ -19,6 +19,7 @@ order, or watchers would see a gap.
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import uuid
 from collections import deque
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,6 +59,8 @@ T = TypeVar("T")
 
 DEFAULT_EVENT_LOG_SIZE = 10_000
 DEFAULT_BOOKMARK_INTERVAL = 60.0
+#: kube-apiserver's --event-ttl default: Events vanish an hour after their last write.
+DEFAULT_EVENT_TTL = 3600.0
 
 _BY_RESOURCE = {rt.resource: rt for rt in registry.ALL_KINDS}
 
@@ -69,6 +73,23 @@ class _Written:
     events: list[StoredEvent] = field(default_factory=list)
     # uids whose dependents must be garbage collected (removed objects, absent owners).
     collect: list[str] = field(default_factory=list)
+
+
+def _last_written(event: Object) -> float:
+    """When an Event was last written, from the timestamps writers set (0 when none parse)."""
+    latest = 0.0
+    meta = event.get("metadata") or {}
+    for value in (event.get("lastTimestamp"), event.get("eventTime"), event.get("firstTimestamp"),
+                  meta.get("creationTimestamp") if isinstance(meta, dict) else None):
+        if isinstance(value, str) and value:
+            try:
+                moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=datetime.UTC)
+            latest = max(latest, moment.timestamp())
+    return latest
 
 
 def _copy_json(obj: Any, what: str = "object") -> Any:
@@ -95,6 +116,8 @@ class EmbeddedStore:
     @param bookmark_interval: seconds between BOOKMARK events of watches that asked for them.
     @param pool: a thread pool to run SQLite in (tests pass an inline one); it must run one
         call at a time.  By default the store owns a single-thread pool.
+    @param event_ttl: seconds after its last write an Event is deleted (as the API server's
+        --event-ttl), so a long-running install does not grow without bound; 0 keeps them.
     """
 
     log = Logger()
@@ -108,6 +131,7 @@ class EmbeddedStore:
         event_log_size: int = DEFAULT_EVENT_LOG_SIZE,
         bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL,
         pool: ThreadPool | None = None,
+        event_ttl: float = DEFAULT_EVENT_TTL,
     ) -> None:
         self._reactor = reactor
         self.path = path
@@ -122,6 +146,8 @@ class EmbeddedStore:
         self._hub = Hub()
         self._collector = _Collector(self)
         self._open = False
+        self.event_ttl = event_ttl
+        self._expiry: LoopingCall | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -137,6 +163,10 @@ class EmbeddedStore:
         self._collector.start()
         for uid in await self._run(self._db.absent_owner_uids):
             self._collector.enqueue(uid)
+        if self.event_ttl > 0:
+            self._expiry = LoopingCall(self._expire_events)
+            self._expiry.clock = self._reactor
+            self._expiry.start(min(self.event_ttl / 6, 600.0), now=True)
         self.log.info("resource store open at {path}, resourceVersion {rv}", path=self.path, rv=self._db.rv)
 
     async def close(self) -> None:
@@ -144,6 +174,8 @@ class EmbeddedStore:
         if not self._open:
             return
         self._open = False
+        if self._expiry is not None and self._expiry.running:
+            self._expiry.stop()
         await self._collector.stop()
         self._hub.fail_all(errors.Unavailable("the resource store is closed"))
         await self._run(self._db.close)
@@ -158,6 +190,35 @@ class EmbeddedStore:
     def gc_idle(self) -> Deferred[None]:
         """Fires once background garbage collection has nothing left to do."""
         return self._collector.idle()
+
+    def _expire_events(self) -> Deferred[None]:
+        """Delete Events whose last write is older than the TTL (one transaction each)."""
+        cutoff = self._now() - self.event_ttl
+        rt = registry.EVENT
+
+        async def expire() -> None:
+            events, _ = await self._run(self._db.list_objects, rt.resource, None)
+            expired = 0
+            for event in events:
+                if not self._open:
+                    return
+                if _last_written(event) >= cutoff:
+                    continue
+                meta = event.get("metadata") or {}
+                try:
+                    await self._write(self._tx_delete, rt, str(meta.get("namespace") or ""),
+                                      str(meta.get("name") or ""), meta.get("resourceVersion"),
+                                      self._now())
+                    expired += 1
+                except (errors.NotFound, errors.Conflict):
+                    continue  # deleted or rewritten meanwhile: a rewrite renews its TTL
+            if expired:
+                self.log.debug("expired {count} events older than {ttl:.0f}s", count=expired, ttl=self.event_ttl)
+
+        def failed(f: Failure) -> None:
+            self.log.failure("expiring old events failed", f)
+
+        return Deferred.fromCoroutine(expire()).addErrback(failed)
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from zope.interface.verify import verifyObject
 
 from sidero.api import registry
 from sidero.api.admission import Admission
+from sidero.api.conditions import rfc3339 as conditions_rfc3339
 from sidero.api.registry import ResourceType
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
@@ -279,6 +280,39 @@ class EmbeddedStoreTests(TestCase):
         self.assertEqual(recorder.bookmarks[1].object["metadata"]["resourceVersion"], "2")
         reactor.advance(30)
         self.assertEqual(len(recorder.bookmarks), 3)
+
+    def test_events_expire_after_their_ttl(self) -> None:
+        """Events are deleted (watchers see DELETED) a TTL after their last write, not before."""
+        store, reactor = self.open(event_ttl=600)
+
+        def event(name: str, last: float) -> Object:
+            stamp = conditions_rfc3339(last)
+            return {"apiVersion": "v1", "kind": "Event",
+                    "metadata": {"name": name, "namespace": "default"},
+                    "involvedObject": {"kind": "Server", "name": "a"}, "reason": "R", "message": "m",
+                    "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1, "type": "Normal"}
+
+        now = reactor.seconds()
+        result_of(self, store.create(event("old", now)))
+        recorder = Recorder()
+        self.watch(store, registry.EVENT, recorder)
+        reactor.advance(400)
+        result_of(self, store.create(event("young", reactor.seconds())))
+        # "old" is renewed by a later write (client-go bumps lastTimestamp on a repeat).
+        reactor.advance(100)
+        renewed = result_of(self, store.get(registry.EVENT, "old", "default"))
+        renewed["lastTimestamp"] = conditions_rfc3339(reactor.seconds())
+        result_of(self, store.update(renewed))
+        reactor.advance(600)  # young: 700 s old; old: 600 s since its renewal
+        names = [e["metadata"]["name"] for e in result_of(self, store.list(registry.EVENT)).items]
+        self.assertEqual(names, ["old"])
+        self.assertIn((DELETED, "young"), [(e.type, e.object["metadata"]["name"]) for e in recorder.events])
+        reactor.advance(200)
+        self.assertEqual(result_of(self, store.list(registry.EVENT)).items, [])
+        # Other kinds never expire.
+        result_of(self, store.create(server("s")))
+        reactor.advance(100_000)
+        self.assertEqual(len(result_of(self, store.list(registry.SERVER)).items), 1)
 
     def test_no_bookmarks_unless_asked(self) -> None:
         """A watch without bookmarks=True never gets a BOOKMARK."""
