@@ -20,6 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from sidero.power.interfaces import (
@@ -121,6 +122,8 @@ class FailureDice:
         self.explicit = explicit
         self.silent = silent
         self.rng = rng if rng is not None else random.Random()
+        #: how many failures of each kind were injected (shared by every manager it wraps).
+        self.injected: dict[str, int] = {EXPLICIT: 0, SILENT: 0}
 
     @property
     def active(self) -> bool:
@@ -137,7 +140,13 @@ class FailureDice:
 
 @implementer(IPowerManager)
 class FailureInjectingPowerManager:
-    """Wraps any L{IPowerManager}; C{kind} and C{is_fake} are the wrapped one's."""
+    """Wraps any L{IPowerManager}; C{kind} and C{is_fake} are the wrapped one's.
+
+    Every injected failure is logged (and counted in the dice): a silent one leaves no other
+    trace, and a test must be able to tell that the injection really happened.
+    """
+
+    log = Logger()
 
     def __init__(self, inner: Any, dice: FailureDice, clock: IReactorTime) -> None:
         self.inner = inner
@@ -149,8 +158,16 @@ class FailureInjectingPowerManager:
     def __repr__(self) -> str:
         return f"<FailureInjecting {self.inner!r} explicit={self.dice.explicit} silent={self.dice.silent}>"
 
-    def _call(self, method: str, *args: Any) -> Deferred[None]:
+    def _roll(self, method: str) -> str | None:
         outcome = self.dice.roll()
+        if outcome is not None:
+            self.dice.injected[outcome] += 1
+            self.log.info("power {method} on {manager}: injected {outcome} failure",
+                          method=method, manager=repr(self.inner), outcome=outcome)
+        return outcome
+
+    def _call(self, method: str, *args: Any) -> Deferred[None]:
+        outcome = self._roll(method)
         if outcome == EXPLICIT:
             return fail(SimulatedFailure())
         if outcome == SILENT:
@@ -171,7 +188,7 @@ class FailureInjectingPowerManager:
         return self._call("set_pxe", mode)
 
     def is_powered_on(self) -> Deferred[bool]:
-        outcome = self.dice.roll()
+        outcome = self._roll("is_powered_on")
         if outcome == EXPLICIT:
             return fail(SimulatedFailure())
         if outcome == SILENT:
