@@ -177,7 +177,7 @@ class LeaseElector(ManualLeader, Service):
         self._renewed_at: float | None = None  # start of the last successful write while leading
         self._timer: IDelayedCall | None = None
         self._deadline: IDelayedCall | None = None
-        self._attempt: Deferred[Any] | None = None
+        self._busy = False  # an attempt is in flight (set before it starts: it may finish inline)
         self._attempt_waiters: list[Deferred[None]] = []
         self._again = False
         self._epoch = 0  # bumped on loss and stop: outcomes of older attempts cannot make us lead
@@ -250,7 +250,7 @@ class LeaseElector(ManualLeader, Service):
         return Deferred.fromCoroutine(self._finish_stop(drains))
 
     async def _finish_stop(self, drains: list[Deferred[Any]]) -> None:
-        if self._attempt is not None:  # its calls have time limits, so this ends
+        if self._busy:  # its calls have time limits, so this ends
             done: Deferred[None] = Deferred()
             self._attempt_waiters.append(done)
             await done
@@ -296,7 +296,7 @@ class LeaseElector(ManualLeader, Service):
         """Try to acquire or renew now (or right after the attempt in flight)."""
         if not self.running:
             return
-        if self._attempt is not None:
+        if self._busy:
             self._again = True
             return
         if self._timer is not None and self._timer.active():
@@ -304,8 +304,8 @@ class LeaseElector(ManualLeader, Service):
         self._timer = None
         started = self.clock.seconds()
         epoch = self._epoch
+        self._busy = True
         d = Deferred.fromCoroutine(self._try(started))
-        self._attempt = d
         d.addCallbacks(
             lambda ok: self._finished(bool(ok), None, started, epoch),
             lambda f: self._finished(False, f, started, epoch),
@@ -391,7 +391,7 @@ class LeaseElector(ManualLeader, Service):
                               identity=self.identity)
 
     def _finished(self, ok: bool, failure: Failure | None, started: float, epoch: int) -> None:
-        self._attempt = None
+        self._busy = False
         waiters, self._attempt_waiters = self._attempt_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -449,7 +449,7 @@ class LeaseElector(ManualLeader, Service):
         self.log.warn("lost leadership of {lease}: {reason}", lease=self.lease_key, reason=reason,
                       identity=self.identity)
         self._notify(False)
-        if self.running and self._attempt is None and (self._timer is None or not self._timer.active()):
+        if self.running and not self._busy and (self._timer is None or not self._timer.active()):
             self._schedule(self._candidate_delay(self.clock.seconds()))
 
     def _report(self, failure: Failure | None) -> None:
@@ -511,8 +511,9 @@ class LeaseElector(ManualLeader, Service):
         record = None if event.type == DELETED else LeaseRecord(event.object.get("spec"))
         if record == self._observed:
             return
-        if self._leader and record is not None and record.holder == self.identity:
-            return  # our own renewal, seen before its response
+        if (record is not None and record.holder == self.identity
+                and (self._leader or self._busy)):
+            return  # our own write, seen before its response
         self._kick()
 
 
