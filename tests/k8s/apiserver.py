@@ -12,6 +12,13 @@ L{sharedAPIServer} (stopped at interpreter exit) and isolates its tests by names
 needs its own server makes a L{KubeAPIServer} and calls L{KubeAPIServer.start} /
 L{KubeAPIServer.stop} itself.
 
+With C{controller_manager=True} (the shared server has it) the same binary also runs
+kube-controller-manager beside the API server, with only the garbage collector and the namespace
+controller, so ownerReferences and namespace deletion behave as in a cluster. Both are asynchronous
+there: the garbage collector rediscovers resources (new CRDs) every 30 s, so tests poll.
+L{KubeAPIServer.kill} / L{KubeAPIServer.restart} simulate a crash and a restart that keeps the data,
+the certificates and the port.
+
 Nothing here blocks the reactor for long: launching is a quick C{Popen}; readiness probes, CRD
 application and client calls run in the reactor's thread pool (C{deferToThread}).
 """
@@ -34,7 +41,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +65,11 @@ CRD_DIR = REPO / "deploy" / "crds"
 ENV_BIN = "KUBEAPISERVER_BIN"
 ENV_REQUIRE = "SIDERO_REQUIRE_KUBEAPISERVER"
 SERVICE_CIDR = "10.0.0.0/24"  # a flag value only: no packet is ever sent to it (no kube-proxy)
+# The first argument that makes the wrapper binary run kube-controller-manager instead.
+CONTROLLER_MANAGER_COMMAND = "kube-controller-manager"
+# Only what the tests need: ownerReference garbage collection and namespace deletion. (No
+# service-account controllers: the ServiceAccount admission plugin is off.)
+CONTROLLERS = ("garbage-collector-controller", "namespace-controller")
 
 
 class APIServerError(Exception):
@@ -252,12 +264,25 @@ class KubeAPIServer:
         C{apiserver.log}; removed by L{stop}.
     """
 
-    def __init__(self, binary: Path, *, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        binary: Path,
+        *,
+        extra_args: Sequence[str] = (),
+        controller_manager: bool = False,
+        controller_manager_extra_args: Sequence[str] = (),
+    ) -> None:
         self.binary = Path(binary)
         self.extra_args = list(extra_args)
+        self.controller_manager = controller_manager
+        self.controller_manager_extra_args = list(controller_manager_extra_args)
         self.workdir: Path | None = None
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
+        self.cm_port = 0
+        self.cm_process: subprocess.Popen[bytes] | None = None
+        self.cm_ready_after: float | None = None
+        self._cm_log_file: Any = None
         self.started_at = 0.0
         self.ready_after: float | None = None
         self._ca: TinyCA | None = None
@@ -287,6 +312,14 @@ class KubeAPIServer:
     def log_path(self) -> Path:
         return self._path("apiserver.log")
 
+    @property
+    def cm_log_path(self) -> Path:
+        return self._path("controller-manager.log")
+
+    @property
+    def cm_url(self) -> str:
+        return f"https://127.0.0.1:{self.cm_port}"
+
     def _prepare(self) -> None:
         """Make the temp dir, the CAs and keys, and the kubeconfig (before the port is known)."""
         self.workdir = Path(tempfile.mkdtemp(prefix="sidero-kube-apiserver-"))
@@ -300,6 +333,10 @@ class KubeAPIServer:
         # kube-apiserver loads apiserver.crt/.key from --cert-dir rather than self-signing.
         self._path("certs", "apiserver.crt").write_bytes(serving.cert + self._ca.cert_pem)
         self._path("certs", "apiserver.key").write_bytes(serving.key)
+        # kube-controller-manager's own serving certificate (for its /healthz), same CA.
+        cm_serving = self._ca.issue("kube-controller-manager", server_ips=["127.0.0.1"])
+        self._path("certs", "controller-manager.crt").write_bytes(cm_serving.cert + self._ca.cert_pem)
+        self._path("certs", "controller-manager.key").write_bytes(cm_serving.key)
         self._admin = self._client_ca.issue("admin", ["system:masters"], client=True)
         self._path("pki", "ca.crt").write_bytes(self._ca.cert_pem)
         self._path("pki", "client-ca.crt").write_bytes(self._client_ca.cert_pem)
@@ -337,12 +374,39 @@ class KubeAPIServer:
             *self.extra_args,
         ]
 
-    def launch(self) -> None:
-        """Create the files and spawn the process (quick; does not wait for readiness)."""
+    def controller_manager_args(self) -> list[str]:
+        """
+        kube-controller-manager's command line: the admin kubeconfig for everything (so no
+        service-account credentials are needed), no leader election, and its secure port (only
+        for /healthz) on loopback with a certificate from the fixture's CA.
+        """
+        kubeconfig = self.kubeconfig
+        return [
+            str(self.binary),
+            CONTROLLER_MANAGER_COMMAND,
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--controllers={','.join(CONTROLLERS)}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=false",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.cm_port}",
+            f"--tls-cert-file={self._path('certs', 'controller-manager.crt')}",
+            f"--tls-private-key-file={self._path('certs', 'controller-manager.key')}",
+            "--profiling=false",
+            *self.controller_manager_extra_args,
+        ]
+
+    def launch(self, port: int | None = None) -> None:
+        """Create the files and spawn the process (quick; does not wait for readiness).
+
+        C{port} reuses a given port (a restart); by default a free one is picked.
+        """
         if self.workdir is None:
             self._prepare()
         assert self._ca is not None and self._admin is not None
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         write_kubeconfig(self.kubeconfig, self.url, self._ca.cert_pem, self._admin)
         self._log_file = open(self.log_path, "ab")
         self.started_at = time.monotonic()
@@ -358,12 +422,41 @@ class KubeAPIServer:
         )
         log.info("kube-apiserver pid {pid} on {url}", pid=self.process.pid, url=self.url)
 
+    def launch_controller_manager(self) -> None:
+        """Spawn kube-controller-manager on a free loopback port (quick; does not wait)."""
+        self.cm_port = free_port()
+        self._close_cm_log()
+        self._cm_log_file = open(self.cm_log_path, "ab")
+        self.cm_ready_after = None
+        self.cm_process = subprocess.Popen(
+            self.controller_manager_args(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._cm_log_file,
+            stderr=subprocess.STDOUT,
+            cwd=str(self.workdir),
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.info("kube-controller-manager pid {pid} on {url}", pid=self.cm_process.pid,
+                 url=self.cm_url)
+
     def probe(self, path: str = "/readyz", timeout: float = 2.0) -> tuple[int, bytes]:
         """One authenticated GET (blocking, short timeout): C{(status, body)}; status 0 if down."""
         ctx = ssl.create_default_context(cafile=str(self.ca_file))
         ctx.load_cert_chain(str(self._path("pki", "admin.crt")), str(self._path("pki", "admin.key")))
         try:
             with urllib.request.urlopen(self.url + path, timeout=timeout, context=ctx) as r:
+                return int(r.status), bytes(r.read())
+        except urllib.error.HTTPError as e:
+            return int(e.code), bytes(e.read())
+        except (OSError, ssl.SSLError):
+            return 0, b""
+
+    def probe_controller_manager(self, path: str = "/healthz", timeout: float = 2.0) -> tuple[int, bytes]:
+        """One GET to kube-controller-manager's secure port (blocking): C{(status, body)}."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        try:
+            with urllib.request.urlopen(self.cm_url + path, timeout=timeout, context=ctx) as r:
                 return int(r.status), bytes(r.read())
         except urllib.error.HTTPError as e:
             return int(e.code), bytes(e.read())
@@ -378,15 +471,21 @@ class KubeAPIServer:
         return json.loads(body)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except (OSError, APIServerError):
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
+        return _tail(self.log_path, lines)
 
-    async def _start(self, reactor: IReactorTime, timeout: float) -> KubeAPIServer:
+    def cm_log_tail(self, lines: int = 40) -> str:
+        """The end of kube-controller-manager's log."""
+        return _tail(self.cm_log_path, lines)
+
+    async def _start(self, reactor: IReactorTime, timeout: float, port: int | None = None) -> KubeAPIServer:
+        await self._start_apiserver(reactor, timeout, port)
+        if self.controller_manager:
+            await self._start_controller_manager(reactor, timeout)
+        return self
+
+    async def _start_apiserver(self, reactor: IReactorTime, timeout: float, port: int | None) -> None:
         for attempt in range(3):
-            self.launch()
+            self.launch(port)
             proc = self.process
             assert proc is not None
             deadline = time.monotonic() + timeout
@@ -398,14 +497,14 @@ class KubeAPIServer:
                 if status == 200:
                     self.ready_after = time.monotonic() - self.started_at
                     log.info("kube-apiserver ready after {s:.1f}s", s=self.ready_after)
-                    return self
+                    return
                 await task.deferLater(reactor, 0.2, lambda: None)
             else:
                 raise APIServerError(
                     f"kube-apiserver not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}"
                 )
             self._reap()
-            if "address already in use" in self.log_tail() and attempt < 2:
+            if "address already in use" in self.log_tail() and attempt < 2 and port is None:
                 log.warn("port {port} was taken; retrying", port=self.port)
                 continue
             raise APIServerError(
@@ -413,17 +512,59 @@ class KubeAPIServer:
             )
         raise APIServerError("unreachable")
 
+    async def _start_controller_manager(self, reactor: IReactorTime, timeout: float) -> None:
+        """Launch kube-controller-manager and wait for its C{/healthz}."""
+        for attempt in range(3):
+            started = time.monotonic()
+            self.launch_controller_manager()
+            proc = self.cm_process
+            assert proc is not None
+            deadline = started + timeout
+            while time.monotonic() < deadline:
+                code = proc.poll()
+                if code is not None:
+                    break
+                status, _ = await threads.deferToThread(self.probe_controller_manager, "/healthz", 2.0)
+                if status == 200:
+                    self.cm_ready_after = time.monotonic() - started
+                    log.info("kube-controller-manager healthy after {s:.1f}s", s=self.cm_ready_after)
+                    return
+                await task.deferLater(reactor, 0.2, lambda: None)
+            else:
+                raise APIServerError(
+                    f"kube-controller-manager not healthy after {timeout:.0f}s; log tail:\n"
+                    f"{self.cm_log_tail()}"
+                )
+            self.cm_process = None
+            self._close_cm_log()
+            if "address already in use" in self.cm_log_tail() and attempt < 2:
+                log.warn("port {port} was taken; retrying", port=self.cm_port)
+                continue
+            raise APIServerError(
+                f"kube-controller-manager exited with {code} while starting; log tail:\n"
+                f"{self.cm_log_tail()}"
+            )
+        raise APIServerError("unreachable")
+
     def start(self, reactor: IReactorTime | None = None, timeout: float = 90.0) -> defer.Deferred[
         KubeAPIServer
     ]:
-        """Start and wait for C{/readyz}; on any failure everything is torn down first."""
+        """Start and wait for C{/readyz} (and the controller manager's C{/healthz} if it runs
+        one); on any failure everything is torn down first."""
+        return self._run_start(lambda r: self._start(r, timeout), reactor)
+
+    def _run_start(
+        self,
+        start: Callable[[IReactorTime], Coroutine[Any, Any, KubeAPIServer]],
+        reactor: IReactorTime | None,
+    ) -> defer.Deferred[KubeAPIServer]:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
             reactor = _reactor
         assert reactor is not None
 
-        d = defer.Deferred.fromCoroutine(self._start(reactor, timeout))
+        d = defer.Deferred.fromCoroutine(start(reactor))
 
         def cleanup(f: Any) -> Any:
             self.stop()
@@ -437,28 +578,63 @@ class KubeAPIServer:
             self._log_file.close()
             self._log_file = None
 
+    def _close_cm_log(self) -> None:
+        if self._cm_log_file is not None:
+            self._cm_log_file.close()
+            self._cm_log_file = None
+
+    def kill(self) -> None:
+        """
+        Kill kube-controller-manager and kube-apiserver (with its in-process etcd) with SIGKILL,
+        like a crash, keeping the temp dir (data, certificates) and the port for L{restart}.
+        (A SIGTERM would keep open watches alive for the server's 60 s ShutdownTimeout while
+        refusing new connections.) Blocking for a moment: call it from a thread.
+        """
+        for attr in ("cm_process", "process"):
+            proc = getattr(self, attr)
+            setattr(self, attr, None)
+            if proc is not None:
+                _kill_group(proc, signal.SIGKILL)
+                proc.wait(30)
+        self._close_cm_log()
+        self._reap()
+
+    def restart(self, reactor: IReactorTime | None = None, timeout: float = 90.0) -> defer.Deferred[
+        KubeAPIServer
+    ]:
+        """
+        Kill the server like a crash (if it still runs; see L{kill}) and start it again with the
+        same data, certificates and port, so existing clients and kubeconfigs keep working; the
+        controller manager comes back too if this server runs one. On failure everything is torn
+        down, as with L{start}.
+        """
+        if self.workdir is None or not self.port:
+            return defer.fail(APIServerError("restart() needs a server that was started"))
+        port = self.port
+
+        async def again(reactor: IReactorTime) -> KubeAPIServer:
+            await threads.deferToThread(self.kill)
+            return await self._start(reactor, timeout, port)
+
+        return self._run_start(again, reactor)
+
     def rss_bytes(self) -> int:
         """Resident memory of the apiserver process now (0 if not running)."""
-        if self.process is None or self.process.poll() is not None:
-            return 0
-        with open(f"/proc/{self.process.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return _rss(self.process)
+
+    def controller_manager_rss_bytes(self) -> int:
+        """Resident memory of the controller manager process now (0 if not running)."""
+        return _rss(self.cm_process)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group, SIGKILL after C{grace}, then remove the temp dir."""
-        proc, self.process = self.process, None
-        if proc is not None:
-            _kill_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc, signal.SIGKILL)
-                proc.wait(5)
-            # Stragglers in the group (none expected: etcd is in-process).
-            _kill_group(proc, signal.SIGKILL)
+        """SIGTERM the controller manager and then the server (process groups), SIGKILL after
+        C{grace}, then remove the temp dir."""
+        for attr in ("cm_process", "process"):
+            proc = getattr(self, attr)
+            setattr(self, attr, None)
+            if proc is not None:
+                _terminate(proc, grace)
+        self._close_cm_log()
         self._reap()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -549,6 +725,39 @@ class KubeAPIServer:
         return any(r.get("name") == plural for r in json.loads(body).get("resources", []))
 
 
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _rss(proc: subprocess.Popen[bytes] | None) -> int:
+    if proc is None or proc.poll() is not None:
+        return 0
+    try:
+        with open(f"/proc/{proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM the process group, SIGKILL after C{grace}, and reap."""
+    _kill_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc, signal.SIGKILL)
+        proc.wait(5)
+    # Stragglers in the group (none expected: etcd is in-process).
+    _kill_group(proc, signal.SIGKILL)
+
+
 def _kill_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -582,9 +791,10 @@ _shared_waiters: list[defer.Deferred[KubeAPIServer]] | None = None
 
 def sharedAPIServer() -> defer.Deferred[KubeAPIServer]:
     """
-    The process-wide server, started on first use (return this from C{setUp}). Skips when no
+    The process-wide server, started on first use (return this from C{setUp}), with
+    kube-controller-manager's garbage collector and namespace controller beside it. Skips when no
     binary exists; a failed start is remembered so later tests fail fast with the same reason.
-    Stopped at interpreter exit.
+    Stopped at interpreter exit. Do not L{KubeAPIServer.restart} or stop it: other tests share it.
     """
     global _shared, _shared_waiters
     binary = require_binary()
@@ -596,7 +806,7 @@ def sharedAPIServer() -> defer.Deferred[KubeAPIServer]:
     if _shared_waiters is not None:
         _shared_waiters.append(waiter)
         return waiter
-    server = KubeAPIServer(binary)
+    server = KubeAPIServer(binary)  # KCM-PENDING
     _shared = server
     _shared_waiters = [waiter]
     atexit.register(server.stop)

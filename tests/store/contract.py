@@ -69,6 +69,9 @@ class StoreContractTests(_Base):
     timeout = 60
     poll_interval = 0.05
     wait_limit = 30.0
+    # Kubernetes' garbage collector is asynchronous and rediscovers resources (new CRDs) only
+    # every 30 s, after which its informers must sync: allow two such periods and a margin.
+    gc_wait_limit = 90.0
 
     # -- hooks for the backend's test case ------------------------------------------------
 
@@ -92,9 +95,14 @@ class StoreContractTests(_Base):
     def unique(self, prefix: str = "c") -> str:
         return f"{prefix}-{self.run_id}-{uuid.uuid4().hex[:6]}"
 
-    async def eventually(self, check: Callable[[], Awaitable[Any] | Any], what: str = "condition") -> Any:
-        """Call C{check} until it stops raising AssertionError (or NotFound), within the limit."""
-        steps = int(self.wait_limit / self.poll_interval)
+    async def eventually(
+        self, check: Callable[[], Awaitable[Any] | Any], what: str = "condition",
+        limit: float | None = None,
+    ) -> Any:
+        """Call C{check} until it stops raising AssertionError (or NotFound), within C{limit}
+        seconds (L{wait_limit} by default)."""
+        limit = self.wait_limit if limit is None else limit
+        steps = int(limit / self.poll_interval)
         last: Exception | None = None
         for _ in range(steps):
             try:
@@ -105,7 +113,7 @@ class StoreContractTests(_Base):
             except (AssertionError, errors.NotFound) as e:
                 last = e
             await self.sleep(self.poll_interval)
-        self.fail(f"{what} did not happen within {self.wait_limit}s: {last}")
+        self.fail(f"{what} did not happen within {limit}s: {last}")
 
     def server(self, name: str | None = None, labels: dict[str, str] | None = None, **spec: Any) -> Object:
         meta: Object = {"name": name or self.unique("srv"), "labels": {"contract-run": self.run_id}}
@@ -606,8 +614,10 @@ class StoreContractTests(_Base):
             "metadata": {"name": self.unique("sec"), "namespace": "default",
                          "ownerReferences": [self.owner_ref(binding)]}})
         await self.store.delete(registry.SERVER, owner["metadata"]["name"])
-        await self.eventually(lambda: self._assert_gone(registry.SERVER_BINDING, binding), "binding collected")
-        await self.eventually(lambda: self._assert_gone(registry.SECRET, secret), "secret collected")
+        await self.eventually(lambda: self._assert_gone(registry.SERVER_BINDING, binding), "binding collected",
+                              self.gc_wait_limit)
+        await self.eventually(lambda: self._assert_gone(registry.SECRET, secret), "secret collected",
+                              self.gc_wait_limit)
 
     async def _assert_gone(self, rt: ResourceType, obj: Object) -> None:
         meta = obj["metadata"]
@@ -633,9 +643,11 @@ class StoreContractTests(_Base):
             current = await self.store.get(registry.SERVER_BINDING, name)
             self.assertEqual([r["uid"] for r in current["metadata"]["ownerReferences"]],
                              [two["metadata"]["uid"]])
-        await self.eventually(dangling_dropped, "the dangling owner reference to be dropped")
+        await self.eventually(dangling_dropped, "the dangling owner reference to be dropped",
+                              self.gc_wait_limit)
         await self.store.delete(registry.SERVER, two["metadata"]["name"])
-        await self.eventually(lambda: self._assert_gone(registry.SERVER_BINDING, dep), "dependent collected")
+        await self.eventually(lambda: self._assert_gone(registry.SERVER_BINDING, dep), "dependent collected",
+                              self.gc_wait_limit)
 
     async def test_gc_honours_dependent_finalizers(self) -> None:
         """A collected dependent with a finalizer is only marked for deletion until it is released."""
@@ -652,6 +664,7 @@ class StoreContractTests(_Base):
             current = await self.store.get(registry.SERVER_BINDING, name)
             self.assertIn("deletionTimestamp", current["metadata"])
             return current
-        current = await self.eventually(marked, "the dependent to be marked for deletion")
+        current = await self.eventually(marked, "the dependent to be marked for deletion", self.gc_wait_limit)
         await self.store.patch(registry.SERVER_BINDING, name, {"metadata": {"finalizers": None}})
-        await self.eventually(lambda: self._assert_gone(registry.SERVER_BINDING, current), "dependent removed")
+        await self.eventually(lambda: self._assert_gone(registry.SERVER_BINDING, current), "dependent removed",
+                              self.gc_wait_limit)
