@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from sidero.api.conditions import rfc3339
 from sidero.api.registry import EVENT
-from sidero.store.errors import AlreadyExists, NotFound
+from sidero.store.errors import AlreadyExists, NotFound, StoreError
 from sidero.store.interfaces import IResourceStore, Object
 
 NORMAL = "Normal"
@@ -209,6 +209,12 @@ class EventRecorder:
             while len(self._written) > self.cache_size:
                 self._written.popitem(last=False)
             return created
+        except StoreError as e:
+            # Expected (namespace missing, API server down...): one line, no traceback.
+            self.failed += 1
+            self.log.warn("writing event {reason} on {kind} {name} failed: {error}",
+                          reason=reason, kind=ref["kind"], name=ref["name"], error=str(e))
+            return None
         except Exception:
             self.failed += 1
             self.log.failure("writing event {reason} on {kind} {name} failed",
@@ -236,8 +242,11 @@ class EventRecorder:
                 "lastTimestamp": now,
                 "count": 1,
                 "reportingComponent": self.component,
-                "reportingInstance": self.host or self.component,
             }
+            if self.host:
+                # As client-go: the instance is the source host, absent when unknown (kubectl
+                # prints "component, instance", so a copy of the component would show twice).
+                event["reportingInstance"] = self.host
             try:
                 return await self.store.create(event)
             except AlreadyExists:
