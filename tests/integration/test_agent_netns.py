@@ -96,6 +96,10 @@ class AgentNetnsTests(TestCase):
         for ns in (self.srv, self.agt):
             run("ip", "netns", "del", ns, check=False)
         shutil.rmtree(self.netns_etc, ignore_errors=True)
+        try:
+            os.rmdir("/etc/netns")  # only when empty (another test may be using it)
+        except OSError:
+            pass
 
     def spawn(self, ns: str, argv: list[str], log: str,
               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
