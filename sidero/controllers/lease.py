@@ -397,10 +397,7 @@ class LeaseElector(ManualLeader, Service):
             waiter.callback(None)
         if not self.running:
             return
-        if failure is not None:
-            self._report(failure)
-        elif ok:
-            self._report(None)
+        self._report(failure)
         now = self.clock.seconds()
         if ok and epoch == self._epoch:
             self._renewed_at = started
@@ -431,7 +428,9 @@ class LeaseElector(ManualLeader, Service):
         delay = self.retry_period * (1.0 + self._random() * JITTER_FACTOR)
         record = self._observed
         if record is not None and record.holder and record.holder != self.identity:
-            delay = min(delay, self._observed_at + record.duration - now)
+            expires_in = self._observed_at + record.duration - now
+            if expires_in > 0:  # already expired (a write failed): the plain retry, no busy loop
+                delay = min(delay, expires_in)
         return delay
 
     def _deadline_passed(self) -> None:

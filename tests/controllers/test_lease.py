@@ -394,6 +394,29 @@ class LeaseElectorTests(SynchronousTestCase):
         self.assertEqual(b.current_leader, "rival")
         self.assertEqual(self.lease()["spec"]["holderIdentity"], "rival")
 
+    def test_failing_takeover_of_expired_lease_does_not_spin(self) -> None:
+        """When writes to an expired foreign Lease keep failing, the candidate retries at the
+        retry period, not in a busy loop."""
+        self.successResultOf(self.store.create({
+            "apiVersion": LEASE.api_version, "kind": "Lease",
+            "metadata": {"name": LEADER_ELECTION_ID, "namespace": NS},
+            "spec": {"holderIdentity": "old", "leaseDurationSeconds": 1}}))
+        b, flaky = self.elector("b", watch=False)
+        b.startService()
+        original = flaky._pass
+
+        def forbid(name: str, *a: Any, **kw: Any) -> Deferred[Any]:
+            if name == "update":
+                flaky.calls.append(name)
+                return fail(errors.Forbidden("leases are forbidden"))
+            return original(name, *a, **kw)
+
+        flaky._pass = forbid  # type: ignore[method-assign]
+        self.run_for(20)
+        self.assertFalse(b.is_leader())
+        self.assertLessEqual(flaky.calls.count("update"), 11)
+        self.assertGreaterEqual(flaky.calls.count("update"), 9)
+
     def test_simultaneous_candidates_one_wins(self) -> None:
         """Several candidates started together: exactly one leads, ever."""
         electors = [self.elector(name)[0] for name in ("a", "b", "c")]
