@@ -71,10 +71,13 @@ class PyghmiLink:
         return cls(Command())
 
     @classmethod
-    def lan(cls, host: str, port: int, user: str, password: str) -> PyghmiLink:
-        from pyghmi.ipmi.command import Command
+    def lan(cls, host: str, port: int, user: str, password: str) -> IPMILink:
+        """An IPMI LAN session (tests, or a BMC reached over the network).
 
-        return cls(Command(bmc=host, userid=user, password=password, port=port))
+        Uses the power manager's pyghmi session wrapper, which works around pyghmi handing a
+        logged-out session to the next login with the same credentials.
+        """
+        return LanLink(host, port, user, password)
 
     def raw(self, netfn: int, command: int, data: Sequence[int] = ()) -> bytes:
         try:
@@ -95,6 +98,32 @@ class PyghmiLink:
                 logout()
             except Exception:
                 pass
+
+
+class LanLink:
+    """An L{IPMILink} over L{sidero.power.ipmi.PyghmiSession} (RMCP+ to a BMC)."""
+
+    def __init__(self, host: str, port: int, user: str, password: str) -> None:
+        from sidero.power.interfaces import PowerError
+        from sidero.power.ipmi import PyghmiSession, make_endpoint
+
+        try:
+            self.session = PyghmiSession(make_endpoint(host, port, user, password, "lanplus"))
+        except PowerError as e:
+            raise IPMIError(str(e)) from e
+
+    def raw(self, netfn: int, command: int, data: Sequence[int] = ()) -> bytes:
+        from sidero.power.interfaces import BMCCommandError, PowerError
+
+        try:
+            return self.session.raw(netfn, command, data)
+        except BMCCommandError as e:
+            raise IPMIError(str(e), e.code) from e
+        except PowerError as e:
+            raise IPMIError(str(e)) from e
+
+    def close(self) -> None:
+        self.session.close()
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,7 @@ class ChainTests(SynchronousTestCase):
                    wipe.Target("dir", os.path.dirname(os.path.abspath(good)))]
         with self.assertRaises(wipe.WipeError) as e:
             wipe.wipe_all(targets, False, ScriptedIoctl({}))
-        self.assertIn(os.path.abspath(bad) if bad.startswith("/") else bad, str(e.exception))
+        self.assertIn(bad, str(e.exception))
         self.assertIn("Input/output error", str(e.exception))
         self.assertEqual(content(good), bytes(MIB))
         self.assertEqual(wipe.wipe_all(targets[2:], False, ScriptedIoctl({})),
@@ -123,7 +123,7 @@ class ChainTests(SynchronousTestCase):
     def test_parallel(self) -> None:
         """Every disk is wiped in a thread of its own, all at the same time."""
         paths = []
-        for i in range(3):
+        for _ in range(3):
             p = self.mktemp()
             fill(p, MIB)
             paths.append(p)
