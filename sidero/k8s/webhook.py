@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.protocols.policies import WrappingFactory
 from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -442,6 +443,32 @@ def make_site(handler: WebhookHandler, max_body: int = DEFAULT_MAX_BODY) -> serv
     return site
 
 
+class ConnectionTracker(WrappingFactory):
+    """Knows the open connections, so stopping the server really stops it: the API server keeps
+    connections alive, and a webhook that is "down" must not go on answering on them."""
+
+    def __init__(self, wrapped: server.Site) -> None:
+        super().__init__(wrapped)
+        self._idle: list[Deferred[None]] = []
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        if not self.protocols:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def close_all(self) -> Deferred[None]:
+        """Abort every open connection; fires once all are gone."""
+        if not self.protocols:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle.append(d)
+        for p in list(self.protocols):
+            p.transport.abortConnection()
+        return d
+
+
 # ---- registration with the API server ---------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -591,6 +618,7 @@ class WebhookService(Service):
         self.tls_min_version = tls_min_version
         self.reload_interval = reload_interval
         self.site = make_site(handler, max_body)
+        self.connections = ConnectionTracker(self.site)
         self.api_client = api_client
         self.endpoint = endpoint
         self.ca_bundle: bytes | None = None
@@ -614,7 +642,7 @@ class WebhookService(Service):
         await reloader.load()
         endpoint = SSL4ServerEndpoint(self.reactor, self.port_number, reloader,
                                       interface=self.interface)
-        self.port = await endpoint.listen(self.site)
+        self.port = await endpoint.listen(self.connections)
         reloader.start()
         address = self.port.getHost()
         self.log.info("webhook server listening on https://{host}:{port} ({source} certificate)",
@@ -638,9 +666,13 @@ class WebhookService(Service):
         if self.reloader is not None:
             self.reloader.stop()
         port, self.port = self.port, None
+        steps: list[Deferred[Any]] = [self.connections.close_all()]
         if port is not None:
-            return port.stopListening()
-        return None
+            stopped = port.stopListening()
+            if stopped is not None:
+                steps.append(stopped)
+        d = DeferredList(steps, consumeErrors=True)
+        return d.addCallback(lambda _: None)
 
 
 def make_webhook_service(reactor: Any, admission: IAdmission | None = None, *, port: int = 9443,
