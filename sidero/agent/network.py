@@ -310,7 +310,8 @@ def apply_lease(index: int, lease: Lease, *, resolv_conf: str = "/etc/resolv.con
             try:
                 ipr.route("add", **spec)
             except NetlinkError as e:
-                problems.append(f"route {destination} via {gateway}: {e}")
+                if e.code != 17:  # EEXIST: the same route from an earlier run
+                    problems.append(f"route {destination} via {gateway}: {e}")
     if lease.hostname and set_hostname is not None:
         try:
             set_hostname(lease.hostname)

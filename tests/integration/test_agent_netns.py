@@ -119,6 +119,8 @@ class AgentNetnsTests(TestCase):
                 f"dhcp-host={MAC},{self.net}.123,{HOSTNAME}",
                 f"dhcp-option=option:dns-server,{self.server_ip}",
                 "dhcp-option=option:mtu,1400",
+                "dhcp-option=option:classless-static-route,"
+                f"10.99.0.0/16,{self.server_ip},0.0.0.0/0,{self.server_ip}",
                 f"dhcp-leasefile={os.path.join(self.work, 'leases')}",
             ]) + "\n")
         self.dnsmasq_log = os.path.join(self.work, "dnsmasq.log")
@@ -224,6 +226,9 @@ class AgentNetnsTests(TestCase):
                          [{"type": "InternalIP", "address": f"{self.net}.123"}])
         with open(self.resolv) as f:
             self.assertEqual(f.read(), f"nameserver {self.server_ip}\n")
+        routes = run("ip", "-n", self.agt, "route", "show", "proto", "boot").stdout
+        self.assertIn(f"default via {self.server_ip} dev eth0", routes)
+        self.assertIn(f"10.99.0.0/16 via {self.server_ip} dev eth0", routes)
         # Not accepted: nothing destructive happened.
         with open(os.path.join(dev, "sda"), "rb") as f:
             self.assertEqual(f.read(16), b"\xaa" * 16)
