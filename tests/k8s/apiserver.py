@@ -806,7 +806,7 @@ def sharedAPIServer() -> defer.Deferred[KubeAPIServer]:
     if _shared_waiters is not None:
         _shared_waiters.append(waiter)
         return waiter
-    server = KubeAPIServer(binary)  # KCM-PENDING
+    server = KubeAPIServer(binary, controller_manager=True)
     _shared = server
     _shared_waiters = [waiter]
     atexit.register(server.stop)

@@ -9,8 +9,10 @@ the binary (see L{tests.k8s.apiserver.require_binary}).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
+import re
 import subprocess
 import textwrap
 import uuid
@@ -20,11 +22,14 @@ from typing import Any
 import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.internet import threads
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.k8s import apiserver
 from tests.k8s.apiserver import (
+    CONTROLLER_MANAGER_COMMAND,
+    CONTROLLERS,
     ENV_BIN,
     APIServerError,
     KubeAPIServer,
@@ -103,6 +108,71 @@ class CommandLineTests(SynchronousTestCase):
             value = next(a for a in args if a.startswith(flag + "=")).split("=", 1)[1]
             self.assertTrue(Path(value).is_file(), value)
         self.assertTrue((server._path("certs") / "apiserver.crt").is_file())
+
+    def test_controller_manager_args_are_loopback_only(self) -> None:
+        """kube-controller-manager runs from the same binary with the admin kubeconfig, no leader
+        election, only the needed controllers, and serves only on loopback with the fixture's CA."""
+        server = KubeAPIServer(Path("/nonexistent/kube-apiserver"), controller_manager=True,
+                               controller_manager_extra_args=["--v=2"])
+        server._prepare()
+        self.addCleanup(server.stop)
+        server.port = 12345
+        server.cm_port = 23456
+        args = server.controller_manager_args()
+        self.assertEqual(args[:2], ["/nonexistent/kube-apiserver", CONTROLLER_MANAGER_COMMAND])
+        self.assertEqual(CONTROLLERS, ("garbage-collector-controller", "namespace-controller"))
+        self.assertIn("--controllers=garbage-collector-controller,namespace-controller", args)
+        self.assertIn("--leader-elect=false", args)
+        self.assertIn("--bind-address=127.0.0.1", args)
+        self.assertIn("--secure-port=23456", args)
+        self.assertEqual(args[-1], "--v=2")
+        for flag in ("--kubeconfig", "--authentication-kubeconfig", "--authorization-kubeconfig"):
+            self.assertIn(f"{flag}={server.kubeconfig}", args)
+        for flag in ("--tls-cert-file", "--tls-private-key-file"):
+            value = next(a for a in args if a.startswith(flag + "=")).split("=", 1)[1]
+            self.assertTrue(Path(value).is_file(), value)
+        # Its serving certificate chains to the CA the probes trust and names 127.0.0.1.
+        chain = server._path("certs", "controller-manager.crt").read_bytes()
+        leaf = x509.load_pem_x509_certificate(chain)
+        leaf.verify_directly_issued_by(x509.load_pem_x509_certificate(server.ca_file.read_bytes()))
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual([str(ip) for ip in san.get_values_for_type(x509.IPAddress)], ["127.0.0.1"])
+        self.assertEqual(server.cm_url, "https://127.0.0.1:23456")
+
+    def test_no_address_but_loopback_in_any_command_line(self) -> None:
+        """Every IP address in either command line is loopback (the service CIDR is only a flag)."""
+        server = KubeAPIServer(Path("/nonexistent/kube-apiserver"), controller_manager=True)
+        server._prepare()
+        self.addCleanup(server.stop)
+        server.port, server.cm_port = 12345, 23456
+        found = []
+        for arg in server.args() + server.controller_manager_args():
+            if arg.startswith("--service-cluster-ip-range="):
+                continue
+            for text in re.findall(r"\d+\.\d+\.\d+\.\d+", arg):
+                found.append(text)
+                self.assertTrue(ipaddress.ip_address(text).is_loopback, arg)
+        self.assertIn("127.0.0.1", found)
+
+    def test_restart_needs_a_started_server(self) -> None:
+        """restart() of a server that never started fails at once and changes nothing."""
+        server = KubeAPIServer(Path("/nonexistent/kube-apiserver"))
+        failure = self.failureResultOf(server.restart())
+        failure.trap(APIServerError)
+        self.assertIn("needs a server that was started", str(failure.value))
+        self.assertIsNone(server.workdir)
+        self.assertIsNone(server.process)
+
+    def test_kill_keeps_files(self) -> None:
+        """kill() (the crash half of a restart) leaves the certificates and data in place."""
+        server = KubeAPIServer(Path("/nonexistent/kube-apiserver"))
+        server._prepare()
+        self.addCleanup(server.stop)
+        server.kill()
+        assert server.workdir is not None
+        self.assertTrue((server.workdir / "certs" / "apiserver.crt").is_file())
+        self.assertIsNone(server.process)
+        self.assertIsNone(server.cm_process)
 
     def test_stop_removes_workdir(self) -> None:
         """stop() removes the temp dir even when no process was ever started."""
@@ -264,6 +334,101 @@ class SharedAPIServerTests(TestCase):
               f"{self.server.ready_after:.1f}s")
 
 
+class ControllerManagerTests(TestCase):
+    """kube-controller-manager beside the shared server: healthy, and really collecting garbage."""
+
+    timeout = 180
+
+    async def setUp(self) -> None:  # type: ignore[override]
+        self.server = await sharedAPIServer()
+
+    async def test_healthy(self) -> None:
+        """The controller manager answers /healthz with ok over TLS signed by the fixture's CA."""
+        self.assertTrue(self.server.controller_manager)
+        proc = self.server.cm_process
+        assert proc is not None
+        self.assertIsNone(proc.poll())
+        status, body = await _in_thread(self.server.probe_controller_manager, "/healthz")
+        self.assertEqual((status, body), (200, b"ok"))
+        rss = self.server.controller_manager_rss_bytes()
+        self.assertGreater(rss, 20 * 2**20)
+        assert self.server.cm_ready_after is not None
+        print(f"\nkube-controller-manager RSS {rss / 2**20:.0f} MiB, healthy after "
+              f"{self.server.cm_ready_after:.1f}s; kube-apiserver RSS "
+              f"{self.server.rss_bytes() / 2**20:.0f} MiB")
+
+    async def test_gc_deletes_dependent_configmap(self) -> None:
+        """Deleting a ConfigMap makes the garbage collector delete the ConfigMap it owns."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        run = uuid.uuid4().hex[:8]
+        api_client = self.server.api_client()
+        self.addCleanup(api_client.close)
+        core: Any = client.CoreV1Api(api_client)
+
+        def create() -> None:
+            owner = core.create_namespaced_config_map("default", {"metadata": {"name": f"owner-{run}"}})
+            core.create_namespaced_config_map("default", {"metadata": {
+                "name": f"dep-{run}",
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap",
+                                     "name": owner.metadata.name, "uid": owner.metadata.uid}]}})
+            bystander = {"metadata": {"name": f"other-{run}"}}
+            core.create_namespaced_config_map("default", bystander)
+            core.delete_namespaced_config_map(owner.metadata.name, "default")
+
+        def exists(name: str) -> bool:
+            try:
+                core.read_namespaced_config_map(name, "default")
+                return True
+            except ApiException as e:
+                if e.status == 404:
+                    return False
+                raise
+
+        await _in_thread(create)
+        self.addCleanup(_in_thread, core.delete_namespaced_config_map, f"other-{run}", "default")
+        for _ in range(600):
+            if not await _in_thread(exists, f"dep-{run}"):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail("the dependent ConfigMap was not collected within 60 s; controller-manager "
+                      f"log:\n{self.server.cm_log_tail()}")
+        self.assertTrue(await _in_thread(exists, f"other-{run}"))
+
+    async def test_namespace_deletion_finishes(self) -> None:
+        """A deleted namespace with content goes away (the namespace controller empties it)."""
+        from kubernetes import client
+        from kubernetes.client.rest import ApiException
+
+        ns = f"gone-{uuid.uuid4().hex[:8]}"
+        api_client = self.server.api_client()
+        self.addCleanup(api_client.close)
+        core: Any = client.CoreV1Api(api_client)
+
+        def create_and_delete() -> None:
+            core.create_namespace({"metadata": {"name": ns}})
+            core.create_namespaced_config_map(ns, {"metadata": {"name": "cm"}})
+            core.delete_namespace(ns)
+
+        def phase() -> str | None:
+            try:
+                return str(core.read_namespace(ns).status.phase)
+            except ApiException as e:
+                if e.status == 404:
+                    return None
+                raise
+
+        await _in_thread(create_and_delete)
+        for _ in range(600):
+            if await _in_thread(phase) is None:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        else:
+            self.fail(f"namespace {ns} still exists after 60 s: {await _in_thread(phase)}")
+
+
 class OwnServerTests(TestCase):
     """Start-up failure and teardown of a server owned by one test."""
 
@@ -292,3 +457,30 @@ class OwnServerTests(TestCase):
         self.assertFalse(workdir.exists())
         pgrep = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True)
         self.assertNotEqual(pgrep.returncode, 0, pgrep.stdout)
+
+    async def test_restart_keeps_data_port_and_controller_manager(self) -> None:
+        """restart() kills both processes like a crash and brings them back on the same API port
+        with the same data; the old kubeconfig still works."""
+        server = KubeAPIServer(apiserver.require_binary(), controller_manager=True)
+        self.addCleanup(server.stop)
+        await server.start()
+        port, workdir = server.port, server.workdir
+        old_api, old_cm = server.process, server.cm_process
+        assert old_api is not None and old_cm is not None
+        kubeconfig_before = server.kubeconfig.read_text()
+        made = await _in_thread(server.kubectl, "create", "configmap", "survivor", "--from-literal=k=v")
+        self.assertEqual(made.returncode, 0, made.stderr)
+
+        await server.restart()
+        self.assertEqual((server.port, server.workdir), (port, workdir))
+        self.assertEqual(server.kubeconfig.read_text(), kubeconfig_before)
+        self.assertIsNotNone(old_api.poll())
+        self.assertIsNotNone(old_cm.poll())
+        assert server.process is not None and server.cm_process is not None
+        self.assertNotEqual(server.process.pid, old_api.pid)
+        self.assertNotEqual(server.cm_process.pid, old_cm.pid)
+        got = await _in_thread(server.kubectl, "get", "configmap", "survivor",
+                               "-o", "jsonpath={.data.k}")
+        self.assertEqual((got.returncode, got.stdout), (0, "v"), got.stderr)
+        status, _ = await _in_thread(server.probe_controller_manager, "/healthz")
+        self.assertEqual(status, 200)

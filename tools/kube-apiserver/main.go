@@ -1,6 +1,12 @@
 // Command kube-apiserver is the upstream kube-apiserver with an embedded etcd, for sidero's
 // integration tests: one static binary, one process, nothing downloaded but Go modules.
 //
+// The same binary also runs the upstream kube-controller-manager when its first argument is
+// "kube-controller-manager" (or "controller-manager"); every later argument goes to its own
+// flag parser unchanged. The tests run it as a second process with only the garbage collector
+// and the namespace controller, so ownerReferences and namespace deletion behave as in a cluster.
+// One binary means one build and one cache entry.
+//
 // Flags that start with --embedded-etcd- are ours and are removed before the rest reach
 // kube-apiserver's own flag parser:
 //
@@ -25,6 +31,7 @@ import (
 	_ "k8s.io/component-base/metrics/prometheus/clientgo" // load all the prometheus client-go plugins
 	_ "k8s.io/component-base/metrics/prometheus/version"  // for version metric registration
 	"k8s.io/kubernetes/cmd/kube-apiserver/app"
+	kcm "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 
 	_ "time/tzdata" // for CronJob time zones, as upstream
 )
@@ -109,7 +116,20 @@ func startEtcd(dataDir string) (*embed.Etcd, error) {
 	}
 }
 
+// controllerManagerCommands are the first arguments that select kube-controller-manager.
+var controllerManagerCommands = map[string]bool{
+	"kube-controller-manager": true,
+	"controller-manager":      true,
+}
+
 func main() {
+	if len(os.Args) > 1 && controllerManagerCommands[os.Args[1]] {
+		// As upstream cmd/kube-controller-manager: it installs its own signal handling.
+		cmd := kcm.NewControllerManagerCommand()
+		cmd.SetArgs(os.Args[2:])
+		os.Exit(cli.Run(cmd))
+	}
+
 	opts, rest, err := splitArgs(os.Args[1:])
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "kube-apiserver wrapper:", err)
