@@ -660,7 +660,15 @@ class WebhookService(Service):
         result: list[str] = await with_timeout(d, self.reactor, INSTALL_TIMEOUT, "webhook registration")
         return result
 
-    def stopService(self) -> Deferred[None] | None:
+    @property
+    def bound_port(self) -> int:
+        """The TCP port actually listened on (useful with C{port=0}); 0 when not listening."""
+        if self.port is None:
+            return 0
+        return int(getattr(self.port.getHost(), "port", 0))
+
+    def stopService(self) -> Deferred[None]:
+        """Stop listening and abort open connections (the API server keeps them alive)."""
         super().stopService()
         if self.reloader is not None:
             self.reloader.stop()

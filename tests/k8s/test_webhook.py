@@ -432,6 +432,17 @@ class RegistrationDocumentTests(SynchronousTestCase):
         self.assertRaises(ValueError, WebhookEndpoint)
         self.assertRaises(ValueError, WebhookEndpoint, url="https://x", service_name="y")
 
+    def test_example_manifest_matches(self) -> None:
+        """deploy/webhooks/cert-manager.yaml registers the same webhooks as install_webhooks, by Service."""
+        docs = list(yaml.safe_load_all((CRD_DIR.parent / "webhooks" / "cert-manager.yaml").read_text()))
+        example = next(d for d in docs if d["kind"] == "ValidatingWebhookConfiguration")
+        ours = validating_webhook_configuration(WebhookEndpoint(service_name="sidero-webhook-service"), b"")
+        for hook in ours["webhooks"]:
+            del hook["clientConfig"]["caBundle"]
+        self.assertEqual(example["webhooks"], ours["webhooks"])
+        service = next(d for d in docs if d["kind"] == "Service")
+        self.assertEqual(service["spec"]["ports"][0]["targetPort"], 9443)
+
     def test_validating_configuration(self) -> None:
         """One webhook per kind, at the spec paths and names, failurePolicy Fail, sideEffects None."""
         doc = validating_webhook_configuration(WebhookEndpoint(url="https://h:1"), b"ca")
@@ -626,7 +637,7 @@ class LoopbackTLSTests(TestCase):
 
     def url(self, service: WebhookService, path: str, host: str = "127.0.0.1") -> str:
         assert service.port is not None
-        return f"https://{host}:{service.port.getHost().port}{path}"
+        return f"https://{host}:{service.bound_port}{path}"
 
     async def test_conversion_over_tls(self) -> None:
         """A verified HTTPS POST of a ConversionReview to /convert gets the converted objects."""
@@ -649,7 +660,7 @@ class LoopbackTLSTests(TestCase):
         from twisted.internet import reactor
         assert service.port is not None
         options = optionsForClientTLS("wrong.example", Certificate.loadPEM(service.ca_bundle))
-        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", service.port.getHost().port, options)
+        endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", service.bound_port, options)
         lost: Deferred[Any] = Deferred()
 
         class Probe(protocol.Protocol):
@@ -724,7 +735,7 @@ class LoopbackTLSTests(TestCase):
             ctx = ssl.create_default_context(cafile=ca_path)
             ctx.maximum_version = ssl.TLSVersion.TLSv1_2
             import socket
-            with socket.create_connection(("127.0.0.1", service.port.getHost().port), timeout=5) as sock:
+            with socket.create_connection(("127.0.0.1", service.bound_port), timeout=5) as sock:
                 with ctx.wrap_socket(sock, server_hostname="localhost") as tls_sock:
                     return str(tls_sock.version())
 
@@ -771,7 +782,7 @@ class LoopbackTLSTests(TestCase):
 
         assert service.port is not None
         ctx = ssl.create_default_context(cadata=ca_pem.decode())
-        with socket.create_connection(("127.0.0.1", service.port.getHost().port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", service.bound_port), timeout=5) as sock:
             with ctx.wrap_socket(sock, server_hostname="localhost") as tls_sock:
                 der = tls_sock.getpeercert(binary_form=True)
         assert der is not None

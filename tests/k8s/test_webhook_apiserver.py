@@ -92,7 +92,7 @@ class WebhookThroughAPIServerTests(TestCase):
         await self.service.startService()
         self.addCleanup(self._stop_service)
         assert self.service.port is not None and self.service.ca_bundle is not None
-        port = self.service.port.getHost().port
+        port = self.service.bound_port
         self.endpoint = WebhookEndpoint(url=f"https://127.0.0.1:{port}")
         api_client = self.server.api_client()
         try:
@@ -359,6 +359,45 @@ class WebhookThroughAPIServerTests(TestCase):
         relabelled["metadata"]["labels"] = {"tier": "gold"}
         result = await self.apply(relabelled)
         self.assertEqual(result.returncode, 0, result.stderr)
+
+    # --- the factory registers itself ------------------------------------------------------
+
+    async def test_service_registers_itself_at_start(self) -> None:
+        """make_webhook_service given an API client and endpoint patches the CRDs and the
+        validating configuration at start, and then serves the conversions on its own."""
+        import base64
+
+        from twisted.internet import reactor
+
+        from sidero.k8s.client import load_api_client
+        from tests.k8s.apiserver import free_port
+
+        port = free_port()
+        api_client = load_api_client(str(self.server.kubeconfig))
+        self.addCleanup(api_client.close)
+        service = make_webhook_service(
+            reactor, port=port, interface="127.0.0.1", cert_dir=self.mktemp(), hosts=["127.0.0.1"],
+            api_client=api_client, endpoint=WebhookEndpoint(url=f"https://127.0.0.1:{port}"))
+        await service.startService()
+        self.addCleanup(service.stopService)
+        assert service.ca_bundle is not None
+        crd = await self.get("crd", "metalclusters.infrastructure.cluster.x-k8s.io")
+        config = crd["spec"]["conversion"]["webhook"]["clientConfig"]
+        self.assertEqual(config["url"], f"https://127.0.0.1:{port}/convert")
+        self.assertEqual(base64.b64decode(config["caBundle"]), service.ca_bundle)
+        vwc = await self.get("validatingwebhookconfiguration", "sidero-validating-webhook-configuration")
+        self.assertEqual({w["clientConfig"]["url"] for w in vwc["webhooks"]}, {
+            f"https://127.0.0.1:{port}/validate-metal-sidero-dev-v1alpha2-server",
+            f"https://127.0.0.1:{port}/validate-infrastructure-cluster-x-k8s-io-v1alpha3-metalmachinetemplate"})
+        await self.service.stopService()  # the one setUp registered is gone: only the new one serves
+        result = await self.apply({
+            "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha2", "kind": "MetalCluster",
+            "metadata": {"name": "self", "namespace": self.ns},
+            "spec": {"apiEndpoints": [{"host": "10.5.0.9", "port": 6443}]}})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        hub = await self.get("metalclusters.v1alpha3.infrastructure.cluster.x-k8s.io", "self", True)
+        self.assertEqual(hub["spec"]["controlPlaneEndpoint"], {"host": "10.5.0.9", "port": 6443})
+        self.assertGreaterEqual(service.handler.counters.objects_converted, 1)
 
     # --- webhook down ------------------------------------------------------------------------
 
