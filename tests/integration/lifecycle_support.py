@@ -4,9 +4,8 @@ Everything here talks to the real C{twistd sidero} over its real interfaces, on 
 
   - L{SideroProcess}: the whole service (embedded store) as a child process, with the
     management CLI (a real C{sidero} subprocess) and the management API client.
-  - L{Machine}: what a bare-metal machine does when it PXE-boots the agent.  It runs the real
-    agent (C{python -m sidero.agent}) when this tree has one, else the same RPC sequence
-    through the generated gRPC client on the real API port (L{agent_available}).
+  - L{Machine}: a bare-metal machine's SMBIOS tables, sysfs and disk; L{run_agent} is its PXE
+    boot: the real agent (C{python -m sidero.agent}) registering, wiping and exiting.
   - L{LoopbackBMC}: OpenIPMI's ipmi_sim as the machine's BMC, on its own loopback address and
     the standard port 623 (the agent's UpdateBMCInfo resets the port to 623, spec 3.7 quirk).
   - L{PowerAPI}: the simple HTTP power API of spec 3.12, served by the test for one machine;
@@ -18,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,17 +39,10 @@ from sidero.agent.proto import agent_pb2 as pb
 from sidero.agent.proto import agent_pb2_grpc as pb_grpc
 from sidero.api.registry import SERVER_CLASS, ResourceType
 from sidero.management.client import ManagementClient
+from tests.agent.trees import BlockDev, make_dev, make_sysfs
 from tests.power.test_ipmi_sim import BMC_EMU, CHASSIS_CONTROL, LAN_CONF
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-AGENT_MAIN = os.path.join(REPO, "sidero", "agent", "__main__.py")
-
-
-def agent_available() -> bool:
-    """Whether this tree has the real agent (C{python -m sidero.agent})."""
-    return os.path.isfile(AGENT_MAIN)
-
-
 def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -163,139 +156,129 @@ class SideroProcess:
 
 # --- machines ------------------------------------------------------------------------------------
 
+#: The recorded SMBIOS tables every simulated machine starts from (tests/agent/data).
+DMI_RECORDING = "qemu-pc"
+DISK_SECTORS = 8192  # 4 MiB
+AGENT_TIMEOUT = 60.0
+
+
+def set_smbios_uuid(table: bytes, uuid: str) -> bytes:
+    """The SMBIOS structure table with the System Information (type 1) UUID replaced.
+
+    Each structure is a formatted area (type, length, handle, fields) followed by its strings,
+    which end with a double NUL; the UUID is at offset 8 of type 1, its first three fields
+    little-endian (SMBIOS 2.6+), which is exactly C{UUID.bytes_le}.
+    """
+    data = bytearray(table)
+    offset = 0
+    while offset + 4 <= len(data):
+        kind, length = data[offset], data[offset + 1]
+        if kind == 1 and length >= 0x19:
+            data[offset + 8:offset + 24] = uuidlib.UUID(uuid).bytes_le
+            return bytes(data)
+        if kind == 127:
+            break
+        end = data.find(b"\0\0", offset + length)
+        if end < 0:
+            break
+        offset = end + 2
+    raise ValueError("no System Information structure in the SMBIOS table")
+
 
 @dataclass
 class AgentRun:
-    """What one agent boot saw and did."""
+    """What one agent boot was told (from its log) and printed."""
 
-    response: pb.CreateServerResponse
-    wiped: bool
+    wipe: bool
+    insecure_wipe: bool
+    setup_bmc: bool
+    reboot_timeout: float
     output: str = ""
+
+    @property
+    def wiped(self) -> bool:
+        return "disks wiped:" in self.output
 
 
 @dataclass
 class Machine:
-    """A bare-metal machine: SMBIOS identity, a disk (a file the agent wipes) and a NIC."""
+    """A bare-metal machine: recorded SMBIOS tables with its own UUID, one disk (a file under
+    C{dev/}) and a sysfs tree saying so; the real agent reads exactly these."""
 
     uuid: str
-    hostname: str
     index: int
     work: str
     runs: list[AgentRun] = field(default_factory=list)
 
     @property
-    def disk(self) -> str:
-        return os.path.join(self.work, "disk.img")
+    def sysfs(self) -> str:
+        return os.path.join(self.work, "sys")
 
-    def make_disk(self) -> None:
-        os.makedirs(self.work, exist_ok=True)
-        with open(self.disk, "wb") as f:
-            f.write(b"\xa5" * (4 << 20))  # 4 MiB of "old data"
+    @property
+    def disk(self) -> str:
+        return os.path.join(self.work, "dev", "sda")
+
+    def make(self) -> None:
+        """Write the sysfs tree and the disk full of "old data"."""
+        disk = BlockDev("sda", DISK_SECTORS, "0", attrs={
+            "device/model": "Lifecycle Disk", "device/serial": f"DISK-{self.index:04d}"})
+        make_sysfs(self.sysfs, DMI_RECORDING, (disk,))
+        tables = os.path.join(self.sysfs, "firmware", "dmi", "tables", "DMI")
+        with open(tables, "rb") as f:
+            table = f.read()
+        with open(tables, "wb") as f:
+            f.write(set_smbios_uuid(table, self.uuid))
+        with open(os.path.join(self.sysfs, "class", "dmi", "id", "product_uuid"), "w") as f:
+            f.write(self.uuid + "\n")
+        make_dev(os.path.join(self.work, "dev"), (disk,), fill=b"\xa5")
 
     def disk_head_is_zero(self) -> bool:
         with open(self.disk, "rb") as f:
             return f.read(1 << 20) == bytes(1 << 20)
 
-    def create_request(self) -> pb.CreateServerRequest:
-        hw = pb.HardwareInformation()
-        hw.system.uuid = self.uuid
-        hw.system.manufacturer = "Sidero Test"
-        hw.system.product_name = "Lifecycle Box"
-        hw.system.serial_number = f"LC-{self.index:04d}"
-        hw.system.family = "test"
-        hw.compute.total_core_count = 4
-        hw.compute.total_thread_count = 8
-        hw.compute.processor_count = 1
-        cpu = hw.compute.processors.add()
-        cpu.manufacturer = "QEMU"
-        cpu.product_name = "Virtual CPU"
-        cpu.speed = 2000
-        cpu.core_count = 4
-        cpu.thread_count = 8
-        hw.memory.total_size = 8192
-        hw.memory.module_count = 1
-        dimm = hw.memory.modules.add()
-        dimm.manufacturer = "QEMU"
-        dimm.type = "DDR4"
-        dimm.size = 8192
-        dimm.speed = 3200
-        hw.storage.total_size = 4 << 20
-        hw.storage.device_count = 1
-        dev = hw.storage.devices.add()
-        dev.type = pb.SSD
-        dev.size = 4 << 20
-        dev.model = "Lifecycle Disk"
-        dev.serial = f"DISK-{self.index:04d}"
-        dev.device_name = "/dev/sda"
-        dev.name = "sda"
-        hw.network.interface_count = 1
-        nic = hw.network.interfaces.add()
-        nic.index = 2
-        nic.name = "eth0"
-        nic.flags = "up|broadcast|multicast|running"
-        nic.mtu = 1500
-        nic.mac = self.mac
-        nic.addresses.append(self.address + "/24")
-        return pb.CreateServerRequest(hardware=hw, hostname=self.hostname)
-
-    @property
-    def mac(self) -> str:
-        return f"52:54:00:00:{self.index // 256:02x}:{self.index % 256:02x}"
-
-    @property
-    def address(self) -> str:
-        # Only ever a string in the Server's status (TEST-NET-1 documentation range): no
-        # packet goes to it.
-        return f"192.0.2.{self.index % 250 + 1}"
+    def disk_is_untouched(self) -> bool:
+        with open(self.disk, "rb") as f:
+            return f.read() == b"\xa5" * (DISK_SECTORS * 512)
 
 
-def _retry(call: Callable[[], Any], deadline: float, what: str) -> Any:
-    """The agent retries each RPC until its deadline (30 s / 5 min in Sidero; short here)."""
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return call()
-        except grpc.RpcError as e:
-            last = e
-            time.sleep(0.3)
-    raise AssertionError(f"{what} kept failing: {last}")
+_REGISTERED = re.compile(
+    r"registered: wipe=(True|False) insecure=(True|False) setup_bmc=(True|False) "
+    r"reboot_timeout=([0-9.]+)")
 
 
-def grpc_agent_boot(machine: Machine, endpoint: str, timeout: float = 30.0) -> AgentRun:
-    """The agent's RPC sequence (spec 4 steps 7-9) through the generated client; blocking.
+def run_agent(machine: Machine, endpoint: str) -> AgentRun:
+    """One PXE boot of C{machine}: the real agent (C{python -m sidero.agent}); blocking.
 
-    Used while the tree has no real agent: the RPCs are the agent's, only the hardware
-    discovery and the disk wipe are done here (the "disk" is the machine's image file).
+    No network set-up (the endpoint is on loopback), no BMC, and exit instead of rebooting.
+    The kernel command line carries the endpoint, as iPXE passes it.
     """
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(endpoint) as channel:
-        stub = pb_grpc.AgentStub(channel)
-        response = _retry(lambda: stub.CreateServer(machine.create_request(), timeout=10),
-                          deadline, "CreateServer")
-        address = pb.Address(type="InternalIP", address=machine.address)
-        _retry(lambda: stub.ReconcileServerAddresses(
-            pb.ReconcileServerAddressesRequest(uuid=machine.uuid, address=[address]), timeout=10),
-            deadline, "ReconcileServerAddresses")
-        wiped = False
-        if response.wipe:
-            _retry(lambda: stub.Heartbeat(pb.HeartbeatRequest(uuid=machine.uuid), timeout=10),
-                   deadline, "Heartbeat")
-            with open(machine.disk, "r+b") as f:  # insecure wipe: first and last MiB
-                f.write(bytes(1 << 20))
-                f.seek(-(1 << 20), os.SEEK_END)
-                f.write(bytes(1 << 20))
-            _retry(lambda: stub.MarkServerAsWiped(
-                pb.MarkServerAsWipedRequest(uuid=machine.uuid), timeout=10),
-                deadline, "MarkServerAsWiped")
-            wiped = True
-    run = AgentRun(response=response, wiped=wiped)
+    cmdline = os.path.join(machine.work, "cmdline")
+    with open(cmdline, "w") as f:
+        f.write(f"console=ttyS0 sidero.endpoint={endpoint} sidero.mac=52:54:00:00:00:{machine.index:02x}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidero.agent", "--cmdline", cmdline, "--sysfs", machine.sysfs,
+         "--dev", os.path.join(machine.work, "dev"), "--no-network", "--no-bmc", "--no-reboot",
+         "--retry-interval", "0.5", "--retry-timeout", "30"],
+        capture_output=True, text=True, timeout=AGENT_TIMEOUT, stdin=subprocess.DEVNULL,
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    output = proc.stdout + proc.stderr
+    with open(os.path.join(machine.work, "agent.log"), "a") as f:
+        f.write(output + f"--- exit status {proc.returncode}\n")
+    if proc.returncode != 0:
+        raise AssertionError(f"the agent of {machine.uuid} failed ({proc.returncode}):\n{output}")
+    found = _REGISTERED.search(output)
+    if found is None:
+        raise AssertionError(f"the agent of {machine.uuid} did not say what it was told:\n{output}")
+    run = AgentRun(wipe=found[1] == "True", insecure_wipe=found[2] == "True",
+                   setup_bmc=found[3] == "True", reboot_timeout=float(found[4]), output=output)
     machine.runs.append(run)
     return run
 
 
 def boot_agent(machine: Machine, endpoint: str) -> Deferred[AgentRun]:
-    """One PXE boot of the agent on C{machine} (in a thread: gRPC calls block)."""
-    return deferToThread(grpc_agent_boot, machine, endpoint)
+    """L{run_agent} in a thread."""
+    return deferToThread(run_agent, machine, endpoint)
 
 
 def update_bmc_info(endpoint: str, uuid: str, ip: str = "", port: int = 0, user: str = "",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import socket
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -132,32 +133,33 @@ class IPMILifecycleTests(LifecycleTestCase):
         self.addCleanup(bmc.stop)
         await gatherResults([deferToThread(bmc.start),
                              ensureDeferred(self.wait_for("sidero to be ready", sidero.ready, 60))])
-        machine = Machine(uuid=new_uuid(), hostname="lc-ipmi", index=1,
-                          work=os.path.join(self.work, "machine"))
-        machine.make_disk()
+        machine = Machine(uuid=new_uuid(), index=1, work=os.path.join(self.work, "machine"))
+        await deferToThread(machine.make)
         uuid = machine.uuid
 
         # 1. First PXE boot: the agent registers; nothing is asked of an unaccepted machine.
         run = await boot_agent(machine, sidero.endpoint)
-        self.assertEqual((run.response.wipe, run.response.setup_bmc), (False, False))
-        self.assertFalse(machine.disk_head_is_zero(), "an unaccepted machine was wiped")
+        self.assertEqual((run.wipe, run.setup_bmc), (False, False))
+        self.assertTrue(machine.disk_is_untouched(), "an unaccepted machine was wiped")
         server = await deferToThread(sidero.get, SERVER, uuid)
         spec = server["spec"]
         self.assertIs(spec["accepted"], False)
-        self.assertEqual(spec["hostname"], "lc-ipmi")
+        self.assertEqual(spec["hostname"], socket.gethostname())
+        # The inventory the agent read from the machine's SMBIOS tables and sysfs.
         hw = spec["hardware"]
         self.assertEqual(hw["system"]["uuid"], uuid)
-        self.assertEqual(hw["system"]["serialNumber"], "LC-0001")
-        self.assertEqual(hw["compute"]["processors"][0]["coreCount"], 4)
-        self.assertEqual(hw["memory"]["totalSize"], "8 GB")
-        self.assertEqual(hw["storage"]["devices"][0]["type"], "SSD")
-        self.assertEqual(hw["network"]["interfaces"][0]["mac"], machine.mac)
-        self.assertIn({"type": "InternalIP", "address": machine.address},
-                      server.get("status", {}).get("addresses") or [])
+        self.assertEqual((hw["system"]["manufacturer"], hw["system"]["serialNumber"]),
+                         ("Acme Compute", "ACME-SN-0001"))
+        self.assertEqual(hw["compute"]["processorCount"], 2)
+        self.assertEqual(hw["compute"]["processors"][0]["productName"], "Acme X 3000")
+        self.assertEqual(hw["storage"]["devices"], [{
+            "type": "SSD", "size": 4 << 20, "productName": "Lifecycle Disk",
+            "serialNumber": "DISK-0001", "deviceName": "/dev/sda"}])
         listed = await deferToThread(sidero.cli, "get", "servers")
         self.assertEqual(listed.returncode, 0, listed.stderr)
         row = [r for r in table(listed.stdout) if r["NAME"] == uuid][0]
-        self.assertEqual((row["HOSTNAME"], row["ACCEPTED"], row["CLEAN"]), ("lc-ipmi", "false", "false"),
+        self.assertEqual((row["HOSTNAME"], row["ACCEPTED"], row["CLEAN"]),
+                         (socket.gethostname(), "false", "false"),
                          listed.stdout)
 
         # 2. BMC details as the agent reports them: address first, then credentials.
@@ -215,10 +217,11 @@ class IPMILifecycleTests(LifecycleTestCase):
 
         # 4. The machine PXE-boots the agent: it is told to wipe, wipes and says so.
         run = await boot_agent(machine, sidero.endpoint)
-        self.assertTrue(run.response.wipe)
-        self.assertTrue(run.response.insecure_wipe)
-        self.assertEqual(run.response.reboot_timeout, 6.0)
-        self.assertFalse(run.response.setup_bmc, "a server with a BMC must not be set up again")
+        self.assertTrue(run.wipe)
+        self.assertTrue(run.insecure_wipe)
+        self.assertEqual(run.reboot_timeout, 6.0)
+        self.assertFalse(run.setup_bmc, "a server with a BMC must not be set up again")
+        self.assertTrue(run.wiped, run.output)
         self.assertTrue(machine.disk_head_is_zero())
 
         # 5. Clean: powered off over IPMI, ready, and available in the any ServerClass.
@@ -258,7 +261,7 @@ class IPMILifecycleTests(LifecycleTestCase):
         row = [r for r in table(listed.stdout) if r["NAME"] == uuid][0]
         self.assertEqual(
             (row["HOSTNAME"], row["BMC IP"], row["ACCEPTED"], row["ALLOCATED"], row["CLEAN"], row["POWER"]),
-            ("lc-ipmi", bmc.host, "true", "false", "true", "off"), listed.stdout)
+            (socket.gethostname(), bmc.host, "true", "false", "true", "off"), listed.stdout)
 
         # What the BMC was told, in order: PXE once, power on, ..., power off.
         sets = [line.split(" ", 2)[2] for line in bmc.log() if " set " in line]
@@ -272,11 +275,11 @@ class FleetConvergenceTests(LifecycleTestCase):
     async def run_fleet(self, *flags: str) -> list[PowerAPI]:
         sidero = self.start_sidero(*flags)
         await self.wait_for("sidero to be ready", sidero.ready, 60)
-        machines = [Machine(uuid=new_uuid(), hostname=f"lc-{i:02d}", index=10 + i,
-                            work=os.path.join(self.work, f"m{i}")) for i in range(FLEET_SIZE)]
+        machines = [Machine(uuid=new_uuid(), index=10 + i, work=os.path.join(self.work, f"m{i}"))
+                    for i in range(FLEET_SIZE)]
         apis = []
         for i, machine in enumerate(machines):
-            machine.make_disk()
+            await deferToThread(machine.make)
             api = PowerAPI(machine, sidero.endpoint, powered=i % 2 == 0)
             port = serve_power_api(reactor, api)
             self.addCleanup(port.stopListening)
@@ -284,7 +287,7 @@ class FleetConvergenceTests(LifecycleTestCase):
             apis.append(api)
         # Every machine PXE-boots once by itself and registers.
         runs = await gatherResults([boot_agent(m, sidero.endpoint) for m in machines])
-        self.assertEqual([r.response.wipe for r in runs], [False] * FLEET_SIZE)
+        self.assertEqual([r.wipe for r in runs], [False] * FLEET_SIZE)
         # The operator accepts them all, each with its power API, in one apply.
         manifest = os.path.join(self.work, "accept.yaml")
         with open(manifest, "w") as f:
