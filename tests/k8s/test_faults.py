@@ -8,7 +8,6 @@ L{tests.k8s.apiserver.require_binary}); the configuration tests always run.
 from __future__ import annotations
 
 import os
-import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -258,21 +257,6 @@ class RestartTests(TestCase):
         await self.server.start()
         await server_with_crds(self.server)
 
-    async def stop_process(self) -> None:
-        """Kill kube-apiserver (and its in-process etcd) like a crash, keeping its data,
-        certificates and port.  (A SIGTERM would keep open watches alive for the server's
-        60 s ShutdownTimeout while refusing new connections.)"""
-        proc, self.server.process = self.server.process, None
-        assert proc is not None
-        os.killpg(proc.pid, signal.SIGKILL)
-        await threads.deferToThread(proc.wait, 30)
-        self.server._reap()
-
-    async def start_again(self) -> None:
-        port = self.server.port
-        self.patch(apiserver, "free_port", lambda: port)
-        await self.server.start()
-
     async def test_informer_survives_restart(self) -> None:
         """During an outage the informer serves its cache; after restart it misses no change."""
         store = await make_store(self, self.server)
@@ -293,7 +277,9 @@ class RestartTests(TestCase):
         await wait_for(lambda: informer.debug_state()["watching"], "the informer to watch")
         self.assertEqual(len(informer), 2)
 
-        await self.stop_process()
+        port = self.server.port
+        await threads.deferToThread(self.server.kill)  # like a crash: data, certs, port kept
+        self.assertIsNone(self.server.process)
         await wait_for(lambda: not informer.debug_state()["watching"], "the watch to notice the outage")
         # The cache keeps serving, and direct calls fail with one clear error.
         self.assertEqual(informer.get(f"a-{run}")["metadata"]["name"], f"a-{run}")  # type: ignore[index]
@@ -304,7 +290,8 @@ class RestartTests(TestCase):
         await deferLater(reactor, 2.0, lambda: None)  # a few failed reconnects
         self.assertEqual(len(informer), 2)
 
-        await self.start_again()
+        await self.server.restart()
+        self.assertEqual(self.server.port, port)
         self.assertEqual(store.host, self.server.url)  # same port, same client
         seen.clear()
         # Changes right after the restart, possibly before the informer reconnected.
