@@ -157,7 +157,13 @@ class EmbeddedStore:
             return
         if self._service is not None and not self._service.running:
             self._service.startService()
-        await self._run(self._db.open)
+        try:
+            await self._run(self._db.open)
+        except BaseException:
+            # A database that cannot be opened must not leave our thread behind.
+            if self._service is not None and self._service.running:
+                await self._service.stopService()  # type: ignore[misc]
+            raise
         self._hub.rv = self._db.rv
         self._open = True
         self._collector.start()

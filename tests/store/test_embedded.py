@@ -514,6 +514,21 @@ class EmbeddedStoreTests(TestCase):
 class ThreadedStoreTests(TestCase):
     """The store with its own real database thread (the production arrangement)."""
 
+    async def test_failed_open_stops_its_thread(self) -> None:
+        """A database that cannot be opened fails open() and leaves no store thread running."""
+        from twisted.internet import reactor
+
+        not_a_dir = self.mktemp()
+        with open(not_a_dir, "w") as f:
+            f.write("x")
+        store = EmbeddedStore(reactor, os.path.join(not_a_dir, "state.db"))
+        with self.assertRaises(Exception):
+            await store.open()
+        self.assertIsNotNone(store._service)
+        assert store._service is not None
+        self.assertFalse(store._service.running)
+        self.assertFalse(store._service.pool.started)
+
     async def test_many_concurrent_writes_reach_watchers_in_order(self) -> None:
         """Writes issued without waiting reach a watcher in resourceVersion order, without gaps."""
         from twisted.internet import reactor
