@@ -176,7 +176,7 @@ class EventsOnAPIServerTests(TestCase):
     # -- de-duplication -------------------------------------------------------------------------
 
     async def test_repeat_bumps_count_on_one_event(self) -> None:
-        """The same event again patches count and lastTimestamp of the one Event (describe: x3 over 2m)."""
+        """The same event again patches count and lastTimestamp of the one Event (describe: x3)."""
         server = await self.make_server()
         name = server["metadata"]["name"]
         clock = self.past_clock()
@@ -195,7 +195,7 @@ class EventsOnAPIServerTests(TestCase):
         self.assertEqual(third["count"], 3)
         described = await self.kubectl_ok("describe", "server", name)
         # kubectl: "<age of lastTimestamp> (x<count> over <age of firstTimestamp>)".
-        self.assertRegex(described, r"Warning\s+Server Management\s+\d+s \(x3 over 2m\d*s?\)\s+"
+        self.assertRegex(described, r"Warning\s+Server Management\s+\S+ \(x3 over \S+\)\s+"
                                     rf"{CONTROLLER_MANAGER}\s+Failed to power off: timeout\.")
         # A different message is another Event.
         await recorder.warning(server, "Server Management", "Failed to power off: refused.")
