@@ -210,6 +210,12 @@ def choice(*values: str) -> Callable[[str], str]:
     return parse
 
 
+def _parse_tls_version(text: str) -> str:
+    """Go's crypto/tls constant names, as controller-runtime's --tls-min-version takes them."""
+    return {"versiontls12": "VersionTLS12", "versiontls13": "VersionTLS13"}[choice(
+        "versiontls12", "versiontls13")(text)]
+
+
 def _parse_level(text: str) -> str:
     lowered = text.lower()
     if lowered == "warning":
@@ -335,6 +341,11 @@ SETTINGS: tuple[Setting, ...] = (
         "webhook_cert_dir", (_own("webhook_cert_dir"),), "/tmp/k8s-webhook-server/serving-certs",
         parse_required_path, "a directory path", "Directory holding tls.crt and tls.key for webhooks.",
     ),
+    Setting(
+        "tls_min_version", (CM + "TLS_MIN_VERSION",), "VersionTLS12",
+        _parse_tls_version, "VersionTLS12 or VersionTLS13",
+        "Lowest TLS version the webhook server accepts.",
+    ),
     _port("metrics_port", (_own("metrics_port"),), "8443", "Prometheus metrics port."),
     _port("health_port", (_own("health_port"),), "9440", "Health/readiness probe port."),
     # Settings of this implementation.
@@ -357,6 +368,15 @@ SETTINGS: tuple[Setting, ...] = (
         "leader_election_retry_period", (_own("leader_election_retry_period"),), "2s",
         parse_duration, "a Go duration shorter than the renew deadline",
         "Interval between attempts to acquire or renew the Lease.",
+    ),
+    _bool("webhook_register", (_own("webhook_register"),), True,
+          "With the Kubernetes store, point the CRDs' conversion and a ValidatingWebhookConfiguration"
+          " at this webhook server and its own CA; turn off where cert-manager and manifests manage them."),
+    Setting(
+        "webhook_url", (_own("webhook_url"),), "", parse_url,
+        "an https URL, or empty for the default",
+        "Base URL the Kubernetes API server uses to reach the webhook server.",
+        default_doc="https://<api-endpoint>:<webhook-port>",
     ),
     Setting(
         "talos_assets_url", (_own("talos_assets_url"),), TALOS_RELEASES_URL, parse_url,
@@ -452,12 +472,15 @@ class Settings:
     test_power_silent_failure: float = 0.0
     webhook_port: int = 9443
     webhook_cert_dir: str = "/tmp/k8s-webhook-server/serving-certs"
+    tls_min_version: str = "VersionTLS12"
     metrics_port: int = 8443
     health_port: int = 9440
     leader_election_namespace: str = "sidero-system"
     leader_election_lease_duration: float = 15.0
     leader_election_renew_deadline: float = 10.0
     leader_election_retry_period: float = 2.0
+    webhook_register: bool = True
+    webhook_url: str = ""
     talos_assets_url: str = TALOS_RELEASES_URL
     state_dir: str = DEFAULT_STATE_DIR
     kubeconfig: str = ""
@@ -602,6 +625,11 @@ def resolve(
         values["http_port"] = values["api_port"]
     if not values["siderolink_endpoint"]:
         values["siderolink_endpoint"] = values["api_endpoint"]
+    if not values["webhook_url"]:
+        host_part = values["api_endpoint"]
+        if ":" in host_part:  # an IPv6 literal
+            host_part = f"[{host_part}]"
+        values["webhook_url"] = f"https://{host_part}:{values['webhook_port']}"
 
     state_dir = values["state_dir"]
     if sources["state_dir"] == "default":

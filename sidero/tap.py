@@ -161,7 +161,8 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     from sidero.controllers.startup import install_startup_runnables
     from sidero.power.factory import PowerManagerFactory
 
-    manager = ControllerManager(context.store, context.reactor)
+    elector = _make_elector(settings, context)
+    manager = ControllerManager(context.store, context.reactor, elector=elector)
     install_startup_runnables(manager, context.store, assets_url=settings.talos_assets_url)
     recorder = EventRecorder(context.store, context.reactor)
     make_environment_controller(
@@ -178,7 +179,58 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     )
     context.extra["controller_manager"] = manager
     context.extra["event_recorder"] = recorder
-    return manager
+    if elector is None:
+        return manager
+    # The elector starts first and stops last: controllers finish, then the Lease is released.
+    group = OrderedMultiService(context.reactor)
+    elector.setServiceParent(group)
+    manager.setServiceParent(group)
+    context.extra["leader_elector"] = elector
+    return group
+
+
+def _make_elector(settings: Settings, context: AppContext) -> Any:
+    """A Lease elector when several replicas may share one API server; None → always lead.
+
+    The embedded store has exactly one writer (this process), so it never elects.
+    """
+    if settings.store != "kubernetes" or not settings.enable_leader_election:
+        return None
+    from sidero.controllers.lease import LEADER_ELECTION_ID, LeaseElector
+
+    try:
+        return LeaseElector(
+            context.store, context.reactor,
+            namespace=settings.leader_election_namespace, name=LEADER_ELECTION_ID,
+            lease_duration=settings.leader_election_lease_duration,
+            renew_deadline=settings.leader_election_renew_deadline,
+            retry_period=settings.leader_election_retry_period,
+        )
+    except ValueError as e:
+        raise StartupError(f"leader election: {e}") from e
+
+
+def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
+    """Conversion and validating webhooks over TLS, for the Kubernetes API server (spec 1.6).
+
+    With the embedded store, admission runs inside the store: no webhook server is needed.
+    """
+    if settings.store != "kubernetes":
+        return None
+    import urllib.parse
+
+    from sidero.api.admission import Admission
+    from sidero.k8s.webhook import WebhookEndpoint, make_webhook_service
+
+    url_host = urllib.parse.urlsplit(settings.webhook_url).hostname or settings.api_endpoint
+    hosts = sorted({"localhost", "127.0.0.1", settings.api_endpoint, url_host})
+    return make_webhook_service(
+        context.reactor, Admission(), port=settings.webhook_port, interface=settings.listen_address,
+        cert_dir=settings.webhook_cert_dir, hosts=hosts, pool=context.pools["k8s"],
+        tls_min_version=settings.tls_min_version,
+        api_client=context.store.api_client if settings.webhook_register else None,
+        endpoint=WebhookEndpoint(url=settings.webhook_url) if settings.webhook_register else None,
+    )
 
 
 def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None:
@@ -288,6 +340,7 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("threads", _make_threads),
     ("store", _make_store),
     ("controllers", _make_controllers),
+    ("webhook", _make_webhook),
     ("dhcp-proxy", _make_dhcp_proxy),
     ("tftp", _make_tftp),
     ("http", _make_http),

@@ -366,10 +366,11 @@ class ControllerManager(MultiService):
         for c in self.controllers:
             c.startService()
 
-    def _lost(self) -> None:
+    def _lost(self) -> Deferred[None]:
+        """Stop controllers; the Deferred lets an elector wait for running reconciles."""
         if self._leading:
             self.log.warn("leadership lost: stopping controllers")
-        self._stop_leading()
+        return self._stop_leading()
 
     def _stop_leading(self) -> Deferred[None]:
         was = self._leading

@@ -55,6 +55,9 @@ ADMISSION_API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 DEFAULT_MAX_BODY = 32 * 1024 * 1024
 #: Seconds the Kubernetes calls of L{install_webhooks} may take, all together.
 INSTALL_TIMEOUT = 60.0
+#: Background retries of a failed registration: 1 s doubling up to a minute.
+REGISTER_RETRY_INITIAL = 1.0
+REGISTER_RETRY_MAX = 60.0
 REQUEST_TIMEOUT = (5.0, 30.0)
 
 VALIDATING_WEBHOOK_CONFIGURATION = "sidero-validating-webhook-configuration"
@@ -624,6 +627,7 @@ class WebhookService(Service):
         self.files: tls.ServingFiles | None = None
         self.reloader: tls.CertificateReloader | None = None
         self.port: IListeningPort | None = None
+        self._retry_call: Any = None
         self.setName("webhook")
 
     def startService(self) -> Deferred[None]:
@@ -648,7 +652,34 @@ class WebhookService(Service):
                       host=getattr(address, "host", "?"), port=getattr(address, "port", "?"),
                       source="self-generated" if files.generated else "provided")
         if self.api_client is not None and self.endpoint is not None:
-            await self.register()
+            if self.ca_bundle is None:
+                raise tls.CertificateError(
+                    f"cannot register webhooks: no {tls.CA_FILE} in {self.cert_dir} to use as caBundle")
+            try:
+                await self.register()
+            except Exception as e:
+                # The API server answered the store a moment ago: keep serving and retry.
+                self.log.warn("webhook registration failed: {error}; retrying in the background",
+                              error=str(e) or repr(e))
+                self._retry_registration(attempt=1)
+
+    def _retry_registration(self, attempt: int) -> None:
+        """Retry L{register} with backoff (1 s doubling to 60 s) until it succeeds or we stop."""
+        delay = min(REGISTER_RETRY_MAX, REGISTER_RETRY_INITIAL * 2 ** (attempt - 1))
+
+        def again() -> None:
+            self._retry_call = None
+            if not self.running:
+                return
+
+            def failed(f: Any) -> None:
+                self.log.warn("webhook registration failed (attempt {attempt}): {error}",
+                              attempt=attempt + 1, error=f.getErrorMessage())
+                self._retry_registration(attempt + 1)
+
+            ensureDeferred(self.register()).addErrback(failed)
+
+        self._retry_call = self.reactor.callLater(delay, again)
 
     async def register(self) -> list[str]:
         """L{install_webhooks} with our CA, in the pool, with a time limit."""
@@ -670,6 +701,9 @@ class WebhookService(Service):
     def stopService(self) -> Deferred[None]:
         """Stop listening and abort open connections (the API server keeps them alive)."""
         super().stopService()
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
         if self.reloader is not None:
             self.reloader.stop()
         port, self.port = self.port, None

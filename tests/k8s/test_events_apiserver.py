@@ -33,6 +33,7 @@ from sidero.protocols.grpc.server import EVENT_COMPONENT, AgentAPI
 from sidero.store.interfaces import Object
 from tests.k8s.apiserver import KubeAPIServer
 from tests.k8s.support import make_store, server_with_crds
+from tests.k8s.test_kubectl import require_kubectl
 
 
 class TrackingRecorder(EventRecorder):
@@ -86,6 +87,7 @@ class EventsOnAPIServerTests(TestCase):
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.server: KubeAPIServer = await server_with_crds()
+        require_kubectl()
         self.store: KubernetesStore = await make_store(self, self.server)
         from twisted.internet import reactor
 

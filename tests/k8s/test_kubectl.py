@@ -17,6 +17,7 @@ Skips loudly without the kube-apiserver binary (see L{tests.k8s.apiserver.requir
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import ssl
@@ -28,12 +29,12 @@ from typing import Any
 
 import yaml
 from twisted.internet import threads
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from sidero.api import registry
 from sidero.api.registry import ResourceType
 from sidero.management import printers
-from tests.k8s.apiserver import REPO, KubeAPIServer
+from tests.k8s.apiserver import ENV_REQUIRE, REPO, APIServerError, KubeAPIServer
 from tests.k8s.support import server_with_crds
 
 SAMPLES = REPO / "deploy" / "samples"
@@ -95,6 +96,16 @@ EXPECTED_ROWS: dict[str, dict[str, dict[str, str]]] = {
 _AGE = re.compile(r"^\d+(s|m\d*s?|h\d*m?|d\d*h?)$")
 
 
+def require_kubectl() -> None:
+    """kubectl on PATH, or a loud skip (a failure under C{$SIDERO_REQUIRE_KUBEAPISERVER=1})."""
+    if shutil.which("kubectl") is not None:
+        return
+    reason = "kubectl is not on PATH (any release within one minor of the pinned kube-apiserver)"
+    if os.environ.get(ENV_REQUIRE) == "1":
+        raise APIServerError(f"{ENV_REQUIRE}=1 but {reason}")
+    raise SkipTest(f"SKIPPED, {reason}")
+
+
 def parse_tables(text: str) -> list[list[dict[str, str]]]:
     """kubectl's text tables (several, blank-line separated, for a multi-kind get) as rows of
     header -> cell, cut at the header's column offsets (tabwriter aligns cells under them)."""
@@ -128,6 +139,7 @@ class KubectlTests(TestCase):
 
     async def setUp(self) -> None:  # type: ignore[override]
         self.server: KubeAPIServer = await server_with_crds()
+        require_kubectl()
         # The storage-version samples only (v1alpha1 needs the conversion webhook, see module doc).
         self.samples = Path(self.mktemp())
         self.samples.mkdir()

@@ -54,16 +54,18 @@ def clean_env(**extra: str) -> dict[str, str]:
 class SideroProcess:
     """C{twistd sidero} on loopback with the Kubernetes store, logging JSON to a file."""
 
-    def __init__(self, kubeconfig: str, workdir: str) -> None:
+    def __init__(self, kubeconfig: str, workdir: str, *extra: str, name: str = "sidero") -> None:
         self.api_port = free_port()
-        self.log_path = os.path.join(workdir, "sidero.log")
+        self.webhook_port = free_port()
+        self.log_path = os.path.join(workdir, f"{name}.log")
         self.args = [
             sys.executable, str(RUN_SIDERO), "--store", "kubernetes", "--kubeconfig", kubeconfig,
-            "--state-dir", os.path.join(workdir, "state"), "--api-endpoint", "127.0.0.1",
+            "--state-dir", os.path.join(workdir, name), "--api-endpoint", "127.0.0.1",
             "--listen-address", "127.0.0.1", "--api-port", str(self.api_port),
             "--disable-dhcp-proxy", "--tftp-port", str(free_port(socket.SOCK_DGRAM)),
-            "--talos-assets-url", "http://127.0.0.1:1", "--no-enable-leader-election",
-            "--log-format", "json",
+            "--webhook-port", str(self.webhook_port),
+            "--webhook-cert-dir", os.path.join(workdir, name, "webhook-certs"),
+            "--talos-assets-url", "http://127.0.0.1:1", "--log-format", "json", *extra,
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -172,7 +174,7 @@ class KubernetesServiceTests(TestCase):
             "metadata": {"name": host, "namespace": "default"},
             "spec": {"metalMachineRef": {"name": "m0", "namespace": "default"}},
         })
-        sidero = SideroProcess(str(self.server.kubeconfig), self.workdir)
+        sidero = SideroProcess(str(self.server.kubeconfig), self.workdir, "--no-enable-leader-election")
         sidero.start()
         self.addCleanup(lambda: threads.deferToThread(sidero.stop))
         await eventually("sidero to be ready", lambda: sidero.get("/readyz")[0] == 200)
@@ -207,3 +209,68 @@ class KubernetesServiceTests(TestCase):
         # The outage is reported (watch failures), never as a crash or a traceback.
         self.assertFalse([r for r in records if r.get("level") == "critical" or "traceback" in r])
         self.assertTrue([r for r in records if "serving cached data" in r.get("msg", "")])
+
+    async def test_two_replicas_elect_one_leader_and_serve_webhooks(self) -> None:
+        """Two processes: one leads through the Lease, a killed leader is replaced within the
+        lease duration, and the registered webhook converts and validates for kubectl."""
+        await threads.deferToThread(self.server.apply_crds, crd_manifests())
+        self.assertEqual(self.server.kubectl("create", "namespace", "sidero-system").returncode, 0)
+        lease_seconds, retry_seconds = 4.0, 0.5
+        timings = ("--leader-election-lease-duration", "4s", "--leader-election-renew-deadline", "3s",
+                   "--leader-election-retry-period", "0.5s")
+        kubeconfig = str(self.server.kubeconfig)
+        # Only the first registers the webhooks (each would otherwise inject its own CA).
+        replicas = {"a": SideroProcess(kubeconfig, self.workdir, *timings, name="a"),
+                    "b": SideroProcess(kubeconfig, self.workdir, *timings, "--no-webhook-register", name="b")}
+        for replica in replicas.values():
+            replica.start()
+            self.addCleanup(lambda r=replica: threads.deferToThread(r.stop))
+
+        def leaders() -> list[str]:
+            return [n for n, r in replicas.items() if "became leader" in r.log()]
+
+        await eventually("a leader", leaders)
+        await deferLater(reactor, 2 * lease_seconds, lambda: None)
+        self.assertEqual(len(leaders()), 1, "two replicas became leader")
+        leader = leaders()[0]
+        follower = "b" if leader == "a" else "a"
+        holder = self.server.kubectl(
+            "get", "lease", "-n", "sidero-system", "controller-leader-election-sidero-controller-manager",
+            "-o", "jsonpath={.spec.holderIdentity}").stdout
+        self.assertTrue(holder, "the Lease names no holder")
+
+        # The webhook of "a" (registered at its start) converts and validates for kubectl.
+        await eventually("replica a ready", lambda: replicas["a"].get("/readyz")[0] == 200)
+        name = str(uuid.uuid4())
+        self.kubectl_apply({"apiVersion": "metal.sidero.dev/v1alpha1", "kind": "Server",
+                            "metadata": {"name": name}, "spec": {"accepted": False, "hostname": "h1"}})
+        stored = json.loads(self.server.kubectl("get", f"servers.v1alpha2.metal.sidero.dev/{name}",
+                                                "-o", "json").stdout)
+        self.assertEqual(stored["apiVersion"], "metal.sidero.dev/v1alpha2")
+        self.assertEqual(stored["spec"]["hostname"], "h1")
+        bad = os.path.join(self.workdir, "bad.json")
+        with open(bad, "w") as f:
+            json.dump({"apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server",
+                       "metadata": {"name": str(uuid.uuid4())},
+                       "spec": {"configPatches": [{"op": "error", "path": "/machine"}]}}, f)
+        refused = self.server.kubectl("apply", "-f", bad)
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertIn('Invalid value: "error"', refused.stderr)
+
+        # Kill the leader like a crash: the follower takes over within the lease duration.
+        killed_at = time.monotonic()
+        leader_proc = replicas[leader].proc
+        assert leader_proc is not None
+        os.killpg(leader_proc.pid, signal.SIGKILL)
+        await threads.deferToThread(leader_proc.wait, 30)
+        await eventually("the follower to take over", lambda: "became leader" in replicas[follower].log(),
+                         timeout=30)
+        took = time.monotonic() - killed_at
+        # Lease duration + one retry, plus the polling of this test (0.3 s and a log read).
+        self.assertLess(took, lease_seconds + retry_seconds + 1.5, f"takeover took {took:.1f}s")
+        # The new leader's controllers run: a new Server gets the Server controller's finalizer.
+        other = str(uuid.uuid4())
+        self.kubectl_apply({"apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server",
+                            "metadata": {"name": other}, "spec": {"accepted": False}})
+        await eventually("the new leader's Server controller", lambda: "storage.finalizers.server.k8s.io" in
+                         self.server.kubectl("get", "server", other, "-o", "jsonpath={.metadata.finalizers}").stdout)

@@ -812,3 +812,32 @@ class LoopbackTLSTests(TestCase):
         with self.assertRaises(tls.CertificateError) as caught:
             await service.startService()
         self.assertIn("VersionTLS10", str(caught.exception))
+
+    async def test_failed_registration_is_retried_in_the_background(self) -> None:
+        """A registration that fails at start does not fail the start: it is retried with backoff."""
+        from twisted.internet import reactor
+
+        from sidero.k8s import webhook
+
+        calls: list[bytes] = []
+
+        def flaky_install(api_client: Any, endpoint: Any, ca_bundle: bytes) -> list[str]:
+            calls.append(ca_bundle)
+            if len(calls) < 3:
+                raise ConnectionResetError("Remote end closed connection without response")
+            return ["servers.metal.sidero.dev"]
+
+        self.patch(webhook, "install_webhooks", flaky_install)
+        self.patch(webhook, "REGISTER_RETRY_INITIAL", 0.05)
+        service = await self.start(api_client=object(),
+                                   endpoint=WebhookEndpoint(url="https://127.0.0.1:9443"))
+        self.assertTrue(service.running)
+        self.assertEqual(len(calls), 1)
+        for _ in range(100):
+            if len(calls) >= 3:
+                break
+            await task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(calls), 3)
+        self.assertEqual(set(calls), {service.ca_bundle})
+        await task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(len(calls), 3, "kept registering after a success")

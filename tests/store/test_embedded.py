@@ -522,7 +522,7 @@ class ThreadedStoreTests(TestCase):
         with open(not_a_dir, "w") as f:
             f.write("x")
         store = EmbeddedStore(reactor, os.path.join(not_a_dir, "state.db"))
-        with self.assertRaises(Exception):
+        with self.assertRaises(FileExistsError):
             await store.open()
         self.assertIsNotNone(store._service)
         assert store._service is not None
