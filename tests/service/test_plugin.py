@@ -73,6 +73,22 @@ class InstalledWheelTests(SynchronousTestCase):
         cache = os.path.join(os.path.dirname(dropin), "dropin.cache")
         self.assertTrue(os.path.exists(cache), f"no dropin.cache beside {dropin}")
 
+    def test_agent_console_script(self) -> None:
+        """The wheel installs sidero-agent; a fatal error (no endpoint) is one line and exit 1."""
+        script = os.path.join(os.path.dirname(self.env.twistd), "sidero-agent")
+        cmdline = os.path.join(self.cwd, "cmdline")
+        with open(cmdline, "w") as f:
+            f.write("console=ttyS0 panic=30\n")
+        result = subprocess.run(
+            [script, "--cmdline", cmdline, "--no-reboot", "--no-network", "--no-bmc"],
+            cwd=self.cwd, env=self.env.env(), capture_output=True, text=True, timeout=60,
+        )
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        fatal = [line for line in result.stderr.splitlines() if "fatal" in line]
+        self.assertEqual(len(fatal), 1, result.stderr)
+        self.assertIn("sidero.endpoint", fatal[0])
+        self.assertNotIn("Traceback", result.stderr)
+
     def test_help_lists_every_setting(self) -> None:
         """C{twistd sidero --help} shows every flag of the settings table (and --no- forms)."""
         result = self.twistd("sidero", "--help")
