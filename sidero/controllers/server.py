@@ -111,6 +111,7 @@ class ServerReconciler:
         clock: IReactorTime,
         reboot_timeout: float = DEFAULT_SERVER_REBOOT_TIMEOUT,
         pxe_mode: str = DEFAULT_PXE_MODE,
+        power_off_recheck: float | None = None,
     ) -> None:
         self.store = store
         self.power_for = power_for
@@ -118,6 +119,10 @@ class ServerReconciler:
         self.clock = clock
         self.reboot_timeout = reboot_timeout
         self.pxe_mode = pxe_mode
+        #: seconds after which a clean server we just powered off is checked again; None (the
+        #: spec's behaviour) never checks, so a power-off the BMC accepted but did not carry out
+        #: leaves the server on until something else changes it.
+        self.power_off_recheck = power_off_recheck
 
     async def reconcile(self, key: str) -> Result | None:
         _, name = split_key(key)
@@ -246,6 +251,8 @@ class ServerReconciler:
                     return warn(f"Failed to power off: {e}.")
                 if not fake:
                     self.recorder.normal(obj, REASON_MANAGEMENT, "Server powered off.")
+                    if self.power_off_recheck:
+                        return _Step(True, self.power_off_recheck)
             return _Step(True)
 
         if in_use and not is_clean:
@@ -339,12 +346,17 @@ def make_server_controller(
     pxe_mode: str = DEFAULT_PXE_MODE,
     clock: IReactorTime | None = None,
     recorder: EventRecorder | None = None,
+    power_off_recheck: float | None = None,
 ) -> Controller:
-    """Build the Server controller, register it with C{manager} and return it."""
+    """Build the Server controller, register it with C{manager} and return it.
+
+    @param power_off_recheck: see L{ServerReconciler.power_off_recheck}.
+    """
     clock = clock if clock is not None else manager.clock
     if recorder is None:
         recorder = EventRecorder(store, clock)
-    reconciler = ServerReconciler(store, power_for, recorder, clock, reboot_timeout, pxe_mode)
+    reconciler = ServerReconciler(store, power_for, recorder, clock, reboot_timeout, pxe_mode,
+                                  power_off_recheck)
     controller = Controller("server", SERVER, reconciler.reconcile, clock=clock)
     controller.watches(SERVER_BINDING, lambda binding: [_name(binding)])
     manager.add_controller(controller)
