@@ -155,7 +155,7 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     """
     from sidero.controllers.environment import make_environment_controller
     from sidero.controllers.events import EventRecorder
-    from sidero.controllers.runtime import ControllerManager
+    from sidero.controllers.runtime import DEFAULT_REQUEUE_AFTER, ControllerManager
     from sidero.controllers.server import make_server_controller
     from sidero.controllers.serverclass import make_serverclass_controller
     from sidero.controllers.startup import install_startup_runnables
@@ -176,6 +176,8 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
         manager, context.store, power.for_server,
         reboot_timeout=settings.server_reboot_timeout, pxe_mode=settings.ipmi_pxe_method,
         clock=context.reactor, recorder=recorder,
+        # A BMC that dropped a power-off (seen with silent failures) gets it again.
+        power_off_recheck=DEFAULT_REQUEUE_AFTER,
     )
     context.extra["controller_manager"] = manager
     context.extra["event_recorder"] = recorder

@@ -38,7 +38,7 @@ from sidero.store.interfaces import IResourceStore, Object
 SERVER_FINALIZER = "storage.finalizers.server.k8s.io"
 POWER_CHECK_PERIOD = 300.0
 DEFAULT_SERVER_REBOOT_TIMEOUT = 1200.0
-DEFAULT_PXE_MODE = "bios"
+DEFAULT_PXE_MODE = "uefi"  # --ipmi-pxe-method default (spec 3.13)
 
 POWER_CYCLE = "PowerCycle"
 PXE_BOOTED = "PXEBooted"

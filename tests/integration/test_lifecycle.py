@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import os
-import re
 import shutil
 import socket
 import time
@@ -27,7 +26,6 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.python import log
 from twisted.trial.unittest import SkipTest, TestCase
 
 from sidero.api.registry import EVENT, SECRET, SERVER, SERVER_CLASS
@@ -52,9 +50,6 @@ FLEET_SIZE = 8
 #: a 20 s requeue (spec 2.2), and one server can be unlucky a few times in a row.
 FLEET_DEADLINE = 100.0
 
-
-DROPPED_POWER_OFF = re.compile(r"power power_off on <APIPowerManager http://([0-9.:]+)>: "
-                               r"injected silent failure")
 
 
 def new_uuid() -> str:
@@ -285,14 +280,8 @@ class IPMILifecycleTests(LifecycleTestCase):
 class FleetConvergenceTests(LifecycleTestCase):
     """Machines behind the HTTP power API all end clean, ready and off despite power failures."""
 
-    async def run_fleet(self, *flags: str, tolerate_dropped_power_off: bool = False) -> list[PowerAPI]:
-        """Register, accept and wait for FLEET_SIZE machines to end clean, ready and off.
-
-        @param tolerate_dropped_power_off: accept a clean, ready server left on when sidero
-            silently dropped a power-off to it: the spec's controller does not come back to a
-            clean server (see L{sidero.controllers.server.ServerReconciler.power_off_recheck},
-            off by default), so such a server stays on until something else changes it.
-        """
+    async def run_fleet(self, *flags: str) -> list[PowerAPI]:
+        """Register, accept and wait for FLEET_SIZE machines to end clean, ready and off."""
         sidero = self.start_sidero(*flags)
         await self.wait_for("sidero to be ready", sidero.ready, 60)
         machines = [Machine(uuid=new_uuid(), index=10 + i, work=os.path.join(self.work, f"m{i}"))
@@ -321,25 +310,18 @@ class FleetConvergenceTests(LifecycleTestCase):
 
         names = sorted(m.uuid for m in machines)
 
-        self.left_on: list[str] = []
-
         def converged() -> bool:
             servers = {s["metadata"]["name"]: s for s in sidero.items(SERVER)}
-            dropped = self.dropped_power_offs() if tolerate_dropped_power_off else set()
-            pending, left_on = {}, []
+            pending = {}
             for api in apis:
                 st = servers[api.machine.uuid].get("status") or {}
                 state = (st.get("isClean"), st.get("ready"), st.get("power"), api.powered)
                 if state[:3] == (True, True, "off") and not api.powered:
                     continue
-                if state[:2] == (True, True) and api.powered and api.endpoint in dropped:
-                    left_on.append(api.machine.uuid)
-                    continue
                 pending[api.machine.uuid] = state
             available = (sidero.get(SERVER_CLASS, "any").get("status") or {}).get("serversAvailable")
             self.pending = {"servers (isClean, ready, power, really on)": pending,
                             "any.serversAvailable": available}
-            self.left_on = left_on
             return not pending and available == names
 
         started = time.monotonic()
@@ -354,14 +336,7 @@ class FleetConvergenceTests(LifecycleTestCase):
             self.assertTrue(api.machine.disk_head_is_zero(), f"{api.machine.uuid} was not wiped")
             self.assertTrue(any(r.wiped for r in api.machine.runs))
             self.assertIn("poweroff", api.requests)
-        if self.left_on:
-            log.msg(f"left on after a dropped power-off (spec behaviour): {self.left_on}")
         return apis
-
-    def dropped_power_offs(self) -> set[str]:
-        """Power API endpoints whose power-off sidero silently dropped at least once."""
-        return {m.group(1) for e in self.sidero.log_events()
-                if (m := DROPPED_POWER_OFF.search(str(e.get("msg", ""))))}
 
     def injected(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.sidero.log_events()
@@ -381,7 +356,7 @@ class FleetConvergenceTests(LifecycleTestCase):
 
     async def test_silent_failures(self) -> None:
         """With 10% of power calls silently doing nothing, every server is still wiped, clean,
-        ready and off; except that one whose power-off was dropped may stay on (spec 2.2 never
-        re-checks a clean server)."""
-        await self.run_fleet("--test-power-silent-failure", "0.1", tolerate_dropped_power_off=True)
+        ready and off: a dropped power-off is sent again when the controller re-checks
+        (the service passes power_off_recheck; spec 2.2 alone would leave such a server on)."""
+        await self.run_fleet("--test-power-silent-failure", "0.1")
         self.assertTrue(self.injected("silent"), "no silent power failure was injected")
