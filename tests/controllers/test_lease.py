@@ -13,9 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -32,30 +30,10 @@ from sidero.controllers.runtime import Controller, ControllerManager
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import IResourceStore, Object
+from tests.store.inline import FakeReactor, InlinePool
 
 NS = "sidero-system"
 START = 1_700_000_000.0
-
-
-class InlinePool:
-    """A thread pool stand-in running each call at once on the calling thread, so the
-    embedded store's SQLite calls complete synchronously."""
-
-    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None], f: Callable[..., Any],
-                                 *args: Any, **kwargs: Any) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class FakeReactor(Clock):
-    """A Clock whose callFromThread runs at once (there is no other thread)."""
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
 
 
 @implementer(IResourceStore)

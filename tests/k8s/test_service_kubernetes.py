@@ -138,19 +138,6 @@ class KubernetesServiceTests(TestCase):
         return subprocess.run([*proc.args, *extra], env=clean_env(), capture_output=True,
                               text=True, timeout=120)
 
-    async def kill_apiserver(self) -> None:
-        """Kill kube-apiserver like a crash, keeping its data, certificates and port."""
-        proc, self.server.process = self.server.process, None
-        assert proc is not None
-        os.killpg(proc.pid, signal.SIGKILL)
-        await threads.deferToThread(proc.wait, 30)
-        self.server._reap()
-
-    async def start_apiserver_again(self) -> None:
-        port = self.server.port
-        self.patch(apiserver, "free_port", lambda: port)
-        await self.server.start()
-
     def kubectl_apply(self, obj: dict[str, Any]) -> None:
         path = os.path.join(self.workdir, f"obj-{uuid.uuid4().hex}.json")
         with open(path, "w") as f:
@@ -198,7 +185,7 @@ class KubernetesServiceTests(TestCase):
         self.assertEqual(result.returncode, 0, result.stderr)
         await eventually("boot from disk", lambda: sidero.get(f"/ipxe?uuid={host}") == (200, DISK_BOOT))
 
-        await self.kill_apiserver()
+        await threads.deferToThread(self.server.kill)
         # Down: the same answer, from the cache, with no API server at all.
         for _ in range(3):
             self.assertEqual(await threads.deferToThread(sidero.get, f"/ipxe?uuid={host}"), (200, DISK_BOOT))
@@ -206,7 +193,7 @@ class KubernetesServiceTests(TestCase):
             await deferLater(reactor, 1.0, lambda: None)
         self.assertIsNone(sidero.proc.poll() if sidero.proc else 0, "sidero exited during the outage")
 
-        await self.start_apiserver_again()
+        await self.server.restart()
         # Released right after the restart, maybe before the informers reconnected: the
         # server goes back to the agent environment once the deletion is seen.
         result = self.server.kubectl("delete", "serverbinding", host, "-n", "default", "--wait=false")

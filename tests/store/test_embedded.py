@@ -10,8 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -33,28 +31,9 @@ from sidero.store.interfaces import (
     WatchEvent,
 )
 from tests.store.contract import Recorder, StoreContractTests
+from tests.store.inline import FakeReactor, InlinePool
 
 Object = dict[str, Any]
-
-
-class InlinePool:
-    """A thread pool stand-in that runs each call at once, on the calling thread."""
-
-    def callInThreadWithCallback(self, on_result: Callable[[bool, Any], None], f: Callable[..., Any],
-                                 *args: Any, **kwargs: Any) -> None:
-        try:
-            result = f(*args, **kwargs)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class FakeReactor(Clock):
-    """A Clock whose callFromThread runs immediately (there is no other thread)."""
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        f(*args, **kwargs)
 
 
 def server(name: str, **spec: Any) -> Object:
