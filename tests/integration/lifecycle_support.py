@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from sidero.agent.proto import agent_pb2_grpc as pb_grpc
 from sidero.api.registry import SERVER_CLASS, ResourceType
 from sidero.management.client import ManagementClient
 from tests.agent.trees import BlockDev, make_dev, make_sysfs
-from tests.power.test_ipmi_sim import BMC_EMU, CHASSIS_CONTROL, LAN_CONF
+from tests.power.test_ipmi_sim import SimulatedBMC
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def free_tcp_port() -> int:
@@ -294,76 +293,15 @@ def update_bmc_info(endpoint: str, uuid: str, ip: str = "", port: int = 0, user:
 # --- a BMC on its own loopback address -----------------------------------------------------------
 
 
-class LoopbackBMC:
-    """ipmi_sim listening on C{host}:623, with the power/boot state in files."""
+class LoopbackBMC(SimulatedBMC):
+    """ipmi_sim listening on C{host}:623 (the port the agent's UpdateBMCInfo always reports),
+    on a private loopback address per run so parallel runs differ."""
 
     PORT = 623
 
     def __init__(self, directory: str, user: str = "admin", password: str = "secret") -> None:
-        self.dir = os.path.abspath(directory)
-        self.state = os.path.join(self.dir, "chassis")
-        self.user = user
-        self.password = password
-        # A private loopback address per run: port 623 is the BMC port, parallel runs differ.
-        self.host = f"127.62.{random.randint(1, 254)}.{random.randint(1, 254)}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Blocking: write the files, start ipmi_sim, wait until ipmitool gets an answer."""
-        os.makedirs(self.state, exist_ok=True)
-        os.makedirs(os.path.join(self.dir, "simstate"), exist_ok=True)
-        script = os.path.join(self.dir, "chassis_control.sh")
-        with open(script, "w") as f:
-            f.write(CHASSIS_CONTROL.format(state=self.state))
-        os.chmod(script, 0o755)
-        with open(os.path.join(self.dir, "bmc.emu"), "w") as f:
-            f.write(BMC_EMU)
-        conf = LAN_CONF.replace("addr 127.0.0.1 {port}", "addr {host} {port}")
-        with open(os.path.join(self.dir, "lan.conf"), "w") as f:
-            f.write(conf.format(host=self.host, port=self.PORT, script=script, user=self.user,
-                                password=self.password))
-        log = open(os.path.join(self.dir, "ipmi_sim.log"), "ab")
-        self.process = subprocess.Popen(
-            ["ipmi_sim", "-c", "lan.conf", "-f", "bmc.emu", "-s", "simstate", "-n"],
-            cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and self.process.poll() is None:
-            if self.ipmitool("mc", "info", timeout=3).returncode == 0:
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"ipmi_sim did not come up on {self.host}:{self.PORT}; "
-                           f"see {self.dir}/ipmi_sim.log")
-
-    def stop(self) -> None:
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-    def ipmitool(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["ipmitool", "-I", "lanplus", "-C", "3", "-H", self.host, "-p", str(self.PORT),
-             "-U", self.user, "-P", self.password, *args],
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        )
-
-    def read(self, name: str) -> str | None:
-        try:
-            with open(os.path.join(self.state, name)) as f:
-                return f.read().strip()
-        except FileNotFoundError:
-            return None
-
-    def log(self) -> list[str]:
-        return (self.read("log") or "").splitlines()
+        host = f"127.62.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        super().__init__(directory, user, password, host=host, port=self.PORT)
 
 
 # --- the HTTP power API of one machine -----------------------------------------------------------

@@ -61,7 +61,7 @@ fi
 LAN_CONF = """name "sidero-test-bmc"
 set_working_mc 0x20
   startlan 1
-    addr 127.0.0.1 {port}
+    addr {host} {port}
     priv_limit admin
     allowed_auths_callback none md2 md5 straight
     allowed_auths_user none md2 md5 straight
@@ -88,14 +88,21 @@ def free_udp_port() -> int:
 
 
 class SimulatedBMC:
-    """One ipmi_sim process with its config, chassis_control script and state files."""
+    """One ipmi_sim process with its config, chassis_control script and state files.
 
-    def __init__(self, directory: str, user: str = "admin", password: str = "secret") -> None:
+    @param host: the loopback address it listens on.
+    @param port: its UDP port; 0 picks a free one (retried if taken before ipmi_sim binds).
+    """
+
+    def __init__(self, directory: str, user: str = "admin", password: str = "secret",
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         self.dir = os.path.abspath(directory)
         self.state = os.path.join(self.dir, "chassis")
         self.user = user
         self.password = password
-        self.port = 0
+        self.host = host
+        self.fixed_port = port
+        self.port = port
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -108,10 +115,10 @@ class SimulatedBMC:
         os.chmod(script, 0o755)
         with open(os.path.join(self.dir, "bmc.emu"), "w") as f:
             f.write(BMC_EMU)
-        for _attempt in range(3):  # the free port may be taken between probe and bind
-            self.port = free_udp_port()
+        for _attempt in range(1 if self.fixed_port else 3):  # a free port may be taken before the bind
+            self.port = self.fixed_port or free_udp_port()
             with open(os.path.join(self.dir, "lan.conf"), "w") as f:
-                f.write(LAN_CONF.format(port=self.port, script=script, user=self.user,
+                f.write(LAN_CONF.format(host=self.host, port=self.port, script=script, user=self.user,
                                         password=self.password))
             log = open(os.path.join(self.dir, "ipmi_sim.log"), "ab")
             self.process = subprocess.Popen(
@@ -120,13 +127,14 @@ class SimulatedBMC:
                 start_new_session=True,
             )
             log.close()
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 15
             while time.monotonic() < deadline and self.process.poll() is None:
                 if self.ipmitool("mc", "info", timeout=3).returncode == 0:
                     return
                 time.sleep(0.1)
             self.stop()
-        raise RuntimeError(f"ipmi_sim did not come up; see {self.dir}/ipmi_sim.log")
+        raise RuntimeError(f"ipmi_sim did not come up on {self.host}:{self.port}; "
+                           f"see {self.dir}/ipmi_sim.log")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -140,7 +148,7 @@ class SimulatedBMC:
 
     def ipmitool(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["ipmitool", "-I", "lanplus", "-C", "3", "-H", "127.0.0.1", "-p", str(self.port),
+            ["ipmitool", "-I", "lanplus", "-C", "3", "-H", self.host, "-p", str(self.port),
              "-U", self.user, "-P", self.password, *args],
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )
@@ -156,7 +164,7 @@ class SimulatedBMC:
         return (self.read("log") or "").splitlines()
 
     def endpoint(self, password: str | None = None) -> BMCEndpoint:
-        return make_endpoint("127.0.0.1", self.port, self.user,
+        return make_endpoint(self.host, self.port, self.user,
                              self.password if password is None else password, "")
 
 
