@@ -300,7 +300,7 @@ class EventsOnAPIServerTests(TestCase):
         async def power_for(obj: Object) -> FakePower:
             return power
 
-        reconciler = ServerReconciler(self.store, power_for, recorder, self.reactor)
+        reconciler = ServerReconciler(self.store, power_for, recorder, self.reactor, pxe_mode="bios")
         await reconciler.reconcile(name)
         await recorder.settle()
         self.assertEqual(power.calls, ["pxe:bios", "on"])

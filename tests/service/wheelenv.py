@@ -98,8 +98,10 @@ def wheel_env() -> WheelEnv:
     # Dependencies come from the project venv, after the new venv's own site-packages.
     with open(os.path.join(site, "_sidero_deps.pth"), "w") as f:
         f.write(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "-q",
-          "--disable-pip-version-check", wheel])
+    # --ignore-installed: under tox, sidero is already installed in the env the .pth points
+    # at; pip would call it satisfied and install nothing here (no console scripts either).
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--ignore-installed",
+          "-q", "--disable-pip-version-check", wheel])
     twistd = os.path.join(venv, "bin", "twistd")
     with open(twistd, "w") as f:
         f.write(f"#!{python}\nimport sys\nfrom twisted.scripts.twistd import run\nsys.exit(run())\n")
