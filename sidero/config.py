@@ -210,6 +210,13 @@ def choice(*values: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_https_url(text: str) -> str:
+    """As L{parse_url}, https only (the Kubernetes API server calls webhooks over TLS)."""
+    if not text.lower().startswith("https://"):
+        raise ValueError(text)
+    return parse_url(text)
+
+
 def _parse_tls_version(text: str) -> str:
     """Go's crypto/tls constant names, as controller-runtime's --tls-min-version takes them."""
     return {"versiontls12": "VersionTLS12", "versiontls13": "VersionTLS13"}[choice(
@@ -373,7 +380,7 @@ SETTINGS: tuple[Setting, ...] = (
           "With the Kubernetes store, point the CRDs' conversion and a ValidatingWebhookConfiguration"
           " at this webhook server and its own CA; turn off where cert-manager and manifests manage them."),
     Setting(
-        "webhook_url", (_own("webhook_url"),), "", parse_url,
+        "webhook_url", (_own("webhook_url"),), "", parse_https_url,
         "an https URL, or empty for the default",
         "Base URL the Kubernetes API server uses to reach the webhook server.",
         default_doc="https://<api-endpoint>:<webhook-port>",

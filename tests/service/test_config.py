@@ -192,6 +192,34 @@ class PrecedenceTests(SynchronousTestCase):
         s = settings({"api_endpoint": "10.9.9.9"}, {CM + "SIDEROLINK_ENDPOINT": "wg.example"})
         self.assertEqual(s.siderolink_endpoint, "wg.example")
 
+    def test_webhook_url_defaults_to_api_endpoint(self) -> None:
+        """The webhook URL is https://<api-endpoint>:<webhook-port> unless given; https only."""
+        self.assertEqual(settings({"api_endpoint": "10.9.9.9"}).webhook_url, "https://10.9.9.9:9443")
+        self.assertEqual(settings({"api_endpoint": "fd00::1", "webhook_port": "8443"}).webhook_url,
+                         "https://[fd00::1]:8443")
+        s = settings({"api_endpoint": "10.9.9.9", "webhook_url": "https://sidero.example:9443/"})
+        self.assertEqual(s.webhook_url, "https://sidero.example:9443")
+        with self.assertRaises(ConfigError):
+            settings({"api_endpoint": "10.9.9.9", "webhook_url": "http://sidero.example:9443"})
+
+    def test_talos_assets_url(self) -> None:
+        """Talos assets come from GitHub releases unless a mirror URL (http or https) is given."""
+        self.assertEqual(settings({"api_endpoint": "10.9.9.9"}).talos_assets_url,
+                         "https://github.com/siderolabs/talos/releases/download")
+        s = settings({"api_endpoint": "10.9.9.9"}, {"SIDERO_TALOS_ASSETS_URL": "http://mirror.lan/talos/"})
+        self.assertEqual(s.talos_assets_url, "http://mirror.lan/talos")
+        for bad in ("mirror.lan/talos", "ftp://mirror.lan", "http:///x", "http://m/x?a=b"):
+            with self.assertRaises(ConfigError):
+                settings({"api_endpoint": "10.9.9.9", "talos_assets_url": bad})
+
+    def test_tls_min_version_takes_go_names(self) -> None:
+        """--tls-min-version takes Go's constant names in any case and keeps their spelling."""
+        self.assertEqual(settings({"api_endpoint": "10.9.9.9"}).tls_min_version, "VersionTLS12")
+        self.assertEqual(settings({"api_endpoint": "10.9.9.9", "tls_min_version": "versiontls13"})
+                         .tls_min_version, "VersionTLS13")
+        with self.assertRaises(ConfigError):
+            settings({"api_endpoint": "10.9.9.9", "tls_min_version": "VersionTLS10"})
+
     def test_empty_variable_is_unset(self) -> None:
         """An empty variable (as environment files write them) leaves the default in place."""
         self.assertEqual(settings({}, {CM + "API_PORT": ""}).api_port, 8081)
