@@ -140,9 +140,18 @@ class NamespaceTests(SynchronousTestCase):
         self.lab.run("ip", "netns", "exec", self.cli, "dhclient", "-1", "-v", "-sf", str(script),
                      "-lf", str(self.work / "dhclient.leases"), "-pf",
                      str(self.work / "dhclient.pid"), "eth0", timeout=30)
-        pid = (self.work / "dhclient.pid").read_text().strip()
+        # dhclient forks into the background with its lease; the child writes the pid file a
+        # moment after the parent exits. Stop it either way (by its unique lease file path).
+        pidfile = self.work / "dhclient.pid"
+        for _ in range(40):
+            if pidfile.exists() and pidfile.read_text().strip():
+                break
+            time.sleep(0.05)
+        pid = pidfile.read_text().strip() if pidfile.exists() else ""
         if pid:
             self.lab.run("kill", pid, check=False)
+        else:
+            self.lab.run("pkill", "-f", str(self.work / "dhclient.leases"), check=False)
         self.assertRegex(env_out.read_text(), r"new_ip_address=10\.213\.71\.1[0-5]\d")
         counters = self.proxy_counters()
         self.assertEqual((counters["offers"], counters["acks"]), (0, 0))
