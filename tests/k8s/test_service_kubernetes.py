@@ -95,8 +95,11 @@ class SideroProcess:
             self.proc.wait(10)
 
     def log(self) -> str:
-        with open(self.log_path, errors="replace") as f:
-            return f.read()
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:  # not started yet
+            return ""
 
     def get(self, path: str) -> tuple[int, bytes]:
         url = f"http://127.0.0.1:{self.api_port}{path}"
@@ -216,21 +219,22 @@ class KubernetesServiceTests(TestCase):
         timings = ("--leader-election-lease-duration", "4s", "--leader-election-renew-deadline", "3s",
                    "--leader-election-retry-period", "0.5s")
         kubeconfig = str(self.server.kubeconfig)
-        # Only the first registers the webhooks (each would otherwise inject its own CA).
+        # Only "a" registers the webhooks (each would otherwise inject its own CA), and "b"
+        # starts first so that it leads: killing the leader must not take the webhook down.
         replicas = {"a": SideroProcess(kubeconfig, self.workdir, *timings, name="a"),
                     "b": SideroProcess(kubeconfig, self.workdir, *timings, "--no-webhook-register", name="b")}
         for replica in replicas.values():
-            replica.start()
             self.addCleanup(lambda r=replica: threads.deferToThread(r.stop))
 
         def leaders() -> list[str]:
             return [n for n, r in replicas.items() if "became leader" in r.log()]
 
-        await eventually("a leader", leaders)
+        replicas["b"].start()
+        await eventually("b to lead", lambda: leaders() == ["b"])
+        replicas["a"].start()
         await deferLater(reactor, 2 * lease_seconds, lambda: None)
-        self.assertEqual(len(leaders()), 1, "two replicas became leader")
-        leader = leaders()[0]
-        follower = "b" if leader == "a" else "a"
+        self.assertEqual(leaders(), ["b"], "a second replica became leader")
+        leader, follower = "b", "a"
         holder = self.server.kubectl(
             "get", "lease", "-n", "sidero-system", "controller-leader-election-sidero-controller-manager",
             "-o", "jsonpath={.spec.holderIdentity}").stdout
