@@ -39,6 +39,7 @@ from sidero.api import registry
 from sidero.api.admission import CREATE, DELETE, UPDATE, Admission
 from sidero.api.conversion import ConversionError, convert
 from sidero.api.registry import ResourceType
+from sidero.controllers.informer import Backoff
 from sidero.k8s import tls
 from sidero.store.errors import StoreError
 from sidero.store.interfaces import IAdmission
@@ -665,7 +666,8 @@ class WebhookService(Service):
 
     def _retry_registration(self, attempt: int) -> None:
         """Retry L{register} with backoff (1 s doubling to 60 s) until it succeeds or we stop."""
-        delay = min(REGISTER_RETRY_MAX, REGISTER_RETRY_INITIAL * 2 ** (attempt - 1))
+        backoff = Backoff(initial=REGISTER_RETRY_INITIAL, maximum=REGISTER_RETRY_MAX, jitter=0.0)
+        delay = backoff.delay(attempt - 1, 0.0)
 
         def again() -> None:
             self._retry_call = None
