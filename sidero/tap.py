@@ -154,11 +154,15 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     Kubernetes-backed build would pass a Lease elector when --enable-leader-election is set.
     """
     from sidero.controllers.environment import make_environment_controller
-    from sidero.controllers.events import EventRecorder
+    from sidero.controllers.events import CAPS_CONTROLLER_MANAGER, EventRecorder
+    from sidero.controllers.metalcluster import make_metalcluster_controller
+    from sidero.controllers.metalmachine import make_metalmachine_controller
     from sidero.controllers.runtime import DEFAULT_REQUEUE_AFTER, ControllerManager
     from sidero.controllers.server import make_server_controller
+    from sidero.controllers.serverbinding import make_serverbinding_controller
     from sidero.controllers.serverclass import make_serverclass_controller
     from sidero.controllers.startup import install_startup_runnables
+    from sidero.k8s.workload import WorkloadNodes
     from sidero.power.factory import PowerManagerFactory
 
     elector = _make_elector(settings, context)
@@ -179,6 +183,16 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
         # A BMC that dropped a power-off (seen with silent failures) gets it again.
         power_off_recheck=DEFAULT_REQUEUE_AFTER,
     )
+    # The Cluster API provider (spec 2.5-2.7). Machines and Clusters are read from the store
+    # when needed, not watched, so these run (and serve standalone MetalMachines) even where
+    # the Cluster API CRDs are not installed.
+    caps_recorder = EventRecorder(context.store, context.reactor, component=CAPS_CONTROLLER_MANAGER)
+    make_metalcluster_controller(manager, context.store)
+    make_metalmachine_controller(
+        manager, context.store, workload=WorkloadNodes(context.reactor, context.pools["k8s"].pool),
+        recorder=caps_recorder,
+    )
+    make_serverbinding_controller(manager, context.store, recorder=caps_recorder)
     context.extra["controller_manager"] = manager
     context.extra["event_recorder"] = recorder
     if elector is None:

@@ -42,6 +42,15 @@ def rfc3339(now: Now) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_rfc3339(value: str) -> float | None:
+    """Epoch seconds of a C{metav1.Time} string (C{2024-05-01T10:20:30Z}), None if unreadable."""
+    try:
+        moment = datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+    except (TypeError, ValueError):
+        return None
+    return moment.replace(tzinfo=datetime.UTC).timestamp()
+
+
 def condition(type_: str, status: str, now: Now, reason: str = "", severity: str = "",
               message: str = "") -> Condition:
     """A complete condition dict (empty optional fields omitted, as Go's omitempty does)."""

@@ -28,6 +28,8 @@ WARNING = "Warning"
 
 #: Component name of the controllers of sidero-controller-manager (spec §0.4).
 CONTROLLER_MANAGER = "sidero-controller-manager"
+#: the reporting component of the Cluster API provider's controllers (spec §0.4).
+CAPS_CONTROLLER_MANAGER = "caps-controller-manager"
 
 #: Where Events about cluster-scoped objects go (client-go uses the default namespace).
 DEFAULT_EVENT_NAMESPACE = "default"

@@ -15,7 +15,6 @@ The power manager comes from an injected C{power_for(server)} so tests and the r
 from __future__ import annotations
 
 import copy
-import datetime
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -67,14 +66,6 @@ class PowerManager(Protocol):
 
 
 PowerFor = Callable[[Object], Awaitable[PowerManager]]
-
-
-def _parse_time(value: str) -> float | None:
-    try:
-        moment = datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
-    except (TypeError, ValueError):
-        return None
-    return moment.replace(tzinfo=datetime.UTC).timestamp()
 
 
 def _name(obj: Object) -> str:
@@ -276,7 +267,7 @@ class ServerReconciler:
         wait = self.reboot_timeout / 3
         cycle = conditions.get(obj, POWER_CYCLE)
         if cycle is not None and cycle.get("status") == conditions.FALSE:
-            since = _parse_time(cycle.get("lastTransitionTime", ""))
+            since = conditions.parse_rfc3339(cycle.get("lastTransitionTime", ""))
             if since is not None and self.clock.seconds() - since < self.reboot_timeout:
                 return _Step(False, wait)
         if power_error is not None:
