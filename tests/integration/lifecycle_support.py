@@ -24,6 +24,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -316,8 +318,14 @@ class PowerAPI(Resource):
 
     isLeaf = True
 
-    def __init__(self, machine: Machine, sidero_endpoint: str, powered: bool) -> None:
+    def __init__(self, machine: Machine, sidero_endpoint: str, powered: bool,
+                 follow_ipxe: bool = False) -> None:
         super().__init__()
+        #: ask sidero's /ipxe what a PXE boot runs, as the firmware's chain script does: the
+        #: agent environment runs the agent, a Talos environment fetches its talos.config URL
+        #: (recorded in L{talos_configs}); otherwise every PXE boot runs the agent.
+        self.follow_ipxe = follow_ipxe
+        self.talos_configs: list[tuple[int, bytes]] = []
         self.machine = machine
         self.sidero_endpoint = sidero_endpoint
         self.powered = powered
@@ -361,15 +369,38 @@ class PowerAPI(Resource):
         self.pxe_once = False
         if self._booting is not None:
             return  # the agent is already running; a real reset would restart it, same effect
-        self.agent_boots += 1
-        d = boot_agent(self.machine, self.sidero_endpoint)
+        d = deferToThread(self._pxe_boot)
 
         def done(result: Any) -> None:
             self._booting = None
-            if not isinstance(result, AgentRun):
+            if not isinstance(result, AgentRun | bytes):
                 self.errors.append(str(result))
 
         self._booting = d.addBoth(done)
+
+    def _pxe_boot(self) -> AgentRun | bytes:
+        """One network boot (blocking, in a thread)."""
+        if self.follow_ipxe:
+            mac = f"52-54-00-00-00-{self.machine.index:02x}"
+            url = f"http://{self.sidero_endpoint}/ipxe?uuid={self.machine.uuid}&mac={mac}&arch=x86_64"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                script = response.read()
+            if b"/env/agent-" not in script:
+                found = re.search(rb"talos\.config=(\S+)", script)
+                if found is None:
+                    raise AssertionError(f"/ipxe answered neither the agent nor Talos: {script!r}")
+                # Talos fills in an empty uuid= with its SMBIOS UUID (spec 8).
+                config_url = found[1].decode()
+                if config_url.endswith("uuid="):
+                    config_url += self.machine.uuid
+                try:
+                    with urllib.request.urlopen(config_url, timeout=10) as response:
+                        self.talos_configs.append((response.status, response.read()))
+                except urllib.error.HTTPError as e:
+                    self.talos_configs.append((e.code, e.read()))
+                return script
+        self.agent_boots += 1
+        return run_agent(self.machine, self.sidero_endpoint)
 
     def idle(self) -> Deferred[Any] | None:
         return self._booting
