@@ -8,7 +8,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.api.registry import METAL_MACHINE, SERVER, SERVER_BINDING
-from sidero.controllers.informer import Backoff, Informer, object_key, split_key
+from sidero.backoff import Backoff
+from sidero.controllers.informer import Informer, object_key, split_key
 from sidero.store.errors import Gone, Unavailable
 from sidero.store.interfaces import Object
 

@@ -25,7 +25,7 @@ from twisted.web import server
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
-from sidero.controllers.informer import Backoff
+from sidero.backoff import Backoff
 from sidero.k8s import tls
 from sidero.k8s.webhook.registration import WebhookEndpoint, install_webhooks
 from sidero.k8s.webhook.review import Object, WebhookCounters, WebhookHandler
