@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.agent import inventory, main
 from sidero.agent.client import RetriesExhausted
-from sidero.agent.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2 as pb
 from tests.agent.trees import make_dev, make_sysfs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

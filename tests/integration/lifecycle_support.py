@@ -34,10 +34,10 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from sidero.agent.proto import agent_pb2 as pb
-from sidero.agent.proto import agent_pb2_grpc as pb_grpc
 from sidero.api.registry import SERVER_CLASS, ResourceType
 from sidero.management.client import ManagementClient
+from sidero.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2_grpc as pb_grpc
 from tests.agent.trees import BlockDev, make_dev, make_sysfs
 from tests.power.test_ipmi_sim import SimulatedBMC
 

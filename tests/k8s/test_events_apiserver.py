@@ -24,11 +24,11 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 
-from sidero.agent.proto import agent_pb2 as pb
 from sidero.api.registry import EVENT, METAL_MACHINE, NAMESPACE, SERVER
 from sidero.controllers.events import CONTROLLER_MANAGER, DEFAULT_BURST, EventRecorder
 from sidero.controllers.server import ServerReconciler
 from sidero.k8s.store import KubernetesStore
+from sidero.proto import agent_pb2 as pb
 from sidero.protocols.grpc.server import EVENT_COMPONENT, AgentAPI
 from sidero.store.interfaces import Object
 from tests.k8s.apiserver import KubeAPIServer

@@ -12,10 +12,10 @@ import grpc
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from sidero.agent.proto import agent_pb2 as pb
 from sidero.api import conditions
 from sidero.api.admission import Admission
 from sidero.api.registry import SECRET, SERVER
+from sidero.proto import agent_pb2 as pb
 from sidero.protocols.grpc.server import (
     AgentAPI,
     AgentServicer,
