@@ -31,8 +31,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.agent.trees import DEFAULT_DISKS, make_dev, make_sysfs
+from tests.paths import REPO, RUN_SIDERO, tree_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAC = "52:54:00:5e:1d:e0"
 UUID = "11223344-5566-7788-99aa-bbccddeeff00"  # of the recorded qemu-pc tables
 HOSTNAME = "metal-node-7"
@@ -135,14 +135,14 @@ class AgentNetnsTests(TestCase):
         self.socket = os.path.join(socket_dir, "m.sock")
         self.sidero_log = os.path.join(self.work, "sidero.log")
         self.sidero = self.spawn(self.srv, [
-            sys.executable, os.path.join(REPO, "tests", "integration", "run_sidero.py"),
+            sys.executable, str(RUN_SIDERO),
             "--api-endpoint", self.server_ip, "--api-port", "8081", "--http-port", "8081",
             "--state-dir", os.path.join(self.work, "state"), "--store", "embedded",
             "--talos-assets-url", "http://127.0.0.1:1", "--disable-dhcp-proxy",
             "--disable-tftp", "--disable-siderolink", "--no-enable-leader-election",
             "--management-socket", self.socket, "--insecure-wipe",
             "--server-reboot-timeout", "30s",
-        ], self.sidero_log, env=dict(os.environ, PYTHONPATH=REPO))
+        ], self.sidero_log, env=tree_env())
 
     def tail(self, path: str, lines: int = 40) -> str:
         try:
@@ -165,7 +165,7 @@ class AgentNetnsTests(TestCase):
             [sys.executable, "-c", "import sys; from sidero.management.cli import main; "
              "sys.exit(main())", "--socket", self.socket, *args],
             capture_output=True, text=True, timeout=30, cwd=REPO, input=input,
-            env=dict(os.environ, PYTHONPATH=REPO))
+            env=tree_env())
 
     def sidero_ready(self) -> bool:
         return self.manage("get", "servers").returncode == 0
@@ -185,7 +185,7 @@ class AgentNetnsTests(TestCase):
                 "sidero.agent", "--cmdline", cmdline, "--no-reboot", "--no-bmc",
                 "--sysfs", sysfs, "--dev", dev, "--retry-interval", "1", "--retry-timeout", "60"]
         return deferToThread(subprocess.run, argv, capture_output=True, text=True, timeout=150,
-                             cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+                             cwd=REPO, env=tree_env())
 
     def keep(self, name: str, text: str) -> None:
         with open(os.path.join(self.work, name), "w") as f:

@@ -35,8 +35,8 @@ from tests.integration.netns import (
     run,
     why_not_runnable,
 )
+from tests.paths import RUN_SIDERO, tree_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UUID = "11111111-2222-3333-4444-555555555555"
 VM_TIMEOUT = 150.0
 
@@ -53,7 +53,7 @@ def e2e_images() -> str:
 
 def sidero_command(*args: str) -> list[str]:
     """Run the service tree from this source tree (see tests/integration/run_sidero.py)."""
-    return [sys.executable, os.path.join(REPO, "tests", "integration", "run_sidero.py"), *args]
+    return [sys.executable, str(RUN_SIDERO), *args]
 
 
 class PXEBootTests(TestCase):
@@ -81,7 +81,7 @@ class PXEBootTests(TestCase):
                                 f"--pid-file={os.path.join(self.work, 'dnsmasq.pid')}"],
                        os.path.join(self.work, "dnsmasq.out"))
         self.sidero_log = os.path.join(self.work, "sidero.log")
-        env = dict(os.environ, PYTHONPATH=REPO)
+        env = tree_env()
         # trial's temp paths can exceed the 107-byte limit of a unix socket path.
         socket_dir = tempfile.mkdtemp(prefix="sd-")
         self.addCleanup(shutil.rmtree, socket_dir, True)

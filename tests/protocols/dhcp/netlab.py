@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.paths import REPO, tree_env
+
 TOOLS = ("ip", "dnsmasq", "udhcpc", "tcpdump", "perfdhcp")
 
 
@@ -140,7 +141,7 @@ class NetLab:
 
     def spawn_proxy(self, ns: str, log: Path, *args: str) -> subprocess.Popen[bytes]:
         """Our DHCP proxy runner in C{ns} (the same module the QEMU harness uses)."""
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        env = tree_env(PYTHONUNBUFFERED="1")
         return self.spawn(ns, [sys.executable, "-m", "sidero.protocols.dhcp", *args], log, env)
 
     @staticmethod
