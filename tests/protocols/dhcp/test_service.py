@@ -26,9 +26,9 @@ from sidero.protocols.dhcp.interfaces import (
 )
 from sidero.protocols.dhcp.protocol import DHCPProxyProtocol
 from sidero.protocols.dhcp.service import DHCPProxyService, make_dhcp_proxy_service
+from tests.netlab import NetLab
 from tests.paths import REPO, tree_env
 from tests.protocols.dhcp import packets as p
-from tests.protocols.dhcp.netlab import NetLab
 
 ADDRS = [InterfaceAddress("lo", "127.0.0.1"), InterfaceAddress("eth0", "10.213.0.2"),
          InterfaceAddress("eth1", "10.99.0.1")]
