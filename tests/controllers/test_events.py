@@ -13,7 +13,7 @@ from sidero.controllers.events import EventRecorder
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, inline_store
 
 
 class EventRecorderTests(SynchronousTestCase):

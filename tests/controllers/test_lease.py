@@ -30,10 +30,9 @@ from sidero.controllers.runtime import Controller, ControllerManager
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import IResourceStore, Object
-from tests.store.inline import FakeReactor, InlinePool
+from tests.store.inline import START, FakeReactor, inline_store
 
 NS = "sidero-system"
-START = 1_700_000_000.0
 
 
 @implementer(IResourceStore)
@@ -104,9 +103,7 @@ class Timeline:
 
 class LeaseElectorTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = FakeReactor()
-        self.clock.advance(START)
-        self.store = EmbeddedStore(self.clock, ":memory:", pool=InlinePool())  # type: ignore[arg-type]
+        self.store, self.clock = inline_store()
         self.successResultOf(Deferred.fromCoroutine(self.store.open()))
         self.addCleanup(lambda: self.successResultOf(Deferred.fromCoroutine(self.store.close())))
         self.timeline = Timeline(self.clock)

@@ -23,7 +23,7 @@ from sidero.controllers.server import (
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, inline_store
 
 NAME = "4c4c4544-0039-3010-8048-b7c04f563232"
 

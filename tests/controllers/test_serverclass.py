@@ -14,7 +14,7 @@ from sidero.controllers.serverclass import ServerClassReconciler, make_servercla
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, inline_store
 
 
 def server(name: str, accepted: bool = True, labels: dict[str, str] | None = None, **spec: Any) -> Object:

@@ -31,7 +31,7 @@ from sidero.store.interfaces import (
     WatchEvent,
 )
 from tests.store.contract import Recorder, StoreContractTests
-from tests.store.inline import FakeReactor, InlinePool
+from tests.store.inline import FakeReactor, inline_store
 
 Object = dict[str, Any]
 
@@ -39,13 +39,6 @@ Object = dict[str, Any]
 def server(name: str, **spec: Any) -> Object:
     return {"apiVersion": registry.SERVER.api_version, "kind": "Server",
             "metadata": {"name": name}, "spec": {"accepted": False, **spec}}
-
-
-def inline_store(path: str = ":memory:", **kwargs: Any) -> tuple[EmbeddedStore, FakeReactor]:
-    reactor = FakeReactor()
-    reactor.advance(1_700_000_000)
-    store = EmbeddedStore(reactor, path, pool=InlinePool(), **kwargs)  # type: ignore[arg-type]
-    return store, reactor
 
 
 def result_of(test: TestCase, d: Any) -> Any:

@@ -26,7 +26,7 @@ from sidero.protocols.grpc.server import (
 )
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, inline_store
 
 Object = dict[str, Any]
 UUID = "4c4c4544-0035-3910-8051-b4c04f4a4d32"
