@@ -33,7 +33,7 @@ from sidero.power.interfaces import SimulatedFailure
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.inline import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, open_inline_store
 
 NAME = "4c4c4544-0039-3010-8048-b7c04f563232"
 #: What a call the fake power manager is told to fail says.
@@ -60,9 +60,7 @@ class Base(SynchronousTestCase):
     def setUp(self) -> None:
         self.store: EmbeddedStore
         self.clock: FakeReactor
-        self.store, self.clock = inline_store()
-        self.ok(self.store.open())
-        self.addCleanup(lambda: self.ok(self.store.close()))
+        self.store, self.clock = open_inline_store(self)
         self.fleet = FakeFleet(report_state=True)
         self.powers: dict[str, PowerManager] = {}
         self.power_error: Exception | None = None

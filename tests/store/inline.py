@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.store.embedded import EmbeddedStore
 
@@ -43,4 +45,13 @@ def inline_store(path: str = ":memory:", **kwargs: Any) -> tuple[EmbeddedStore, 
     reactor = FakeReactor()
     reactor.advance(START)
     store = EmbeddedStore(reactor, path, pool=InlinePool(), **kwargs)  # type: ignore[arg-type]
+    return store, reactor
+
+
+def open_inline_store(test: SynchronousTestCase, path: str = ":memory:",
+                      **kwargs: Any) -> tuple[EmbeddedStore, FakeReactor]:
+    """L{inline_store}, opened now and closed when C{test} ends."""
+    store, reactor = inline_store(path, **kwargs)
+    test.successResultOf(Deferred.fromCoroutine(store.open()))
+    test.addCleanup(lambda: test.successResultOf(Deferred.fromCoroutine(store.close())))
     return store, reactor
