@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.protocols.dhcp.netlab import NetLab, missing_requirements
+from tests.netlab import NetLab, missing_requirements
 
 PXE_VENDOR = b"PXEClient:Arch:00000:UNDI:002001"
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=int, default=15, help="load per proxy (max 25)")
     args = ap.parse_args(argv)
     seconds = min(args.seconds, 25)
-    reason = missing_requirements(("ip", "dnsmasq", "perfdhcp"))
+    reason = missing_requirements(("dnsmasq", "perfdhcp"))
     if reason:
         print(f"bench skipped: {reason}")
         return 2

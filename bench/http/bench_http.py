@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.paths import RUN_SIDERO
 
 
 def free_port() -> int:
@@ -59,7 +59,7 @@ def main() -> None:
             f.write(os.urandom(args.size_mib << 20))
         ours, theirs = free_port(), free_port()
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "tests", "integration", "run_sidero.py"),
+            [sys.executable, str(RUN_SIDERO),
              "--state-dir", os.path.join(work, "state"), "--api-endpoint", "127.0.0.1",
              "--api-port", str(ours), "--listen-address", "127.0.0.1",
              "--disable-dhcp-proxy", "--disable-tftp", "--log-level", "warn",

@@ -17,8 +17,8 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from twisted.logger import Logger
 
-from sidero.agent.proto import agent_pb2 as pb
-from sidero.agent.proto import agent_pb2_grpc as pb_grpc
+from sidero.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2_grpc as pb_grpc
 
 log = Logger()
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from twisted.logger import Logger
 
 from sidero.agent import smbios
-from sidero.agent.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2 as pb
 
 log = Logger()
 

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from sidero.agent import bmc, inventory, network, smbios, wipe
 from sidero.agent.client import AgentClient, Heartbeat, RetriesExhausted
-from sidero.agent.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2 as pb
 
 log = Logger()
 

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from sidero.api.registry import ResourceType
 from sidero.api.selectors import LabelSelector
+from sidero.backoff import Backoff
 from sidero.store.errors import Gone
 from sidero.store.interfaces import (
     ADDED,
@@ -70,21 +71,6 @@ def split_key(key: str) -> tuple[str | None, str]:
 
 def _resource_version(obj: Object) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: C{initial * factor**n}, capped at C{maximum}, plus up to C{jitter}
-    of itself at random, so many informers losing one store do not reconnect in lockstep."""
-
-    initial: float = 0.8
-    factor: float = 2.0
-    maximum: float = 30.0
-    jitter: float = 0.5
-
-    def delay(self, attempt: int, rnd: float) -> float:
-        base = min(self.maximum, self.initial * (self.factor ** min(attempt, 64)))
-        return min(self.maximum, base * (1.0 + self.jitter * rnd))
 
 
 @dataclass

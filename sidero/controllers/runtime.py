@@ -26,7 +26,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sidero.api.registry import ResourceType
-from sidero.controllers.informer import Backoff, Informer, object_key, split_key
+from sidero.backoff import Backoff
+from sidero.controllers.informer import Informer, object_key, split_key
 from sidero.controllers.leader import AlwaysLeader, ILeaderElector
 from sidero.controllers.workqueue import DEFAULT_MAX_WORKERS, ExponentialBackoff, WorkQueue
 from sidero.store.errors import Conflict, Timeout, Unavailable

@@ -33,7 +33,6 @@ from sidero.api.selectors import FieldSelector, LabelSelector, SelectorError
 from sidero.k8s import client as kc
 from sidero.k8s.errors import from_response, unreachable
 from sidero.store import errors
-from sidero.store._objects import kind_of
 from sidero.store.interfaces import (
     ADDED,
     BOOKMARK,
@@ -44,9 +43,9 @@ from sidero.store.interfaces import (
     ResourceList,
     WatchEvent,
 )
+from sidero.store.kinds import kind_of, namespace_for
 from sidero.threads import CallTimeout, run_in_pool
 
-DEFAULT_NAMESPACE = "default"
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 #: Seconds the API server keeps one watch request open; the store then resumes transparently.
 DEFAULT_WATCH_TIMEOUT = 300
@@ -56,10 +55,9 @@ UNCONDITIONAL_ATTEMPTS = 5
 
 
 def _namespace_for(kind: ResourceType, namespace: str | None) -> str | None:
-    """Cluster-scoped kinds drop any namespace; namespaced kinds default to C{default}."""
-    if not kind.namespaced:
-        return None
-    return namespace or DEFAULT_NAMESPACE
+    """The namespace of the URL: L{namespace_for}, but None (no C{/namespaces/} segment) for a
+    cluster-scoped kind."""
+    return namespace_for(kind, namespace) or None
 
 
 def _typed(kind: ResourceType, obj: Object) -> Object:

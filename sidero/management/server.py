@@ -22,7 +22,6 @@ import os
 import socket
 import stat
 from dataclasses import dataclass
-from io import BytesIO
 from typing import Any
 from urllib.parse import unquote
 
@@ -46,35 +45,21 @@ from sidero.management.common import (  # noqa: F401 - re-exported for callers o
 )
 from sidero.store.errors import BadRequest, NotFound, StoreError
 from sidero.store.interfaces import IResourceStore, Object
+from sidero.web import (
+    InternalError,
+    LimitedRequest,
+    MethodNotAllowed,
+    RequestEntityTooLarge,
+    UnsupportedMediaType,
+    limited_request_factory,
+    media_type,
+)
 
 MAX_BODY_BYTES = 3 * 1024 * 1024  # the Kubernetes API server's request body limit
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 
 log = Logger()
-
-
-# --- errors that are not store failures but are reported the same way -----------------------
-
-
-class MethodNotAllowed(StoreError):
-    reason = "MethodNotAllowed"
-    code = 405
-
-
-class UnsupportedMediaType(StoreError):
-    reason = "UnsupportedMediaType"
-    code = 415
-
-
-class RequestEntityTooLarge(StoreError):
-    reason = "RequestEntityTooLarge"
-    code = 413
-
-
-class InternalError(StoreError):
-    reason = "InternalError"
-    code = 500
 
 
 def _resource_not_found() -> NotFound:
@@ -208,32 +193,6 @@ def incoming(route: Route, body: Object, *, name: str | None = None) -> Object:
 # --- the HTTP side ---------------------------------------------------------------------------
 
 
-class LimitedRequest(server.Request):
-    """A request whose body stops being buffered past L{MAX_BODY_BYTES}; the handler then
-    answers 413 without looking at it, so a huge upload cannot exhaust memory or disk."""
-
-    max_body = MAX_BODY_BYTES
-    body_too_large = False
-    _received = 0
-
-    def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self.max_body:
-            self.body_too_large = True
-            self.content = BytesIO()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self.body_too_large:
-            return
-        self._received += len(data)
-        if self._received > self.max_body:
-            self.body_too_large = True
-            self.content = BytesIO()
-            return
-        super().handleContentChunk(data)
-
-
 class ManagementAPI(Resource):
     """Every route, dispatched by hand: one leaf resource that parses the Kubernetes path."""
 
@@ -299,7 +258,7 @@ class ManagementAPI(Resource):
             if method != "GET":
                 raise MethodNotAllowed(f"the server does not allow this method on {path}")
             return 200, _resource_list(route)
-        if isinstance(request, LimitedRequest) and request.body_too_large:
+        if isinstance(request, LimitedRequest) and request.too_large:
             raise RequestEntityTooLarge(
                 f"the request body exceeds the limit of {MAX_BODY_BYTES} bytes"
             )
@@ -361,7 +320,7 @@ class ManagementAPI(Resource):
         self, request: server.Request, route: Route, kind: ResourceType, name: str,
         subresource: str | None,
     ) -> Object:
-        media = (request.getHeader("content-type") or "").split(";")[0].strip().lower()
+        media = media_type(request.getHeader("content-type"))
         if media not in (MERGE_PATCH, JSON_PATCH):
             raise UnsupportedMediaType(
                 f'the body of the request was in an unknown format - accepted media types '
@@ -463,7 +422,7 @@ def _resource_list(route: Route) -> Object:
 
 def make_site(store: IResourceStore) -> server.Site:
     site = server.Site(ManagementAPI(store))
-    site.requestFactory = LimitedRequest
+    site.requestFactory = limited_request_factory(MAX_BODY_BYTES)
     site.displayTracebacks = False
     return site
 

@@ -4,7 +4,9 @@
 A Server with neither a usable BMC nor a management API gets the fake: every operation
 succeeds and does nothing, and the machine always reads as on (so the controller's status shows
 C{power: on}, as Sidero's does).  For tests the fake can also remember, per server, what it was
-asked (L{FakeFleet}), and optionally report the power state those requests would have left.
+asked (L{FakeFleet}), optionally report the power state those requests would have left, fail
+chosen calls (L{FakeMachine.failing}) and stand in for a real BMC (C{is_fake=False}): the
+controller tests drive the Server controller with it.
 
 L{FailureInjectingPowerManager} mirrors C{--test-power-simulated-explicit-failure-prob} and
 C{--test-power-simulated-silent-failure-prob}: before every call one roll of the dice decides
@@ -37,11 +39,28 @@ SILENT = "silent"
 
 @dataclass
 class FakeMachine:
-    """What the fake was told about one server."""
+    """What the fake was told about one server.
+
+    @ivar operations: the state changes carried out, in order (C{power_on}, C{set_pxe:bios}...).
+    @ivar calls: every call in order, queries and failed ones included.
+    @ivar failing: calls (as named in C{calls}) that fail: L{EXPLICIT} ones with
+        L{SimulatedFailure}, L{SILENT} ones report success and change nothing.
+    """
 
     powered: bool = False
     pxe_mode: str | None = None
     operations: list[str] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+    failing: dict[str, str] = field(default_factory=dict)
+    failures: int = 0
+
+    def call(self, name: str) -> str | None:
+        """Record call C{name}; the failure it is to have (L{EXPLICIT}, L{SILENT}) or None."""
+        self.calls.append(name)
+        outcome = self.failing.get(name)
+        if outcome is not None:
+            self.failures += 1
+        return outcome
 
 
 class FakeFleet:
@@ -64,24 +83,35 @@ class FakeFleet:
 
 @implementer(IPowerManager)
 class FakePowerManager:
-    """Every operation succeeds; nothing is controlled.  C{is_fake} is true."""
+    """Every operation succeeds (unless its L{FakeMachine} says otherwise); nothing is
+    controlled.  C{is_fake} is true unless the test makes it stand in for a real BMC (then the
+    controller believes the power state it reports and records events for it)."""
 
     kind = KIND_FAKE
-    is_fake = True
 
-    def __init__(self, name: str = "", fleet: FakeFleet | None = None) -> None:
+    def __init__(self, name: str = "", fleet: FakeFleet | None = None, *,
+                 is_fake: bool = True) -> None:
         self.name = name
         self.fleet = fleet
+        self.is_fake = is_fake
 
     def __repr__(self) -> str:
         return f"<FakePowerManager {self.name!r}>"
 
-    def _record(self, operation: str, powered: bool | None = None) -> Deferred[None]:
+    def _record(self, operation: str, powered: bool | None = None,
+                pxe_mode: str | None = None) -> Deferred[None]:
         if self.fleet is not None:
             machine = self.fleet.machine(self.name)
+            outcome = machine.call(operation)
+            if outcome == EXPLICIT:
+                return fail(SimulatedFailure())
+            if outcome == SILENT:
+                return succeed(None)
             machine.operations.append(operation)
             if powered is not None:
                 machine.powered = powered
+            if pxe_mode is not None:
+                machine.pxe_mode = pxe_mode
         return succeed(None)
 
     def power_on(self) -> Deferred[None]:
@@ -94,16 +124,18 @@ class FakePowerManager:
         return self._record("power_cycle", True)
 
     def is_powered_on(self) -> Deferred[bool]:
-        if self.fleet is not None and self.fleet.report_state:
-            return succeed(self.fleet.machine(self.name).powered)
+        if self.fleet is not None:
+            machine = self.fleet.machine(self.name)
+            if machine.call("is_powered_on") == EXPLICIT:
+                return fail(SimulatedFailure())
+            if self.fleet.report_state:
+                return succeed(machine.powered)
         return succeed(True)
 
     def set_pxe(self, mode: str) -> Deferred[None]:
         if mode not in PXE_MODES:
             return fail(UnsupportedPXEMode(mode))
-        if self.fleet is not None:
-            self.fleet.machine(self.name).pxe_mode = mode
-        return self._record(f"set_pxe:{mode}")
+        return self._record(f"set_pxe:{mode}", pxe_mode=mode)
 
     def close(self) -> Deferred[None]:
         return succeed(None)

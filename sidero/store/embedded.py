@@ -51,6 +51,7 @@ from sidero.store.interfaces import (
     ResourceList,
     WatchEvent,
 )
+from sidero.store.kinds import kind_of, namespace_for
 from sidero.store.merge import merge_patch
 from sidero.threads import ThreadPoolService
 
@@ -272,7 +273,7 @@ class EmbeddedStore:
             self._check_open()
         except errors.StoreError as e:
             return fail(e)
-        ns = objects.namespace_for(kind, namespace)
+        ns = namespace_for(kind, namespace)
 
         def found(obj: Object | None) -> Object:
             if obj is None:
@@ -310,7 +311,7 @@ class EmbeddedStore:
         try:
             self._check_open()
             payload = _copy_json(obj)
-            rt = objects.kind_of(payload)
+            rt = kind_of(payload)
         except errors.StoreError as e:
             return fail(e)
         return self._write(self._tx_create, rt, payload, self._now())  # type: ignore[return-value]
@@ -326,7 +327,7 @@ class EmbeddedStore:
         try:
             self._check_open()
             payload = _copy_json(obj)
-            rt = objects.kind_of(payload)
+            rt = kind_of(payload)
             name, ns = self._identity(rt, payload)
         except errors.StoreError as e:
             return fail(e)
@@ -349,7 +350,7 @@ class EmbeddedStore:
             payload = _copy_json(patch, "patch")
         except errors.StoreError as e:
             return fail(e)
-        ns = objects.namespace_for(kind, namespace)
+        ns = namespace_for(kind, namespace)
         return self._write(  # type: ignore[return-value]
             self._tx_patch, kind, ns, name, payload, subresource == "status")
 
@@ -366,7 +367,7 @@ class EmbeddedStore:
                 objects.parse_resource_version(resource_version)
         except errors.StoreError as e:
             return fail(e)
-        ns = objects.namespace_for(kind, namespace)
+        ns = namespace_for(kind, namespace)
         return self._write(self._tx_delete, kind, ns, name, resource_version or None, self._now())
 
     def _identity(self, rt: ResourceType, obj: Object) -> tuple[str, str]:
@@ -376,14 +377,14 @@ class EmbeddedStore:
             raise errors.invalid(rt.kind, rt.group, "", [{
                 "field": "metadata.name", "message": "Required value: name is required",
                 "reason": "FieldValueRequired"}])
-        return name, objects.namespace_for(rt, meta.get("namespace"))
+        return name, namespace_for(rt, meta.get("namespace"))
 
     # -- transactions (database thread) -----------------------------------------------------
 
     def _tx_create(self, rt: ResourceType, obj: Object, now: float) -> _Written:
         db = self._db
         meta = objects.metadata_of(obj)
-        ns = objects.namespace_for(rt, meta.get("namespace"))
+        ns = namespace_for(rt, meta.get("namespace"))
         with db.transaction():
             name = meta.get("name") or ""
             if not name and meta.get("generateName"):

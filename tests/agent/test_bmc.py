@@ -14,7 +14,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from sidero.agent import bmc
 from sidero.agent.main import Agent, Config
-from sidero.agent.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2 as pb
 from tests.power.test_ipmi_sim import SimulatedBMC
 
 

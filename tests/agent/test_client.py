@@ -13,8 +13,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
 from sidero.agent.client import AgentClient, Heartbeat, RetriesExhausted, retry
-from sidero.agent.proto import agent_pb2 as pb
 from sidero.api.registry import SERVER
+from sidero.proto import agent_pb2 as pb
 from sidero.protocols.grpc.port import make_api_port_service
 from sidero.protocols.grpc.server import AgentServicer, make_grpc_server
 from sidero.store.embedded import EmbeddedStore

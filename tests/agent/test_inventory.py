@@ -7,7 +7,7 @@ import os
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.agent import inventory, smbios
-from sidero.agent.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2 as pb
 from tests.agent.trees import DATA, make_sysfs
 
 IFACE = inventory.Interface(2, "eth0", 0x11043, 1500, "52:54:00:12:34:56",

@@ -11,10 +11,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.agent import inventory, main
 from sidero.agent.client import RetriesExhausted
-from sidero.agent.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2 as pb
 from tests.agent.trees import make_dev, make_sysfs
+from tests.paths import REPO, tree_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IFACE = inventory.Interface(2, "eth0", 0x11043, 1500, "52:54:00:12:34:56",
                             ("10.0.0.5/24", "fe80::1/64"))
 
@@ -87,7 +87,7 @@ class CommandLineTests(SynchronousTestCase):
         result = subprocess.run(
             [sys.executable, "-m", "sidero.agent", "--cmdline", self.cmdline(""), "--no-reboot"],
             capture_output=True, text=True, timeout=60, cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO))
+            env=tree_env())
         self.assertEqual(result.returncode, 1)
         fatal = [line for line in result.stderr.splitlines() if "fatal" in line]
         self.assertEqual(len(fatal), 1, result.stderr)
@@ -101,7 +101,7 @@ class CommandLineTests(SynchronousTestCase):
              "--no-network", "--endpoint", "127.0.0.1:1", "--sysfs", sysfs,
              "--dev", os.path.abspath(self.mktemp()), "--retry-interval", "0.2", "--retry-timeout", "1"],
             capture_output=True, text=True, timeout=60, cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO))
+            env=tree_env())
         self.assertEqual(result.returncode, 1, result.stderr)
         self.assertIn("[sidero] fatal: CreateServer failed after", result.stderr)
         self.assertIn("UNAVAILABLE", result.stderr)

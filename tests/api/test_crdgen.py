@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 import os
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import yaml
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.api import crdgen, registry
+from tests.paths import REPO
 
-CRD_DIR = Path(__file__).resolve().parents[2] / "deploy" / "crds"
+CRD_DIR = REPO / "deploy" / "crds"
 
 
 class CommittedManifestTests(SynchronousTestCase):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -12,8 +11,9 @@ from sidero.api import registry
 from sidero.api.admission import Admission
 from sidero.api.conversion import convert
 from sidero.api.matching import servers_for_class
+from tests.paths import REPO
 
-SAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "samples"
+SAMPLES = REPO / "deploy" / "samples"
 
 
 def load_samples() -> list[tuple[str, dict[str, Any]]]:

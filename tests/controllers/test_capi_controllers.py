@@ -44,7 +44,7 @@ from sidero.power.fake import FakePowerManager
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, inline_store
 
 NS = "default"
 CAPI_V1B1 = "cluster.x-k8s.io/v1beta1"

@@ -13,16 +13,14 @@ from sidero.controllers.events import EventRecorder
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, open_inline_store
 
 
 class EventRecorderTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.store: EmbeddedStore
         self.clock: FakeReactor
-        self.store, self.clock = inline_store()
-        self.ok(self.store.open())
-        self.addCleanup(lambda: self.ok(self.store.close()))
+        self.store, self.clock = open_inline_store(self)
         self.server = self.ok(self.store.create({
             "apiVersion": SERVER.api_version, "kind": "Server", "metadata": {"name": "s1"},
             "spec": {"accepted": True}}))

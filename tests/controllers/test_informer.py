@@ -1,4 +1,7 @@
-"""Informer: initial sync, watch events, Gone → relist with synthetic events, reconnect backoff, indexes."""
+"""Informer: initial sync, watch events, Gone → relist with synthetic events, reconnect backoff, indexes.
+
+Against the real embedded store (inline), so resourceVersions, resumption and Gone are the
+store's own; L{FlakyStore} stages the failures."""
 
 from __future__ import annotations
 
@@ -8,11 +11,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.api.registry import METAL_MACHINE, SERVER, SERVER_BINDING
-from sidero.controllers.informer import Backoff, Informer, object_key, split_key
+from sidero.backoff import Backoff
+from sidero.controllers.informer import Informer, object_key, split_key
 from sidero.store.errors import Gone, Unavailable
 from sidero.store.interfaces import Object
-
-from .fakestore import FakeStore
+from tests.store.flaky import FlakyStore
+from tests.store.inline import open_inline_store
 
 
 def server(name: str, labels: dict[str, str] | None = None, **spec: Any) -> Object:
@@ -42,10 +46,17 @@ class Recorder:
         )
 
 
+def flaky_store(test: SynchronousTestCase, **kwargs: Any) -> FlakyStore:
+    store, _ = open_inline_store(test, **kwargs)
+    return FlakyStore(store)
+
+
 class InformerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.store = FakeStore()
+        # A short event log: three writes while disconnected push the informer's
+        # resourceVersion out of it, so resuming the watch is Gone.
+        self.store = flaky_store(self, event_log_size=2)
         self.store.create(server("a", {"rack": "1"}, accepted=True))
         self.store.create(server("b", {"rack": "2"}))
         self.informer = Informer(
@@ -118,7 +129,6 @@ class InformerTests(SynchronousTestCase):
         obj["spec"]["accepted"] = False
         self.store.update(obj)
         self.store.create(server("c"))
-        self.store.compact()
         self.rec.events.clear()
         lists_before = self.store.list_calls
         self.clock.advance(1)  # reconnect: watch from RV 2 → Gone → relist
@@ -222,7 +232,7 @@ class InformerTests(SynchronousTestCase):
 class IndexTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.store = FakeStore()
+        self.store = flaky_store(self)
         self.store.create(binding("s1", "m1"))
         self.store.create(binding("s2", "m2"))
         self.informer = Informer(self.store, SERVER_BINDING, clock=self.clock)
@@ -268,7 +278,7 @@ class IndexTests(SynchronousTestCase):
 class NamespacedTests(SynchronousTestCase):
     def test_namespaced_keys(self) -> None:
         """Namespaced objects are keyed by (namespace, name) and list() filters by namespace."""
-        store = FakeStore()
+        store = flaky_store(self)
         for ns in ("a", "b"):
             store.create({
                 "apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha3", "kind": "MetalMachine",

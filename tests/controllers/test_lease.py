@@ -15,7 +15,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from sidero.api.registry import LEASE, SERVER
@@ -28,63 +27,11 @@ from sidero.controllers.lease import (
 )
 from sidero.controllers.runtime import Controller, ControllerManager
 from sidero.store import errors
-from sidero.store.embedded import EmbeddedStore
-from sidero.store.interfaces import IResourceStore, Object
-from tests.store.inline import FakeReactor, InlinePool
+from sidero.store.interfaces import Object
+from tests.store.flaky import FlakyStore
+from tests.store.inline import START, FakeReactor, open_inline_store
 
 NS = "sidero-system"
-START = 1_700_000_000.0
-
-
-@implementer(IResourceStore)
-class FlakyStore:
-    """Passes calls to a real store, unless the test makes them fail, hang or race."""
-
-    def __init__(self, inner: EmbeddedStore) -> None:
-        self.inner = inner
-        self.error: Callable[[], Exception] | None = None  # every call fails with error()
-        self.hang = False  # every call's Deferred never fires
-        self.create_error: Callable[[], Exception] | None = None
-        self.before_update: Callable[[], object] | None = None  # runs once, before the next update
-        self.calls: list[str] = []
-
-    def _pass(self, name: str, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        self.calls.append(name)
-        if self.hang:
-            return Deferred()
-        if self.error is not None:
-            return fail(self.error())
-        if name == "create" and self.create_error is not None:
-            return fail(self.create_error())
-        if name == "update" and self.before_update is not None:
-            hook, self.before_update = self.before_update, None
-            hook()
-        result: Deferred[Any] = getattr(self.inner, name)(*args, **kwargs)
-        return result
-
-    def get(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self._pass("get", *a, **kw)
-
-    def list(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self._pass("list", *a, **kw)
-
-    def create(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self._pass("create", *a, **kw)
-
-    def update(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self._pass("update", *a, **kw)
-
-    def update_status(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self._pass("update_status", *a, **kw)
-
-    def patch(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self._pass("patch", *a, **kw)
-
-    def delete(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self._pass("delete", *a, **kw)
-
-    def watch(self, *a: Any, **kw: Any) -> Deferred[Any]:
-        return self.inner.watch(*a, **kw)
 
 
 class Timeline:
@@ -104,11 +51,7 @@ class Timeline:
 
 class LeaseElectorTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.clock = FakeReactor()
-        self.clock.advance(START)
-        self.store = EmbeddedStore(self.clock, ":memory:", pool=InlinePool())  # type: ignore[arg-type]
-        self.successResultOf(Deferred.fromCoroutine(self.store.open()))
-        self.addCleanup(lambda: self.successResultOf(Deferred.fromCoroutine(self.store.close())))
+        self.store, self.clock = open_inline_store(self)
         self.timeline = Timeline(self.clock)
 
     def elector(self, identity: str, **kwargs: Any) -> tuple[LeaseElector, FlakyStore]:

@@ -12,7 +12,7 @@ from sidero.api.registry import METAL_MACHINE
 from sidero.controllers.patch import merge_diff, patch_changes
 from sidero.store import errors
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import inline_store
+from tests.store.inline import inline_store
 
 
 class MergeDiffTests(SynchronousTestCase):

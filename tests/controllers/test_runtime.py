@@ -13,8 +13,8 @@ from sidero.controllers.informer import Informer
 from sidero.controllers.leader import AlwaysLeader, ILeaderElector, ManualLeader
 from sidero.controllers.runtime import Controller, ControllerManager, Result
 from sidero.store.interfaces import Object
-
-from .fakestore import FakeStore
+from tests.store.flaky import FlakyStore
+from tests.store.inline import open_inline_store
 
 
 def obj(kind: str, name: str) -> Object:
@@ -44,7 +44,7 @@ class Recorder:
 class ControllerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.store = FakeStore()
+        self.store = FlakyStore(open_inline_store(self)[0])
         self.store.create(obj("ServerClass", "any"))
         self.store.create(obj("ServerClass", "big"))
         self.store.create(obj("Server", "s1"))
@@ -201,7 +201,7 @@ class ControllerTests(SynchronousTestCase):
 class ManagerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.store = FakeStore()
+        self.store = FlakyStore(open_inline_store(self)[0])
         self.store.create(obj("ServerClass", "any"))
         self.store.create(obj("Server", "s1"))
 

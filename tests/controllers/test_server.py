@@ -1,11 +1,11 @@
 """Server controller (§2.2): every row of the decision table, allocation, the finalizer, the
 reboot-timeout wait and convergence under a flaky power manager, on the real embedded store
-(SQLite inline) with a fake clock."""
+(SQLite inline) with a fake clock, and the fake power manager standing in for real BMCs."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -17,61 +17,27 @@ from sidero.controllers.events import EventRecorder
 from sidero.controllers.runtime import ControllerManager, Result
 from sidero.controllers.server import (
     SERVER_FINALIZER,
+    PowerManager,
     ServerReconciler,
     make_server_controller,
 )
+from sidero.power.fake import (
+    EXPLICIT,
+    FailureDice,
+    FailureInjectingPowerManager,
+    FakeFleet,
+    FakeMachine,
+    FakePowerManager,
+)
+from sidero.power.interfaces import SimulatedFailure
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, open_inline_store
 
 NAME = "4c4c4544-0039-3010-8048-b7c04f563232"
-
-
-class PowerError(Exception):
-    pass
-
-
-class FakePower:
-    """A power manager whose state is a bool, failing the operations named in C{fail} (or at
-    random with C{fail_rate}); C{calls} records every operation."""
-
-    def __init__(self, on: bool = False, fake: bool = False, fail: set[str] | None = None,
-                 fail_rate: float = 0.0, rng: random.Random | None = None) -> None:
-        self.on = on
-        self.is_fake = fake
-        self.fail = fail or set()
-        self.fail_rate = fail_rate
-        self.rng = rng or random.Random(0)
-        self.calls: list[str] = []
-        self.failures = 0
-        self.pxe: str | None = None
-
-    def _check(self, op: str) -> None:
-        self.calls.append(op)
-        if op in self.fail or (self.fail_rate and self.rng.random() < self.fail_rate):
-            self.failures += 1
-            raise PowerError(f"{op} exploded")
-
-    async def power_on(self) -> None:
-        self._check("power_on")
-        self.on = True
-
-    async def power_off(self) -> None:
-        self._check("power_off")
-        self.on = False
-
-    async def power_cycle(self) -> None:
-        self._check("power_cycle")
-        self.on = True
-
-    async def is_powered_on(self) -> bool:
-        self._check("is_powered_on")
-        return self.on
-
-    async def set_pxe(self, mode: str) -> None:
-        self._check(f"set_pxe:{mode}")
-        self.pxe = mode
+#: What a call the fake power manager is told to fail says.
+SIMULATED = str(SimulatedFailure())
 
 
 def server(name: str = NAME, accepted: bool = True, **spec: Any) -> Object:
@@ -94,10 +60,9 @@ class Base(SynchronousTestCase):
     def setUp(self) -> None:
         self.store: EmbeddedStore
         self.clock: FakeReactor
-        self.store, self.clock = inline_store()
-        self.ok(self.store.open())
-        self.addCleanup(lambda: self.ok(self.store.close()))
-        self.powers: dict[str, FakePower] = {}
+        self.store, self.clock = open_inline_store(self)
+        self.fleet = FakeFleet(report_state=True)
+        self.powers: dict[str, PowerManager] = {}
         self.power_error: Exception | None = None
         self.recorder = EventRecorder(self.store, self.clock)
         self.reconciler = ServerReconciler(self.store, self.power_for, self.recorder, self.clock,
@@ -108,15 +73,20 @@ class Base(SynchronousTestCase):
             d = Deferred.fromCoroutine(d)
         return self.successResultOf(d)
 
-    async def power_for(self, obj: Object) -> FakePower:
+    async def power_for(self, obj: Object) -> PowerManager:
         if self.power_error is not None:
             raise self.power_error
         name = obj["metadata"]["name"]
-        return self.powers.setdefault(name, FakePower())
+        return self.powers.setdefault(name, FakePowerManager(name, self.fleet, is_fake=False))
 
-    def power(self, name: str = NAME, **kw: Any) -> FakePower:
-        self.powers[name] = FakePower(**kw)
-        return self.powers[name]
+    def power(self, name: str = NAME, on: bool = False, fake: bool = False,
+              fail: Iterable[str] = ()) -> FakeMachine:
+        """A fresh machine for C{name} (C{fake}: the fake manager, else one standing in for a
+        real BMC), on or off, whose calls named in C{fail} fail explicitly."""
+        self.powers[name] = FakePowerManager(name, self.fleet, is_fake=fake)
+        machine = self.fleet.machines[name] = FakeMachine(
+            powered=on, failing={call: EXPLICIT for call in fail})
+        return machine
 
     def reconcile(self, name: str = NAME) -> Result | None:
         result: Result | None = self.ok(self.reconciler.reconcile(name))
@@ -162,10 +132,10 @@ class DecisionTableTests(Base):
 
     def test_impossible_state(self) -> None:
         """In use and clean at once is logged and left not ready, without touching the power."""
-        p = FakePower(on=True)
+        p = self.power(on=True)
         obj = server()
         status: dict[str, Any] = {"inUse": True, "isClean": True}
-        step = self.ok(self.reconciler._decide(obj, status, p, False, "bios", True, None))
+        step = self.ok(self.reconciler._decide(obj, status, self.powers[NAME], False, "bios", True, None))
         self.assertEqual((step.ready, step.requeue_after), (False, None))
         self.assertEqual(p.calls, [])
 
@@ -176,7 +146,7 @@ class DecisionTableTests(Base):
         p = self.power(on=True)
         self.assertIsNone(self.reconcile())
         self.assertEqual(p.calls, ["is_powered_on", "power_off"])
-        self.assertFalse(p.on)
+        self.assertFalse(p.powered)
         self.assertTrue(self.get()["status"]["ready"])
         self.assertEqual(self.events(), [("Normal", "Server Management", "Server powered off.")])
 
@@ -199,7 +169,7 @@ class DecisionTableTests(Base):
         st = self.get()["status"]
         self.assertEqual((st["power"], st["ready"]), ("unknown", False))
         self.assertEqual(self.events(), [("Warning", "Server Management",
-                                          "Failed to determine power status: is_powered_on exploded.")])
+                                          f"Failed to determine power status: {SIMULATED}.")])
 
     def test_clean_power_off_error(self) -> None:
         """A failing power off gives a Warning event and a 20 s requeue, not ready."""
@@ -209,7 +179,7 @@ class DecisionTableTests(Base):
         self.assertEqual(self.reconcile(), Result(requeue_after=20.0))
         self.assertFalse(self.get()["status"]["ready"])
         self.assertEqual(self.events(), [("Warning", "Server Management",
-                                          "Failed to power off: power_off exploded.")])
+                                          f"Failed to power off: {SIMULATED}.")])
 
     def test_fake_client_no_events(self) -> None:
         """With the fake client the power is "on", powering off happens silently (no event)."""
@@ -239,7 +209,7 @@ class DecisionTableTests(Base):
         self.ok(self.store.create(binding()))
         p = self.power(on=False)
         self.reconcile()
-        self.assertEqual(p.pxe, "bios")
+        self.assertEqual(p.pxe_mode, "bios")
 
     def test_allocated_powered_on_rechecked_later(self) -> None:
         """An allocated server that is on is only re-checked after 5 minutes."""
@@ -253,9 +223,9 @@ class DecisionTableTests(Base):
     def test_allocated_errors(self) -> None:
         """Query, SetPXE and PowerOn errors of an allocated server each give their Warning and 20 s."""
         cases = [
-            ({"is_powered_on"}, "Failed to determine power status: is_powered_on exploded."),
-            ({"set_pxe:bios"}, "Failed to set to PXE boot once: set_pxe:bios exploded."),
-            ({"power_on"}, "Failed to power on: power_on exploded."),
+            ({"is_powered_on"}, f"Failed to determine power status: {SIMULATED}."),
+            ({"set_pxe:bios"}, f"Failed to set to PXE boot once: {SIMULATED}."),
+            ({"power_on"}, f"Failed to power on: {SIMULATED}."),
         ]
         for i, (fail, message) in enumerate(cases):
             name = f"s{i}"
@@ -359,10 +329,10 @@ class WipeTests(Base):
     def test_errors(self) -> None:
         """Query, SetPXE, PowerCycle and PowerOn errors give their Warning, 20 s, no PowerCycle condition."""
         cases = [
-            (True, {"is_powered_on"}, "Failed to determine power status: is_powered_on exploded."),
-            (True, {"set_pxe:bios"}, "Failed to set to PXE boot once: set_pxe:bios exploded."),
-            (True, {"power_cycle"}, "Failed to power cycle: power_cycle exploded."),
-            (False, {"power_on"}, "Failed to power on: power_on exploded."),
+            (True, {"is_powered_on"}, f"Failed to determine power status: {SIMULATED}."),
+            (True, {"set_pxe:bios"}, f"Failed to set to PXE boot once: {SIMULATED}."),
+            (True, {"power_cycle"}, f"Failed to power cycle: {SIMULATED}."),
+            (False, {"power_on"}, f"Failed to power on: {SIMULATED}."),
         ]
         for i, (on, fail, message) in enumerate(cases):
             name = f"w{i}"
@@ -447,7 +417,7 @@ class ConvergenceTests(Base):
 
     def test_flaky_power_converges(self) -> None:
         """Servers with a power manager failing 10% of calls converge through the controller's requeues."""
-        rng = random.Random(1234)
+        dice = FailureDice(explicit=0.1, silent=0.0, rng=random.Random(1234))
         manager = ControllerManager(self.store, self.clock)
         make_server_controller(manager, self.store, self.power_for, reboot_timeout=self.reboot_timeout,
                                pxe_mode="uefi", clock=self.clock, recorder=self.recorder)
@@ -457,7 +427,8 @@ class ConvergenceTests(Base):
             kind = ("allocated", "clean", "dirty")[i % 3]
             kinds[name] = kind
             self.ok(self.store.create(server(name)))
-            self.powers[name] = FakePower(on=bool(i % 2), fail_rate=0.1, rng=rng)
+            self.power(name, on=bool(i % 2))
+            self.powers[name] = FailureInjectingPowerManager(self.powers[name], dice, self.clock)
             if kind == "clean":
                 self.set_status(name, isClean=True)
             if kind == "allocated":
@@ -466,18 +437,18 @@ class ConvergenceTests(Base):
         self.addCleanup(lambda: self.ok(manager.stopService()))
         for _ in range(200):
             self.clock.advance(5)
-        self.assertGreater(sum(p.failures for p in self.powers.values()), 3)
+        self.assertGreater(dice.injected[EXPLICIT], 3)
         for name, kind in kinds.items():
             got = self.get(name)
             st = got["status"]
-            p = self.powers[name]
+            p = self.fleet.machine(name)
             self.assertEqual(got["metadata"]["finalizers"], [SERVER_FINALIZER], name)
             if kind == "allocated":
-                self.assertEqual((p.on, st["inUse"], st["ready"]), (True, True, True), name)
+                self.assertEqual((p.powered, st["inUse"], st["ready"]), (True, True, True), name)
                 if "power_on" in p.calls:
-                    self.assertEqual(p.pxe, "uefi", name)
+                    self.assertEqual(p.pxe_mode, "uefi", name)
             elif kind == "clean":
-                self.assertEqual((p.on, st["ready"], st["power"]), (False, True, "off"), name)
+                self.assertEqual((p.powered, st["ready"], st["power"]), (False, True, "off"), name)
             else:
-                self.assertEqual((p.on, st["ready"], p.pxe), (True, False, "uefi"), name)
+                self.assertEqual((p.powered, st["ready"], p.pxe_mode), (True, False, "uefi"), name)
                 self.assertTrue(conditions.is_false(got, "PowerCycle"), name)

@@ -14,7 +14,7 @@ from sidero.controllers.serverclass import ServerClassReconciler, make_servercla
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, open_inline_store
 
 
 def server(name: str, accepted: bool = True, labels: dict[str, str] | None = None, **spec: Any) -> Object:
@@ -31,9 +31,7 @@ class Base(SynchronousTestCase):
     def setUp(self) -> None:
         self.store: EmbeddedStore
         self.clock: FakeReactor
-        self.store, self.clock = inline_store()
-        self.ok(self.store.open())
-        self.addCleanup(lambda: self.ok(self.store.close()))
+        self.store, self.clock = open_inline_store(self)
 
     def ok(self, d: Any) -> Any:
         if isinstance(d, Coroutine):

@@ -20,8 +20,7 @@ from sidero.controllers.startup import (
 )
 from sidero.store import errors
 from sidero.store.interfaces import Object
-
-from .fakestore import FakeStore
+from tests.store.inline import open_inline_store
 
 
 def run(coro: Coroutine[Any, Any, Object]) -> Deferred[Object]:
@@ -30,7 +29,7 @@ def run(coro: Coroutine[Any, Any, Object]) -> Deferred[Object]:
 
 class AnyServerClassTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.store = FakeStore()
+        self.store = open_inline_store(self)[0]
 
     def test_created_when_missing(self) -> None:
         """A missing "any" ServerClass is created with an empty spec."""
@@ -54,9 +53,9 @@ class AnyServerClassTests(SynchronousTestCase):
     def test_no_write_when_already_empty(self) -> None:
         """An "any" class with empty qualifiers is left untouched (no new resourceVersion)."""
         self.successResultOf(run(ensure_any_server_class(self.store)))
-        rv = self.store.rv
+        rv = self.store.resource_version
         self.successResultOf(run(ensure_any_server_class(self.store)))
-        self.assertEqual(self.store.rv, rv)
+        self.assertEqual(self.store.resource_version, rv)
 
     def test_conflict_is_retried(self) -> None:
         """A Conflict on the reset re-reads the object and tries again."""
@@ -91,7 +90,7 @@ class AnyServerClassTests(SynchronousTestCase):
 
 class DefaultEnvironmentTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.store = FakeStore()
+        self.store = open_inline_store(self)[0]
 
     def test_created_when_missing(self) -> None:
         """A missing "default" Environment is created from default_environment(TALOS_RELEASE)."""
@@ -105,9 +104,9 @@ class DefaultEnvironmentTests(SynchronousTestCase):
         env = default_environment(TALOS_RELEASE)
         env["spec"]["kernel"]["url"] = "http://mirror/vmlinuz"
         self.store.create(env)
-        rv = self.store.rv
+        rv = self.store.resource_version
         self.successResultOf(run(ensure_default_environment(self.store)))
-        self.assertEqual(self.store.rv, rv)
+        self.assertEqual(self.store.resource_version, rv)
         self.assertEqual(self.successResultOf(self.store.get(ENVIRONMENT, "default"))
                          ["spec"]["kernel"]["url"], "http://mirror/vmlinuz")
 
@@ -121,7 +120,7 @@ class DefaultEnvironmentTests(SynchronousTestCase):
 class InstallTests(SynchronousTestCase):
     def test_runnables_run_on_leadership(self) -> None:
         """The manager runs both runnables on start, retrying a failed one with backoff."""
-        store = FakeStore()
+        store = open_inline_store(self)[0]
         clock = Clock()
         real_get = store.get
         failures = [errors.Unavailable("store starting")]

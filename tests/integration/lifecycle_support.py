@@ -36,14 +36,15 @@ from twisted.internet.threads import deferToThread
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from sidero.agent.proto import agent_pb2 as pb
-from sidero.agent.proto import agent_pb2_grpc as pb_grpc
 from sidero.api.registry import SERVER_CLASS, ResourceType
 from sidero.management.client import ManagementClient
+from sidero.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2_grpc as pb_grpc
 from tests.agent.trees import BlockDev, make_dev, make_sysfs
+from tests.paths import REPO, RUN_SIDERO, tree_env
 from tests.power.test_ipmi_sim import SimulatedBMC
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -92,9 +93,9 @@ class SideroProcess:
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "tests", "integration", "run_sidero.py"), *self.args],
+            [sys.executable, str(RUN_SIDERO), *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=dict(os.environ, PYTHONPATH=REPO), cwd=self.work,
+            env=tree_env(), cwd=self.work,
         )
         log.close()
 
@@ -133,7 +134,7 @@ class SideroProcess:
         return subprocess.run(
             [sys.executable, "-m", "sidero.management.cli", "--socket", self.socket, *args],
             input=stdin, capture_output=True, text=True, timeout=30, cwd=REPO,
-            env=dict(os.environ, PYTHONPATH=REPO),
+            env=tree_env(),
         )
 
     def log_events(self) -> list[dict[str, Any]]:
@@ -261,7 +262,7 @@ def run_agent(machine: Machine, endpoint: str) -> AgentRun:
          "--dev", os.path.join(machine.work, "dev"), "--no-network", "--no-bmc", "--no-reboot",
          "--retry-interval", "0.5", "--retry-timeout", "30"],
         capture_output=True, text=True, timeout=AGENT_TIMEOUT, stdin=subprocess.DEVNULL,
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+        cwd=REPO, env=tree_env(),
     )
     output = proc.stdout + proc.stderr
     with open(os.path.join(machine.work, "agent.log"), "a") as f:

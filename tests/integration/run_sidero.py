@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 
+# tests.paths.REPO, written out: this runs as a script, before the tree is on sys.path.
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

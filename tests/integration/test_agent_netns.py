@@ -1,6 +1,6 @@
 """End to end: the discovery agent against the real sidero service, in namespaces.
 
-Two namespaces joined by a veth pair (10.213.<n>.0/24 inside them only):
+Two namespaces joined by a veth pair (10.213.<n>.0/24 inside them only; L{tests.netlab}):
 
     <p>-srv  eth0 10.213.<n>.1/24: dnsmasq (the site DHCP server) and the real
              C{twistd sidero} (embedded store, API port 8081)
@@ -31,102 +31,47 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.agent.trees import DEFAULT_DISKS, make_dev, make_sysfs
+from tests.netlab import NetLab, missing_requirements
+from tests.paths import REPO, RUN_SIDERO, tree_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAC = "52:54:00:5e:1d:e0"
 UUID = "11223344-5566-7788-99aa-bbccddeeff00"  # of the recorded qemu-pc tables
 HOSTNAME = "metal-node-7"
 MIB = 1 << 20
 
 
-def run(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr}")
-    return result
-
-
 class AgentNetnsTests(TestCase):
     timeout = 240
 
     def setUp(self) -> None:
-        if os.geteuid() != 0:
-            raise SkipTest("LOUD SKIP: the agent netns test needs root (ip netns, port 67)")
-        for tool in ("ip", "dnsmasq", "unshare"):
-            if shutil.which(tool) is None:
-                raise SkipTest(f"LOUD SKIP: {tool} is not installed")
+        reason = missing_requirements(("dnsmasq", "unshare"))
+        if reason is not None:
+            raise SkipTest(f"LOUD SKIP: the agent netns test cannot run: {reason}")
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
-        self.prefix = f"sa{os.getpid() % 100000}"
-        self.net = f"10.213.{200 + os.getpid() % 50}"
-        self.server_ip = f"{self.net}.1"
-        self.srv, self.agt = f"{self.prefix}-srv", f"{self.prefix}-agt"
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.addCleanup(self.teardown)
-        for ns in (self.srv, self.agt):
-            run("ip", "netns", "add", ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        run("ip", "-n", self.srv, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
-            "netns", self.agt)
-        run("ip", "-n", self.agt, "link", "set", "eth0", "address", MAC)
-        run("ip", "-n", self.srv, "addr", "add", f"{self.server_ip}/24", "dev", "eth0")
-        run("ip", "-n", self.srv, "link", "set", "eth0", "up")
-        # `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf, so the
-        # agent's write lands here and never in the host's file.
-        self.netns_etc = f"/etc/netns/{self.agt}"
-        os.makedirs(self.netns_etc, exist_ok=True)
-        self.resolv = os.path.join(self.netns_etc, "resolv.conf")
-        with open(self.resolv, "w") as f:
-            f.write("# test placeholder\n")
+        self.lab = NetLab(f"sa{os.getpid() % 100000}", 200 + os.getpid() % 50, self.work)
+        self.addCleanup(self.lab.teardown)
+        self.net = f"10.213.{self.lab.net}"
+        self.server_ip = self.lab.ip(1)
+        self.srv, self.agt = self.lab.add_namespace("srv"), self.lab.add_namespace("agt")
+        self.lab.add_link(self.srv, self.agt)
+        self.lab.run("ip", "-n", self.agt, "link", "set", "eth0", "address", MAC)
+        self.lab.run("ip", "-n", self.srv, "addr", "add", f"{self.server_ip}/24", "dev", "eth0")
+        self.lab.run("ip", "-n", self.srv, "link", "set", "eth0", "up")
+        # The agent writes resolv.conf; this keeps the write away from the host's file.
+        self.resolv = str(self.lab.private_resolv_conf(self.agt))
         self.start_dnsmasq()
         self.start_sidero()
 
-    def teardown(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, 15)
-                except ProcessLookupError:
-                    continue
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, 9)
-                    proc.wait(5)
-        for ns in (self.srv, self.agt):
-            run("ip", "netns", "del", ns, check=False)
-        shutil.rmtree(self.netns_etc, ignore_errors=True)
-        try:
-            os.rmdir("/etc/netns")  # only when empty (another test may be using it)
-        except OSError:
-            pass
-
-    def spawn(self, ns: str, argv: list[str], log: str,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=REPO, start_new_session=True)
-        self.procs.append(proc)
-        return proc
-
     def start_dnsmasq(self) -> None:
-        conf = os.path.join(self.work, "dnsmasq.conf")
-        with open(conf, "w") as f:
-            f.write("\n".join([
-                "port=0", "interface=eth0", "bind-interfaces", "log-dhcp", "no-ping",
-                f"dhcp-range={self.net}.100,{self.net}.150,255.255.255.0,1h",
-                f"dhcp-host={MAC},{self.net}.123,{HOSTNAME}",
-                f"dhcp-option=option:dns-server,{self.server_ip}",
-                "dhcp-option=option:mtu,1400",
-                "dhcp-option=option:classless-static-route,"
-                f"10.99.0.0/16,{self.server_ip},0.0.0.0/0,{self.server_ip}",
-                f"dhcp-leasefile={os.path.join(self.work, 'leases')}",
-            ]) + "\n")
         self.dnsmasq_log = os.path.join(self.work, "dnsmasq.log")
-        self.spawn(self.srv, ["dnsmasq", "-C", conf, "-k", f"--log-facility={self.dnsmasq_log}",
-                              f"--pid-file={os.path.join(self.work, 'dnsmasq.pid')}"],
-                   os.path.join(self.work, "dnsmasq.out"))
+        self.lab.site_dnsmasq(self.srv, log=self.dnsmasq_log, options=[
+            f"dhcp-host={MAC},{self.net}.123,{HOSTNAME}",
+            f"dhcp-option=option:dns-server,{self.server_ip}",
+            "dhcp-option=option:mtu,1400",
+            "dhcp-option=option:classless-static-route,"
+            f"10.99.0.0/16,{self.server_ip},0.0.0.0/0,{self.server_ip}",
+        ])
 
     def start_sidero(self) -> None:
         # trial's temp paths can exceed the 107-byte limit of a unix socket path.
@@ -134,15 +79,15 @@ class AgentNetnsTests(TestCase):
         self.addCleanup(shutil.rmtree, socket_dir, True)
         self.socket = os.path.join(socket_dir, "m.sock")
         self.sidero_log = os.path.join(self.work, "sidero.log")
-        self.sidero = self.spawn(self.srv, [
-            sys.executable, os.path.join(REPO, "tests", "integration", "run_sidero.py"),
+        self.sidero = self.lab.spawn(self.srv, [
+            sys.executable, str(RUN_SIDERO),
             "--api-endpoint", self.server_ip, "--api-port", "8081", "--http-port", "8081",
             "--state-dir", os.path.join(self.work, "state"), "--store", "embedded",
             "--talos-assets-url", "http://127.0.0.1:1", "--disable-dhcp-proxy",
             "--disable-tftp", "--disable-siderolink", "--no-enable-leader-election",
             "--management-socket", self.socket, "--insecure-wipe",
             "--server-reboot-timeout", "30s",
-        ], self.sidero_log, env=dict(os.environ, PYTHONPATH=REPO))
+        ], self.sidero_log, env=tree_env())
 
     def tail(self, path: str, lines: int = 40) -> str:
         try:
@@ -165,7 +110,7 @@ class AgentNetnsTests(TestCase):
             [sys.executable, "-c", "import sys; from sidero.management.cli import main; "
              "sys.exit(main())", "--socket", self.socket, *args],
             capture_output=True, text=True, timeout=30, cwd=REPO, input=input,
-            env=dict(os.environ, PYTHONPATH=REPO))
+            env=tree_env())
 
     def sidero_ready(self) -> bool:
         return self.manage("get", "servers").returncode == 0
@@ -185,7 +130,7 @@ class AgentNetnsTests(TestCase):
                 "sidero.agent", "--cmdline", cmdline, "--no-reboot", "--no-bmc",
                 "--sysfs", sysfs, "--dev", dev, "--retry-interval", "1", "--retry-timeout", "60"]
         return deferToThread(subprocess.run, argv, capture_output=True, text=True, timeout=150,
-                             cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+                             cwd=REPO, env=tree_env())
 
     def keep(self, name: str, text: str) -> None:
         with open(os.path.join(self.work, name), "w") as f:
@@ -226,7 +171,7 @@ class AgentNetnsTests(TestCase):
                          [{"type": "InternalIP", "address": f"{self.net}.123"}])
         with open(self.resolv) as f:
             self.assertEqual(f.read(), f"nameserver {self.server_ip}\n")
-        routes = run("ip", "-n", self.agt, "route", "show", "proto", "boot").stdout
+        routes = self.lab.run("ip", "-n", self.agt, "route", "show", "proto", "boot")
         self.assertIn(f"default via {self.server_ip} dev eth0", routes)
         self.assertIn(f"10.99.0.0/16 via {self.server_ip} dev eth0", routes)
         # Not accepted: nothing destructive happened.

@@ -27,17 +27,11 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.integration.netns import (
-    BOOT_IP,
-    SITE_DHCP_IP,
-    TestNetwork,
-    dnsmasq_site_config,
-    run,
-    why_not_runnable,
-)
+from tests.netlab import NetLab, missing_requirements
+from tests.paths import RUN_SIDERO, tree_env
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UUID = "11111111-2222-3333-4444-555555555555"
+NET = 0  # 10.213.0.0/24: the site DHCP server is .1, sidero .2
 VM_TIMEOUT = 150.0
 
 
@@ -53,14 +47,14 @@ def e2e_images() -> str:
 
 def sidero_command(*args: str) -> list[str]:
     """Run the service tree from this source tree (see tests/integration/run_sidero.py)."""
-    return [sys.executable, os.path.join(REPO, "tests", "integration", "run_sidero.py"), *args]
+    return [sys.executable, str(RUN_SIDERO), *args]
 
 
 class PXEBootTests(TestCase):
     timeout = 400
 
     def setUp(self) -> None:
-        reason = why_not_runnable(["qemu-system-x86_64", "dnsmasq", "curl"])
+        reason = missing_requirements(["qemu-system-x86_64", "dnsmasq", "curl"])
         if reason:
             raise SkipTest(f"LOUD SKIP: {reason}")
         images = e2e_images()
@@ -71,26 +65,24 @@ class PXEBootTests(TestCase):
         os.makedirs(agent)
         for name in ("vmlinuz", "initramfs.xz"):
             shutil.copy(os.path.join(images, name), os.path.join(agent, name))
-        self.net = TestNetwork()
+        self.net = NetLab(f"sd{os.getpid() % 100000}", NET, self.work)
         self.addCleanup(self.net.teardown)
-        self.net.setup({"dhcp": SITE_DHCP_IP, "boot": BOOT_IP})
-        run("ip", "-n", self.net.ns("dhcp"), "addr", "add", "fd00:213::1/64", "dev", "eth0", "nodad")
+        self.net.setup_switch(tap=True)
+        site = self.net.add_host("dhcp", 1)
+        self.boot = self.net.add_host("boot", 2)
+        self.boot_ip = self.net.ip(2)
         self.dnsmasq_log = os.path.join(self.work, "dnsmasq.log")
-        self.net.spawn("dhcp", ["dnsmasq", "-C", dnsmasq_site_config(self.work), "-k",
-                                f"--log-facility={self.dnsmasq_log}",
-                                f"--pid-file={os.path.join(self.work, 'dnsmasq.pid')}"],
-                       os.path.join(self.work, "dnsmasq.out"))
+        self.net.site_dnsmasq(site, ipv6_ra=True, log=self.dnsmasq_log)
         self.sidero_log = os.path.join(self.work, "sidero.log")
-        env = dict(os.environ, PYTHONPATH=REPO)
         # trial's temp paths can exceed the 107-byte limit of a unix socket path.
         socket_dir = tempfile.mkdtemp(prefix="sd-")
         self.addCleanup(shutil.rmtree, socket_dir, True)
-        self.sidero_proc = self.net.spawn("boot", sidero_command(
-            "--api-endpoint", BOOT_IP, "--api-port", "8081", "--state-dir", self.state,
+        self.sidero_proc = self.net.spawn(self.boot, sidero_command(
+            "--api-endpoint", self.boot_ip, "--api-port", "8081", "--state-dir", self.state,
             "--talos-assets-url", "http://127.0.0.1:1",
             "--dhcp-interface", "eth0", "--log-format", "json", "--no-enable-leader-election",
             "--management-socket", os.path.join(socket_dir, "m.sock"),
-        ), self.sidero_log, env=env)
+        ), self.sidero_log, env=tree_env())
 
     async def wait_for(self, what: str, predicate: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -111,8 +103,8 @@ class PXEBootTests(TestCase):
 
     def sidero_ready(self) -> bool:
         probe = subprocess.run(
-            ["ip", "netns", "exec", self.net.ns("boot"), "curl", "-sf", "-m", "1",
-             f"http://{BOOT_IP}:8081/readyz"], capture_output=True)
+            ["ip", "netns", "exec", self.boot, "curl", "-sf", "-m", "1",
+             f"http://{self.boot_ip}:8081/readyz"], capture_output=True)
         return probe.returncode == 0
 
     def read_events(self) -> list[dict[str, Any]]:
@@ -134,7 +126,7 @@ class PXEBootTests(TestCase):
 
     async def boot_vm(self, console: str, *qemu_args: str) -> str:
         await self.wait_for("sidero to be ready", self.sidero_ready, 60)
-        proc = self.net.spawn("sw", [
+        proc = self.net.spawn(self.net.sw, [
             "timeout", str(int(VM_TIMEOUT)), "qemu-system-x86_64", "-accel", "tcg",
             "-nographic", "-vga", "none", "-nodefaults", "-no-reboot",
             "-serial", f"file:{console}",
@@ -150,7 +142,7 @@ class PXEBootTests(TestCase):
 
     def assert_chain(self, console: str, arch: str) -> None:
         self.assertIn("SIDERO-E2E-BOOTED", console, "the served kernel did not boot:\n" + console[-3000:])
-        self.assertIn(f"sidero.mac=52:54:00:12:34:56 sidero.endpoint={BOOT_IP}:8081", console)
+        self.assertIn(f"sidero.mac=52:54:00:12:34:56 sidero.endpoint={self.boot_ip}:8081", console)
         uris = [e.get("uri", "") for e in self.http_requests()]
         self.assertIn("/boot.ipxe", uris)
         ipxe = [u for u in uris if u.startswith("/ipxe?")]

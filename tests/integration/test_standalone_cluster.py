@@ -22,10 +22,11 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from sidero.api.registry import METAL_MACHINE, SERVER, SERVER_BINDING, SERVER_CLASS
-from tests.integration.lifecycle_support import REPO, Machine, PowerAPI, boot_agent, serve_power_api
+from tests.integration.lifecycle_support import Machine, PowerAPI, boot_agent, serve_power_api
 from tests.integration.test_lifecycle import LifecycleTestCase, new_uuid, reactor, table
+from tests.paths import REPO
 
-SAMPLES = os.path.join(REPO, "deploy", "samples", "standalone")
+SAMPLES = str(REPO / "deploy" / "samples" / "standalone")
 MACHINES = 2
 
 

@@ -56,9 +56,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest
 
+from tests.paths import REPO
+
 log = Logger()
 
-REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-kube-apiserver"
 WRAPPER_GO_MOD = REPO / "tools" / "kube-apiserver" / "go.mod"
 CRD_DIR = REPO / "deploy" / "crds"

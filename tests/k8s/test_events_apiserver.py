@@ -24,11 +24,12 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import ILogObserver, LogEvent, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 
-from sidero.agent.proto import agent_pb2 as pb
 from sidero.api.registry import EVENT, METAL_MACHINE, NAMESPACE, SERVER
 from sidero.controllers.events import CONTROLLER_MANAGER, DEFAULT_BURST, EventRecorder
 from sidero.controllers.server import ServerReconciler
 from sidero.k8s.store import KubernetesStore
+from sidero.power.fake import FakeFleet, FakePowerManager
+from sidero.proto import agent_pb2 as pb
 from sidero.protocols.grpc.server import EVENT_COMPONENT, AgentAPI
 from sidero.store.interfaces import Object
 from tests.k8s.apiserver import KubeAPIServer
@@ -51,33 +52,6 @@ class TrackingRecorder(EventRecorder):
     async def settle(self) -> list[Object | None]:
         pending, self.pending = self.pending, []
         return list(await gatherResults(pending))
-
-
-class FakePower:
-    """A non-fake power manager (events are emitted) whose machine is off and obeys."""
-
-    is_fake = False
-
-    def __init__(self) -> None:
-        self.on = False
-        self.calls: list[str] = []
-
-    async def is_powered_on(self) -> bool:
-        return self.on
-
-    async def power_on(self) -> None:
-        self.calls.append("on")
-        self.on = True
-
-    async def power_off(self) -> None:
-        self.calls.append("off")
-        self.on = False
-
-    async def power_cycle(self) -> None:
-        self.calls.append("cycle")
-
-    async def set_pxe(self, mode: str) -> None:
-        self.calls.append(f"pxe:{mode}")
 
 
 class EventsOnAPIServerTests(TestCase):
@@ -295,17 +269,18 @@ class EventsOnAPIServerTests(TestCase):
         server = await self.make_server(accepted=True)
         name = server["metadata"]["name"]
         recorder = TrackingRecorder(self.store, self.reactor)
-        power = FakePower()
+        fleet = FakeFleet(report_state=True)  # the machine is off and obeys
+        power = FakePowerManager(name, fleet, is_fake=False)  # a real BMC: events are emitted
 
-        async def power_for(obj: Object) -> FakePower:
+        async def power_for(obj: Object) -> FakePowerManager:
             return power
 
         reconciler = ServerReconciler(self.store, power_for, recorder, self.reactor, pxe_mode="bios")
         await reconciler.reconcile(name)
         await recorder.settle()
-        self.assertEqual(power.calls, ["pxe:bios", "on"])
+        self.assertEqual(fleet.machine(name).operations, ["set_pxe:bios", "power_on"])
 
-        async def broken(obj: Object) -> FakePower:
+        async def broken(obj: Object) -> FakePowerManager:
             raise ValueError('secret key "user" is missing in secret "x-bmc"')
 
         await ServerReconciler(self.store, broken, recorder, self.reactor).reconcile(name)

@@ -20,7 +20,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sidero.api import registry
 from sidero.api.registry import SERVER, ResourceType
-from sidero.controllers.informer import Backoff, Informer
+from sidero.backoff import Backoff
+from sidero.controllers.informer import Informer
 from sidero.k8s.client import load_api_client
 from sidero.k8s.errors import KubeconfigError
 from sidero.k8s.store import INITIAL_EVENTS_END, KubernetesStore

@@ -24,9 +24,9 @@ from sidero.controllers.lease import LEADER_ELECTION_ID, LeaseElector
 from sidero.controllers.runtime import Controller, ControllerManager
 from sidero.k8s.store import KubernetesStore
 from sidero.store.interfaces import Object
-from tests.controllers.test_lease import FlakyStore
 from tests.k8s.apiserver import KubeAPIServer
 from tests.k8s.support import make_store, server_with_crds
+from tests.store.flaky import FlakyStore
 
 LEASE_DURATION = 3.0
 RENEW_DEADLINE = 2.0
@@ -74,7 +74,7 @@ class LeaderElectionTests(TestCase):
     async def replica(self, name: str, *, namespace: str | None = None, hang: bool = False,
                       controllers: bool = False) -> Replica:
         store = await make_store(self, self.server)
-        flaky = FlakyStore(store)  # type: ignore[arg-type]
+        flaky = FlakyStore(store)
         elector = LeaseElector(
             flaky if hang else store, reactor, namespace=namespace or self.ns,
             identity=f"{name}_{uuid.uuid4()}", lease_duration=LEASE_DURATION,

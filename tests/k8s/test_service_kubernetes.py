@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor, threads
@@ -30,9 +29,8 @@ from twisted.trial.unittest import TestCase
 
 from tests.k8s import apiserver
 from tests.k8s.apiserver import KubeAPIServer, crd_manifests
+from tests.paths import RUN_SIDERO
 
-REPO = Path(__file__).resolve().parents[2]
-RUN_SIDERO = REPO / "tests" / "integration" / "run_sidero.py"
 AGENT_SCRIPT_MARK = b"/env/agent-amd64/vmlinuz"
 DISK_BOOT = b"#!ipxe\nexit\n"
 

@@ -32,21 +32,22 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from sidero.api import registry
 from sidero.api.conversion import CONVERSION_DATA_ANNOTATION
 from sidero.k8s import tls
-from sidero.k8s.webhook import (
+from sidero.k8s.webhook.registration import (
     CONVERSION_KINDS,
+    WebhookEndpoint,
+    conversion_stanza,
+    validating_webhook_configuration,
+)
+from sidero.k8s.webhook.review import (
     METAL_MACHINE_TEMPLATE_V1ALPHA3,
     SERVER_V1ALPHA1,
     SERVER_V1ALPHA2,
     WebhookCounters,
     WebhookCountersCollector,
-    WebhookEndpoint,
     WebhookHandler,
-    WebhookService,
-    conversion_stanza,
     decode_review,
-    make_webhook_service,
-    validating_webhook_configuration,
 )
+from sidero.k8s.webhook.service import WebhookService, make_webhook_service
 from tests.k8s.apiserver import CRD_DIR, TinyCA
 
 UID = "705ab4f5-6393-11e8-b7cc-42010a800002"
@@ -817,7 +818,7 @@ class LoopbackTLSTests(TestCase):
         """A registration that fails at start does not fail the start: it is retried with backoff."""
         from twisted.internet import reactor
 
-        from sidero.k8s import webhook
+        from sidero.k8s.webhook import service as webhook
 
         calls: list[bytes] = []
 

@@ -20,14 +20,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from sidero.api.conversion import CONVERSION_DATA_ANNOTATION
-from sidero.k8s.webhook import (
+from sidero.k8s.webhook.registration import (
     CONVERSION_KINDS,
     WebhookEndpoint,
-    WebhookService,
     crd_name,
     install_webhooks,
-    make_webhook_service,
 )
+from sidero.k8s.webhook.service import WebhookService, make_webhook_service
 from tests.k8s.apiserver import KubeAPIServer, crd_manifests, require_binary
 
 _server: KubeAPIServer | None = None

@@ -12,12 +12,10 @@ import yaml
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase
 
-import sidero
 from sidero.management.cli import create_merge_patch, format_error, three_way_patch
 from sidero.store.errors import Invalid, NotFound, StoreError, invalid, not_found
 from tests.management.fixtures import ServerTestCase, server_manifest
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(sidero.__file__)))
+from tests.paths import REPO
 
 SERVERS_YAML = """\
 apiVersion: metal.sidero.dev/v1alpha2
@@ -70,7 +68,7 @@ class CLITestCase(ServerTestCase):
                   shell: str | None = None) -> tuple[str, str, int]:
         environ = {k: v for k, v in os.environ.items()
                    if k not in ("VISUAL", "EDITOR", "SIDERO_EDITOR", "SIDERO_MANAGEMENT_SOCKET")}
-        environ["PYTHONPATH"] = REPO
+        environ["PYTHONPATH"] = str(REPO)
         environ["SIDERO_MANAGEMENT_SOCKET"] = self.socket_path
         environ.update(env or {})
         if shell is not None:
@@ -79,7 +77,7 @@ class CLITestCase(ServerTestCase):
         else:
             argv = ["-m", "sidero.management.cli", *args]
             exe = sys.executable
-        out, err, code = await getProcessOutputAndValue(exe, argv, env=environ, path=REPO)
+        out, err, code = await getProcessOutputAndValue(exe, argv, env=environ, path=str(REPO))
         return out.decode(), err.decode(), code
 
     async def apply_fixtures(self) -> None:

@@ -11,6 +11,7 @@ from sidero.power.credentials import resolve_bmc_credentials, resolve_credential
 from sidero.power.interfaces import CredentialsError, PowerError
 from sidero.store import errors
 from tests.power.helpers import SecretStore, secret
+from tests.store.inline import open_inline_store
 
 
 def ref(name: str = "bmc", key: str = "user", namespace: str = "default") -> dict[str, Any]:
@@ -120,13 +121,7 @@ class EmbeddedStoreCredentialTests(TestCase):
 
     async def test_real_store_messages(self) -> None:
         """Missing secret and missing key read exactly as in Sidero when the store is real."""
-        from twisted.internet import reactor
-
-        from sidero.store.embedded import EmbeddedStore
-
-        store = EmbeddedStore(reactor, ":memory:")
-        await store.open()
-        self.addCleanup(lambda: ensureDeferred(store.close()))
+        store, _ = open_inline_store(self)
         await store.create(secret("default", "bmc", user="admin"))
         self.assertEqual(await resolve_credential(store, ref()), "admin")
         with self.assertRaises(CredentialsError) as missing:

@@ -65,6 +65,42 @@ class FakePowerManagerTests(SynchronousTestCase):
         self.assertEqual(fleet.machine("a").operations, [])
 
 
+    def test_calls_include_queries(self) -> None:
+        """C{calls} is every call in order, queries included; C{operations} only the changes."""
+        fleet = FakeFleet(report_state=True)
+        fake = FakePowerManager("a", fleet)
+        self.successResultOf(fake.is_powered_on())
+        self.successResultOf(fake.set_pxe("uefi"))
+        self.successResultOf(fake.power_on())
+        self.assertEqual(fleet.machine("a").calls, ["is_powered_on", "set_pxe:uefi", "power_on"])
+        self.assertEqual(fleet.machine("a").operations, ["set_pxe:uefi", "power_on"])
+
+    def test_failing_calls(self) -> None:
+        """An explicitly failing call fails with SimulatedFailure and changes nothing; a
+        silently failing one reports success and changes nothing; both are counted."""
+        fleet = FakeFleet(report_state=True)
+        fake = FakePowerManager("a", fleet)
+        machine = fleet.machine("a")
+        machine.failing = {"is_powered_on": EXPLICIT, "set_pxe:bios": EXPLICIT, "power_on": SILENT}
+        self.failureResultOf(fake.is_powered_on(), SimulatedFailure)
+        self.failureResultOf(fake.set_pxe("bios"), SimulatedFailure)
+        self.successResultOf(fake.power_on())
+        self.assertEqual((machine.powered, machine.pxe_mode, machine.operations), (False, None, []))
+        self.assertEqual(machine.calls, ["is_powered_on", "set_pxe:bios", "power_on"])
+        self.assertEqual(machine.failures, 3)
+        del machine.failing["power_on"]
+        self.successResultOf(fake.power_on())
+        self.assertTrue(machine.powered)
+
+    def test_standing_in_for_a_real_bmc(self) -> None:
+        """With is_fake false the manager says it is not the fake (the controller then treats
+        it as a real BMC); its kind stays "fake"."""
+        fake = FakePowerManager("a", FakeFleet(), is_fake=False)
+        verifyObject(IPowerManager, fake)
+        self.assertFalse(fake.is_fake)
+        self.assertEqual(fake.kind, "fake")
+
+
 class FailureDiceTests(SynchronousTestCase):
     def test_zero_never_fails(self) -> None:
         """With both probabilities 0 the dice never choose a failure and are inactive."""

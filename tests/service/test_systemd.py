@@ -11,7 +11,8 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.paths import REPO
+
 UNIT = os.path.join(REPO, "deploy", "systemd", "sidero.service")
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or "/usr/bin/systemd-analyze"
 

@@ -21,7 +21,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.paths import REPO
+
 DROPIN = "twisted/plugins/sidero_plugin.py"
 
 
@@ -61,7 +62,7 @@ def _run(argv: list[str], cwd: str | None = None, timeout: float = 300) -> str:
 
 
 def _copy_tree(dest: str) -> None:
-    listing = _run(["git", "-C", REPO, "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
+    listing = _run(["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"])
     for rel in filter(None, listing.split("\0")):
         src = os.path.join(REPO, rel)
         if not os.path.isfile(src):

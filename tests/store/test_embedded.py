@@ -31,7 +31,7 @@ from sidero.store.interfaces import (
     WatchEvent,
 )
 from tests.store.contract import Recorder, StoreContractTests
-from tests.store.inline import FakeReactor, InlinePool
+from tests.store.inline import FakeReactor, inline_store, open_inline_store
 
 Object = dict[str, Any]
 
@@ -39,13 +39,6 @@ Object = dict[str, Any]
 def server(name: str, **spec: Any) -> Object:
     return {"apiVersion": registry.SERVER.api_version, "kind": "Server",
             "metadata": {"name": name}, "spec": {"accepted": False, **spec}}
-
-
-def inline_store(path: str = ":memory:", **kwargs: Any) -> tuple[EmbeddedStore, FakeReactor]:
-    reactor = FakeReactor()
-    reactor.advance(1_700_000_000)
-    store = EmbeddedStore(reactor, path, pool=InlinePool(), **kwargs)  # type: ignore[arg-type]
-    return store, reactor
 
 
 def result_of(test: TestCase, d: Any) -> Any:
@@ -75,9 +68,7 @@ class EmbeddedInlineContractTests(StoreContractTests, TestCase):
     """The contract again, with the database calls inline and a fake clock (deterministic)."""
 
     def makeStore(self) -> Deferred[IResourceStore]:
-        store, self.clock = inline_store()
-        result_of(self, store.open())
-        self.addCleanup(lambda: result_of(self, store.close()))
+        store, self.clock = open_inline_store(self)
         return succeed(store)
 
     def sleep(self, seconds: float) -> Deferred[None]:
@@ -90,9 +81,7 @@ class EmbeddedAdmittedContractTests(EmbeddedInlineContractTests):
     schemas: proves the contract's objects are valid and survive pruning."""
 
     def makeStore(self) -> Deferred[IResourceStore]:
-        store, self.clock = inline_store(admission=Admission())
-        result_of(self, store.open())
-        self.addCleanup(lambda: result_of(self, store.close()))
+        store, self.clock = open_inline_store(self, admission=Admission())
         return succeed(store)
 
 
@@ -122,10 +111,7 @@ class EmbeddedStoreTests(TestCase):
     """Behaviour only the embedded backend has, on the inline pool and a fake clock."""
 
     def open(self, path: str = ":memory:", **kwargs: Any) -> tuple[EmbeddedStore, FakeReactor]:
-        store, reactor = inline_store(path, **kwargs)
-        result_of(self, store.open())
-        self.addCleanup(lambda: result_of(self, store.close()))
-        return store, reactor
+        return open_inline_store(self, path, **kwargs)
 
     def watch(self, store: EmbeddedStore, rt: ResourceType, callback: Callable[[WatchEvent], object],
               **kwargs: Any) -> IWatch:

@@ -31,10 +31,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from sidero.agent.proto import agent_pb2 as pb
-from sidero.agent.proto import agent_pb2_grpc as pb_grpc
 from sidero.api import conditions
 from sidero.api.registry import SECRET, SERVER
+from sidero.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2_grpc as pb_grpc
 from sidero.store.errors import AlreadyExists, BadRequest, Conflict, NotFound, StoreError
 from sidero.store.interfaces import IResourceStore, Object
 from sidero.threads import CallTimeout, with_timeout

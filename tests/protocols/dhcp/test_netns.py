@@ -21,10 +21,12 @@ from pathlib import Path
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from sidero.protocols.dhcp import codec
+from tests.netlab import NetLab, missing_requirements
 from tests.protocols.dhcp import packets as p
-from tests.protocols.dhcp.netlab import NetLab, Packet, missing_requirements, read_pcap
+from tests.protocols.dhcp.pcap import Packet, read_pcap
 
 NET = 71
+TOOLS = ("dnsmasq", "udhcpc", "tcpdump", "perfdhcp")
 PXE_VENDOR = "PXEClient:Arch:00000:UNDI:002001"
 
 
@@ -40,7 +42,7 @@ class NamespaceTests(SynchronousTestCase):
     """Our proxy next to a real site DHCP server, seen by real clients."""
 
     def setUp(self) -> None:
-        reason = missing_requirements()
+        reason = missing_requirements(TOOLS)
         if reason is not None:
             raise SkipTest(f"NAMESPACE DHCP TESTS NOT RUN: {reason}")
         self.work = Path(self.mktemp()).resolve()

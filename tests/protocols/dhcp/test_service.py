@@ -26,8 +26,9 @@ from sidero.protocols.dhcp.interfaces import (
 )
 from sidero.protocols.dhcp.protocol import DHCPProxyProtocol
 from sidero.protocols.dhcp.service import DHCPProxyService, make_dhcp_proxy_service
+from tests.netlab import NetLab
+from tests.paths import REPO, tree_env
 from tests.protocols.dhcp import packets as p
-from tests.protocols.dhcp.netlab import REPO, NetLab
 
 ADDRS = [InterfaceAddress("lo", "127.0.0.1"), InterfaceAddress("eth0", "10.213.0.2"),
          InterfaceAddress("eth1", "10.99.0.1")]
@@ -233,7 +234,7 @@ class RunnerTests(SynchronousTestCase):
             proc = subprocess.Popen(
                 [sys.executable, "-m", "sidero.protocols.dhcp", *args], stdout=out,
                 stderr=subprocess.STDOUT, cwd=REPO,
-                env=dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1"))
+                env=tree_env(PYTHONUNBUFFERED="1"))
 
         def cleanup() -> None:
             if proc.poll() is None:

@@ -25,11 +25,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from sidero.agent.proto import agent_pb2 as pb
-from sidero.agent.proto import agent_pb2_grpc as pb_grpc
 from sidero.api import conditions
 from sidero.api.admission import Admission
 from sidero.api.registry import SECRET, SERVER
+from sidero.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2_grpc as pb_grpc
 from sidero.protocols.grpc.port import (
     CONNECTING,
     GRPC,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf.descriptor import FieldDescriptor as F
 from twisted.trial.unittest import SynchronousTestCase
 
-from sidero.agent.proto import agent_pb2 as pb
+from sidero.proto import agent_pb2 as pb
 
 S, U32, U64, B, D, E, M = (F.TYPE_STRING, F.TYPE_UINT32, F.TYPE_UINT64, F.TYPE_BOOL,
                            F.TYPE_DOUBLE, F.TYPE_ENUM, F.TYPE_MESSAGE)
@@ -129,12 +129,12 @@ class GeneratedUpToDateTests(SynchronousTestCase):
         from google.protobuf import descriptor_pb2
         from grpc_tools import protoc
 
-        root = os.path.dirname(os.path.dirname(os.path.dirname(pb.__file__)))
-        root = os.path.dirname(root)  # the directory holding the sidero package
+        # sidero/proto/agent_pb2.py: the directory holding the sidero package, 2 levels up.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(pb.__file__))))
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "set.pb")
             rc = protoc.main(["protoc", f"-I{root}", f"--descriptor_set_out={out}",
-                              os.path.join(root, "sidero/agent/proto/agent.proto")])
+                              os.path.join(root, "sidero/proto/agent.proto")])
             self.assertEqual(rc, 0)
             with open(out, "rb") as f:
                 fds = descriptor_pb2.FileDescriptorSet.FromString(f.read())

@@ -12,10 +12,10 @@ import grpc
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from sidero.agent.proto import agent_pb2 as pb
 from sidero.api import conditions
 from sidero.api.admission import Admission
 from sidero.api.registry import SECRET, SERVER
+from sidero.proto import agent_pb2 as pb
 from sidero.protocols.grpc.server import (
     AgentAPI,
     AgentServicer,
@@ -26,7 +26,7 @@ from sidero.protocols.grpc.server import (
 )
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
-from tests.store.test_embedded import FakeReactor, inline_store
+from tests.store.inline import FakeReactor, open_inline_store
 
 Object = dict[str, Any]
 UUID = "4c4c4544-0035-3910-8051-b4c04f4a4d32"
@@ -77,9 +77,7 @@ class Base(SynchronousTestCase):
     def setUp(self) -> None:
         self.store: EmbeddedStore
         self.clock: FakeReactor
-        self.store, self.clock = inline_store(admission=Admission())
-        self.ok(self.store.open())
-        self.addCleanup(lambda: self.ok(self.store.close()))
+        self.store, self.clock = open_inline_store(self, admission=Admission())
         self.events = FakeEvents()
         self.api = AgentAPI(self.store, self.clock, auto_accept_servers=self.auto_accept,
                             auto_bmc_setup=self.auto_bmc, insecure_wipe=False,

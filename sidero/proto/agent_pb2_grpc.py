@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from sidero.agent.proto import agent_pb2 as sidero_dot_agent_dot_proto_dot_agent__pb2
+from sidero.proto import agent_pb2 as sidero_dot_proto_dot_agent__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -19,7 +19,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in sidero/agent/proto/agent_pb2_grpc.py depends on'
+        + ' but the generated code in sidero/proto/agent_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,28 +37,28 @@ class AgentStub:
         """
         self.CreateServer = channel.unary_unary(
                 '/api.Agent/CreateServer',
-                request_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.CreateServerRequest.SerializeToString,
-                response_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.CreateServerResponse.FromString,
+                request_serializer=sidero_dot_proto_dot_agent__pb2.CreateServerRequest.SerializeToString,
+                response_deserializer=sidero_dot_proto_dot_agent__pb2.CreateServerResponse.FromString,
                 _registered_method=True)
         self.MarkServerAsWiped = channel.unary_unary(
                 '/api.Agent/MarkServerAsWiped',
-                request_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.MarkServerAsWipedRequest.SerializeToString,
-                response_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.MarkServerAsWipedResponse.FromString,
+                request_serializer=sidero_dot_proto_dot_agent__pb2.MarkServerAsWipedRequest.SerializeToString,
+                response_deserializer=sidero_dot_proto_dot_agent__pb2.MarkServerAsWipedResponse.FromString,
                 _registered_method=True)
         self.ReconcileServerAddresses = channel.unary_unary(
                 '/api.Agent/ReconcileServerAddresses',
-                request_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.ReconcileServerAddressesRequest.SerializeToString,
-                response_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.ReconcileServerAddressesResponse.FromString,
+                request_serializer=sidero_dot_proto_dot_agent__pb2.ReconcileServerAddressesRequest.SerializeToString,
+                response_deserializer=sidero_dot_proto_dot_agent__pb2.ReconcileServerAddressesResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/api.Agent/Heartbeat',
-                request_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.HeartbeatResponse.FromString,
+                request_serializer=sidero_dot_proto_dot_agent__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=sidero_dot_proto_dot_agent__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.UpdateBMCInfo = channel.unary_unary(
                 '/api.Agent/UpdateBMCInfo',
-                request_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.UpdateBMCInfoRequest.SerializeToString,
-                response_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.UpdateBMCInfoResponse.FromString,
+                request_serializer=sidero_dot_proto_dot_agent__pb2.UpdateBMCInfoRequest.SerializeToString,
+                response_deserializer=sidero_dot_proto_dot_agent__pb2.UpdateBMCInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -105,28 +105,28 @@ def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateServer': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateServer,
-                    request_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.CreateServerRequest.FromString,
-                    response_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.CreateServerResponse.SerializeToString,
+                    request_deserializer=sidero_dot_proto_dot_agent__pb2.CreateServerRequest.FromString,
+                    response_serializer=sidero_dot_proto_dot_agent__pb2.CreateServerResponse.SerializeToString,
             ),
             'MarkServerAsWiped': grpc.unary_unary_rpc_method_handler(
                     servicer.MarkServerAsWiped,
-                    request_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.MarkServerAsWipedRequest.FromString,
-                    response_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.MarkServerAsWipedResponse.SerializeToString,
+                    request_deserializer=sidero_dot_proto_dot_agent__pb2.MarkServerAsWipedRequest.FromString,
+                    response_serializer=sidero_dot_proto_dot_agent__pb2.MarkServerAsWipedResponse.SerializeToString,
             ),
             'ReconcileServerAddresses': grpc.unary_unary_rpc_method_handler(
                     servicer.ReconcileServerAddresses,
-                    request_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.ReconcileServerAddressesRequest.FromString,
-                    response_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.ReconcileServerAddressesResponse.SerializeToString,
+                    request_deserializer=sidero_dot_proto_dot_agent__pb2.ReconcileServerAddressesRequest.FromString,
+                    response_serializer=sidero_dot_proto_dot_agent__pb2.ReconcileServerAddressesResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.HeartbeatRequest.FromString,
-                    response_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=sidero_dot_proto_dot_agent__pb2.HeartbeatRequest.FromString,
+                    response_serializer=sidero_dot_proto_dot_agent__pb2.HeartbeatResponse.SerializeToString,
             ),
             'UpdateBMCInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateBMCInfo,
-                    request_deserializer=sidero_dot_agent_dot_proto_dot_agent__pb2.UpdateBMCInfoRequest.FromString,
-                    response_serializer=sidero_dot_agent_dot_proto_dot_agent__pb2.UpdateBMCInfoResponse.SerializeToString,
+                    request_deserializer=sidero_dot_proto_dot_agent__pb2.UpdateBMCInfoRequest.FromString,
+                    response_serializer=sidero_dot_proto_dot_agent__pb2.UpdateBMCInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -154,8 +154,8 @@ class Agent:
             request,
             target,
             '/api.Agent/CreateServer',
-            sidero_dot_agent_dot_proto_dot_agent__pb2.CreateServerRequest.SerializeToString,
-            sidero_dot_agent_dot_proto_dot_agent__pb2.CreateServerResponse.FromString,
+            sidero_dot_proto_dot_agent__pb2.CreateServerRequest.SerializeToString,
+            sidero_dot_proto_dot_agent__pb2.CreateServerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -181,8 +181,8 @@ class Agent:
             request,
             target,
             '/api.Agent/MarkServerAsWiped',
-            sidero_dot_agent_dot_proto_dot_agent__pb2.MarkServerAsWipedRequest.SerializeToString,
-            sidero_dot_agent_dot_proto_dot_agent__pb2.MarkServerAsWipedResponse.FromString,
+            sidero_dot_proto_dot_agent__pb2.MarkServerAsWipedRequest.SerializeToString,
+            sidero_dot_proto_dot_agent__pb2.MarkServerAsWipedResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -208,8 +208,8 @@ class Agent:
             request,
             target,
             '/api.Agent/ReconcileServerAddresses',
-            sidero_dot_agent_dot_proto_dot_agent__pb2.ReconcileServerAddressesRequest.SerializeToString,
-            sidero_dot_agent_dot_proto_dot_agent__pb2.ReconcileServerAddressesResponse.FromString,
+            sidero_dot_proto_dot_agent__pb2.ReconcileServerAddressesRequest.SerializeToString,
+            sidero_dot_proto_dot_agent__pb2.ReconcileServerAddressesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -235,8 +235,8 @@ class Agent:
             request,
             target,
             '/api.Agent/Heartbeat',
-            sidero_dot_agent_dot_proto_dot_agent__pb2.HeartbeatRequest.SerializeToString,
-            sidero_dot_agent_dot_proto_dot_agent__pb2.HeartbeatResponse.FromString,
+            sidero_dot_proto_dot_agent__pb2.HeartbeatRequest.SerializeToString,
+            sidero_dot_proto_dot_agent__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -262,8 +262,8 @@ class Agent:
             request,
             target,
             '/api.Agent/UpdateBMCInfo',
-            sidero_dot_agent_dot_proto_dot_agent__pb2.UpdateBMCInfoRequest.SerializeToString,
-            sidero_dot_agent_dot_proto_dot_agent__pb2.UpdateBMCInfoResponse.FromString,
+            sidero_dot_proto_dot_agent__pb2.UpdateBMCInfoRequest.SerializeToString,
+            sidero_dot_proto_dot_agent__pb2.UpdateBMCInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
