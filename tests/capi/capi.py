@@ -176,11 +176,12 @@ def clusterctl_env(home: Path, **extra: str) -> dict[str, str]:
 # --- stand-in CRDs -----------------------------------------------------------------------------
 
 
-def _standin_crd(group: str, kind: str, plural: str, *, scale: bool = False,
-                 categories: Iterable[str] = ("cluster-api",)) -> dict[str, Any]:
+def _standin_crd(group: str, kind: str, plural: str, *, scale: bool = False, version_name: str = STANDIN_VERSION,
+                 categories: Iterable[str] = ("cluster-api",),
+                 labels: dict[str, str] | None = None) -> dict[str, Any]:
     """A CRD that keeps any spec/status: enough for CAPI's contract, nothing of the provider."""
     version: dict[str, Any] = {
-        "name": STANDIN_VERSION, "served": True, "storage": True,
+        "name": version_name, "served": True, "storage": True,
         "schema": {"openAPIV3Schema": {"type": "object", "properties": {
             "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
             "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
@@ -194,7 +195,7 @@ def _standin_crd(group: str, kind: str, plural: str, *, scale: bool = False,
                                             "labelSelectorPath": ".status.selector"}
     return {
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{plural}.{group}", "labels": dict(CONTRACT_LABELS)},
+        "metadata": {"name": f"{plural}.{group}", "labels": dict(CONTRACT_LABELS if labels is None else labels)},
         "spec": {"group": group, "scope": "Namespaced",
                  "names": {"kind": kind, "listKind": kind + "List", "plural": plural,
                            "singular": kind.lower(), "categories": list(categories)},
@@ -209,6 +210,100 @@ def standin_crds() -> list[dict[str, Any]]:
         _standin_crd(BOOTSTRAP_GROUP, "TalosConfigTemplate", "talosconfigtemplates"),
         _standin_crd(CONTROL_PLANE_GROUP, "TalosControlPlane", "taloscontrolplanes", scale=True),
     ]
+
+
+def cert_manager_standin_crds() -> list[dict[str, Any]]:
+    """Issuer and Certificate (cert-manager.io/v1): clusterctl decides cert-manager is installed
+    when it can create a test Issuer and Certificate (cert_manager.go, waitForAPIReady), and
+    sidero's components contain one of each. Nothing issues certificates: no webhook of the
+    installed providers is called in these tests."""
+    return [
+        _standin_crd("cert-manager.io", "Issuer", "issuers", version_name="v1", categories=("cert-manager",),
+                     labels={}),
+        _standin_crd("cert-manager.io", "Certificate", "certificates", version_name="v1",
+                     categories=("cert-manager",), labels={}),
+    ]
+
+
+def _metadata(major: int, minor: int, contract: str = "v1beta1") -> dict[str, Any]:
+    return {"apiVersion": "clusterctl.cluster.x-k8s.io/v1alpha3", "kind": "Metadata",
+            "releaseSeries": [{"major": major, "minor": minor, "contract": contract}]}
+
+
+@dataclass(frozen=True)
+class LocalRepository:
+    """
+    A clusterctl local repository (C{{base}/{provider-label}/{version}/{file}}) and a
+    clusterctl config naming it, for C{clusterctl init -b talos -c talos -i sidero} offline:
+
+    * C{cluster-api/<CAPI version>/core-components.yaml}: Namespace capi-system and CAPI's CRDs
+      from the module (the manager's Deployment, RBAC and webhooks are left out: nothing runs
+      pods here), with the module's C{metadata.yaml};
+    * C{bootstrap-talos/v0.6.0/}, C{control-plane-talos/v0.5.0/}: the Talos stand-in CRDs;
+    * C{infrastructure-sidero/<our version>/}: C{deploy/clusterctl} as committed;
+    * C{cert-manager/v1.16.0/cert-manager.yaml}: the cert-manager stand-in CRDs;
+    * C{clusterctl.yaml}: the providers with C{file://} URLs (C{latest} for sidero, so
+      clusterctl picks the version from the directory and metadata.yaml) and C{variables}.
+    """
+
+    root: Path
+    build: CAPIBuild
+    artifacts: Path = REPO / "deploy" / "clusterctl"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "clusterctl.yaml"
+
+    def _dir(self, label: str, version: str) -> Path:
+        d = self.root / label / version
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def write(self, variables: dict[str, str] | None = None) -> Path:
+        from sidero.api import clusterctl
+
+        core = self._dir("cluster-api", self.build.version)
+        capi_crds = [d for p in self.build.crd_files for d in yaml.safe_load_all(p.read_text()) if d]
+        write_documents(core / "core-components.yaml", [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "capi-system"}}, *capi_crds])
+        shutil.copy(self.build.metadata, core / "metadata.yaml")
+        bootstrap = self._dir("bootstrap-talos", "v0.6.0")
+        write_documents(bootstrap / "bootstrap-components.yaml", [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cabpt-system"}},
+            *[c for c in standin_crds() if c["spec"]["group"] == BOOTSTRAP_GROUP]])
+        write_documents(bootstrap / "metadata.yaml", [_metadata(0, 6)])
+        control_plane = self._dir("control-plane-talos", "v0.5.0")
+        write_documents(control_plane / "control-plane-components.yaml", [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cacppt-system"}},
+            *[c for c in standin_crds() if c["spec"]["group"] == CONTROL_PLANE_GROUP]])
+        write_documents(control_plane / "metadata.yaml", [_metadata(0, 5)])
+        sidero = self._dir("infrastructure-sidero", clusterctl.provider_version())
+        for name in (clusterctl.COMPONENTS_FILE, clusterctl.METADATA_FILE, clusterctl.TEMPLATE_FILE):
+            shutil.copy(self.artifacts / name, sidero / name)
+        # clusterctl reads the cert-manager manifest while fetching providers even when it then
+        # finds cert-manager installed: the stand-in CRDs (what the test applied beforehand).
+        cert_manager = self._dir("cert-manager", "v1.16.0")
+        write_documents(cert_manager / "cert-manager.yaml", [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cert-manager"}},
+            *cert_manager_standin_crds()])
+        url = f"file://{self.root}"
+        config: dict[str, Any] = {
+            "providers": [
+                {"name": "cluster-api", "type": "CoreProvider",
+                 "url": f"{url}/cluster-api/{self.build.version}/core-components.yaml"},
+                {"name": "talos", "type": "BootstrapProvider",
+                 "url": f"{url}/bootstrap-talos/v0.6.0/bootstrap-components.yaml"},
+                {"name": "talos", "type": "ControlPlaneProvider",
+                 "url": f"{url}/control-plane-talos/v0.5.0/control-plane-components.yaml"},
+                {"name": "sidero", "type": "InfrastructureProvider",
+                 "url": f"{url}/infrastructure-sidero/latest/{clusterctl.COMPONENTS_FILE}"},
+            ],
+            # Read, not installed (cert-manager is found installed); offline either way.
+            "cert-manager": {"url": f"{url}/cert-manager/v1.16.0/cert-manager.yaml", "version": "v1.16.0"},
+            **(variables or {}),
+        }
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        return self.config
 
 
 def write_documents(path: Path, docs: Iterable[dict[str, Any]]) -> Path:
