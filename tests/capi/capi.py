@@ -73,6 +73,8 @@ STANDIN_VERSION = "v1alpha3"
 #: The labels that map the CAPI v1beta1 contract to a provider's API version (as CABPT/CACPPT).
 CONTRACT_LABELS = {f"{CAPI_GROUP}/v1beta1": STANDIN_VERSION}
 BOOTSTRAP_SECRET_TYPE = "cluster.x-k8s.io/secret"
+#: On a TalosControlPlane: the stand-in keeps it "provisioning" (see L{TalosStandIns}).
+PROVISIONING_ANNOTATION = "tests.sidero.dev/provisioning"
 
 
 # --- the build ----------------------------------------------------------------------------------
@@ -462,7 +464,9 @@ class TalosStandIns:
       TalosConfig, labelled with the cluster name), then C{status.ready: true} and
       C{status.dataSecretName};
     * each TalosControlPlane: C{status.ready}, C{initialized}, C{version = spec.version}, the
-      replica counts (= C{spec.replicas}; no Machines are made for it) and C{selector}.
+      replica counts (= C{spec.replicas}; no Machines are made for it) and C{selector}; with
+      the annotation L{PROVISIONING_ANNOTATION} C{"true"} it stays "provisioning" instead (not
+      ready, not initialized, no C{status.version}), as a real one does before its first machine.
 
     @ivar handled: names (namespace/name) of TalosConfigs given a Secret, for tests to check.
     """
@@ -534,13 +538,18 @@ class TalosStandIns:
             meta, spec = cp["metadata"], cp.get("spec") or {}
             replicas = int(spec.get("replicas") or 0)
             cluster_name = (meta.get("labels") or {}).get(f"{CAPI_GROUP}/cluster-name", "")
-            wanted = {
-                "ready": True, "initialized": True, "version": spec.get("version", ""),
-                "replicas": replicas, "readyReplicas": replicas, "updatedReplicas": replicas,
-                "unavailableReplicas": 0,
+            provisioning = (meta.get("annotations") or {}).get(PROVISIONING_ANNOTATION) == "true"
+            wanted: dict[str, Any] = {
+                "ready": not provisioning, "initialized": not provisioning,
+                "replicas": replicas, "readyReplicas": 0 if provisioning else replicas,
+                "updatedReplicas": replicas, "unavailableReplicas": replicas if provisioning else 0,
                 "selector": f"{CAPI_GROUP}/cluster-name={cluster_name},{CAPI_GROUP}/control-plane",
             }
             current = cp.get("status") or {}
+            if provisioning and "version" in current:
+                wanted["version"] = None  # a merge patch removes it
+            elif not provisioning:
+                wanted["version"] = spec.get("version", "")
             if any(current.get(k) != v for k, v in wanted.items()):
                 custom.patch_namespaced_custom_object_status(
                     CONTROL_PLANE_GROUP, STANDIN_VERSION, meta["namespace"], "taloscontrolplanes",

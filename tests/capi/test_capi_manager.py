@@ -18,6 +18,7 @@ from tests.capi.capi import (
     BOOTSTRAP_GROUP,
     CAPI_GROUP,
     CONTROL_PLANE_GROUP,
+    PROVISIONING_ANNOTATION,
     STANDIN_VERSION,
     CAPIEnvironment,
     eventually,
@@ -63,15 +64,16 @@ class CAPIManagerTests(TestCase):
     def wait(self, what: str, check: Any, timeout: float = 120.0) -> Any:
         return eventually(what, check, timeout, self.env.diagnostics)
 
-    async def make_cluster(self, name: str) -> None:
+    async def make_cluster(self, name: str, *, provisioning: bool = False) -> None:
         """Cluster + MetalCluster + TalosControlPlane (stand-in), infrastructure made ready as
         our MetalCluster controller will (it only sets status.ready)."""
         endpoint = {"host": "192.0.2.10", "port": 6443}
+        annotations = {PROVISIONING_ANNOTATION: "true"} if provisioning else {}
 
         def objects() -> None:
             self.create(CONTROL_PLANE_GROUP, STANDIN_VERSION, "taloscontrolplanes", {
                 "apiVersion": f"{CONTROL_PLANE_GROUP}/{STANDIN_VERSION}", "kind": "TalosControlPlane",
-                "metadata": {"name": f"{name}-cp"},
+                "metadata": {"name": f"{name}-cp", "annotations": annotations},
                 "spec": {"version": K8S_VERSION, "replicas": 0,
                          "infrastructureTemplate": {"apiVersion": f"{INFRA_GROUP}/{INFRA_VERSION}",
                                                     "kind": "MetalMachineTemplate", "name": f"{name}-cp"}},
@@ -113,7 +115,8 @@ class CAPIManagerTests(TestCase):
         cluster = await self.wait("Cluster infrastructureReady", ready)
         # CAPI copies the endpoint from the infrastructure cluster (the v1beta1 contract).
         self.assertEqual(cluster["spec"]["controlPlaneEndpoint"], endpoint)
-        self.assertEqual(cluster["metadata"]["labels"].get(f"{CAPI_GROUP}/cluster-name"), None)
+        conditions = {c["type"]: c["status"] for c in cluster["status"].get("conditions", [])}
+        self.assertEqual(conditions.get("InfrastructureReady"), "True", cluster["status"])
 
     async def make_workers(self, cluster: str, replicas: int) -> str:
         name = f"{cluster}-workers"
@@ -270,3 +273,29 @@ class CAPIManagerTests(TestCase):
             return result.returncode == 0 and result.stdout == machine["metadata"]["name"]
 
         await self.wait("CAPI's annotations on the workload Node", annotated)
+
+    async def test_preflight_checks_hold_workers_until_the_control_plane_has_a_version(self) -> None:
+        """CAPI v1.10's MachineSet preflight checks are on: no worker Machine while the control
+        plane has no status.version (provisioning); once the stand-in publishes it, they come."""
+        await self.make_cluster("c4", provisioning=True)
+        await self.make_workers("c4", 1)
+
+        def held() -> str | None:
+            for ms in self.list(CAPI_GROUP, "v1beta1", "machinesets"):
+                for c in (ms.get("status") or {}).get("conditions", []):
+                    if c["type"] == "MachinesCreated" and c.get("reason") == "PreflightCheckFailed":
+                        return str(c.get("message", ""))
+            return None
+
+        message = await self.wait("the MachineSet to report a failed preflight check", held)
+        self.assertIn("ControlPlaneIsStable", message)
+        self.assertEqual(await threads.deferToThread(self.list, CAPI_GROUP, "v1beta1", "machines"), [])
+
+        def provisioned() -> None:
+            self.custom.patch_namespaced_custom_object(
+                CONTROL_PLANE_GROUP, STANDIN_VERSION, self.ns, "taloscontrolplanes", "c4-cp",
+                {"metadata": {"annotations": {PROVISIONING_ANNOTATION: None}}})
+
+        await threads.deferToThread(provisioned)
+        # The MachineSet retries held scale-ups every 15 s (preflightFailedRequeueAfter).
+        await self.wait("the worker Machine once the control plane is stable", lambda: self.machines_with_metal(1))

@@ -62,8 +62,8 @@ class Clusterctl:
             return subprocess.run([str(self.build.clusterctl), *args], capture_output=True, text=True,
                                   timeout=timeout, env=clusterctl_env(self.home, **(env or {})), cwd=str(self.home))
         except subprocess.TimeoutExpired as e:
-            partial = (e.stdout or b"") + (e.stderr or b"")
-            text = partial.decode(errors="replace") if isinstance(partial, bytes) else partial
+            text = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                           for part in (e.stdout, e.stderr) if part)
             raise AssertionError(f"clusterctl {' '.join(args)} still running after {timeout:.0f}s:\n{text[-4000:]}") from e
 
 
@@ -100,6 +100,18 @@ class GenerateClusterTests(TestCase):
         docs = [d for d in yaml.safe_load_all(result.stdout) if d]
         # The cluster name comes from the command line argument ("test"), not the file.
         check_cluster_template(self, docs, {**values, "CLUSTER_NAME": "test"})
+
+    async def test_from_the_providers_repository(self) -> None:
+        """--infrastructure sidero:<version> takes cluster-template.yaml from the provider's
+        repository (a local one here), as a user with a release does."""
+        repo = LocalRepository(self.home / "repo", self.build)
+        config = repo.write({k: v for k, v in VALUES.items() if k not in FLAG_VARIABLES})
+        result = await threads.deferToThread(
+            self.clusterctl.run, "generate", "cluster", "test", "--config", str(config),
+            "--infrastructure", f"sidero:{artifacts.provider_version()}", "--target-namespace", "default",
+            *self.flags())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        check_cluster_template(self, [d for d in yaml.safe_load_all(result.stdout) if d], VALUES)
 
     async def test_missing_variable_fails_with_clusterctls_message(self) -> None:
         env = {k: v for k, v in VALUES.items() if k not in FLAG_VARIABLES and k != "TALOS_VERSION"}
@@ -196,6 +208,17 @@ class InitTests(TestCase):
         http = self.kubectl_json("get", "service", "-n", "sidero-system", "sidero-http")
         self.assertEqual([p["port"] for p in http["spec"]["ports"]], [8081])
         self.assertEqual(self.kubectl_json("get", "replicasets", "-n", "sidero-system")["items"], [])
+
+        # With the provider installed, clusterctl finds its version (and template) itself.
+        generated = await threads.deferToThread(
+            self.clusterctl.run, "generate", "cluster", "mgmt", "--config", str(config),
+            "--kubeconfig", str(self.server.kubeconfig), "--infrastructure", "sidero",
+            "--kubernetes-version", "v1.33.0", "--control-plane-machine-count", "1", "--worker-machine-count", "1",
+            env={"CONTROL_PLANE_ENDPOINT": "192.0.2.1", "CONTROL_PLANE_PORT": "6443", "TALOS_VERSION": "v1.13",
+                 "CONTROL_PLANE_SERVERCLASS": "any", "WORKER_SERVERCLASS": "any"})
+        self.assertEqual(generated.returncode, 0, generated.stderr)
+        kinds = [d["kind"] for d in yaml.safe_load_all(generated.stdout) if d]
+        self.assertEqual(kinds.count("MetalMachineTemplate"), 2)
 
         # The RBAC clusterctl applied, asked of the API server's own authorizer for every call
         # the code makes (derived from the source), as the Deployment's ServiceAccount.
