@@ -40,8 +40,10 @@ import atexit
 import base64
 import json
 import os
+import random
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -57,7 +59,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.k8s import apiserver
-from tests.k8s.apiserver import KubeAPIServer, TinyCA, crd_manifests, free_port
+from tests.k8s.apiserver import KubeAPIServer, TinyCA, crd_manifests
 
 log = Logger()
 
@@ -344,6 +346,22 @@ def with_conversion(crd: dict[str, Any], base_url: str, ca_bundle: bytes) -> dic
 # --- the manager process ------------------------------------------------------------------------
 
 
+def listen_port() -> int:
+    """A free loopback TCP port below the kernel's ephemeral range, so that no outgoing
+    connection (the tests make many) takes it before the manager binds it."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_low = int(f.read().split()[0])
+    for _ in range(200):
+        port = random.randrange(10_000, max(ephemeral_low, 10_001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port below the ephemeral range")
+
+
 class CAPIManager:
     """The CAPI core controller manager as a child process against one management server."""
 
@@ -356,9 +374,9 @@ class CAPIManager:
         serving = ca.issue("capi-webhook", server_names=["localhost"], server_ips=["127.0.0.1"])
         (self.cert_dir / "tls.crt").write_bytes(serving.cert + ca.cert_pem)
         (self.cert_dir / "tls.key").write_bytes(serving.key)
-        self.webhook_port = free_port()
-        self.health_port = free_port()
-        self.diagnostics_port = free_port()
+        self.webhook_port = listen_port()
+        self.health_port = listen_port()
+        self.diagnostics_port = listen_port()
         self.log_path = workdir / "capi-manager.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.ready_after: float | None = None
