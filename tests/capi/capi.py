@@ -19,7 +19,8 @@ L{sharedCAPI} starts, once per test process, a L{CAPIEnvironment}:
   in the environment's directory (L{CAPIManager.log_tail});
 * L{TalosStandIns}: a thread in the test process that does what CABPT and CACPPT would for
   each TalosConfig (a bootstrap Secret with a small Talos machine config, C{status.ready},
-  C{status.dataSecretName}) and each TalosControlPlane (the contract status fields).
+  C{status.dataSecretName}) and each TalosControlPlane (control-plane Machines for its
+  replicas, the contract status fields).
 
 Per process and not per test class, because the start costs ~10 s and ~500 MiB (API server,
 controller manager, CAPI manager) and tests isolate themselves by namespace (CAPI reconciles
@@ -481,10 +482,13 @@ class TalosStandIns:
       C{cluster.x-k8s.io/secret}, key C{value} = L{talos_machine_config}, owned by the
       TalosConfig, labelled with the cluster name), then C{status.ready: true} and
       C{status.dataSecretName};
-    * each TalosControlPlane: C{status.ready}, C{initialized}, C{version = spec.version}, the
-      replica counts (= C{spec.replicas}; no Machines are made for it) and C{selector}; with
-      the annotation L{PROVISIONING_ANNOTATION} C{"true"} it stays "provisioning" instead (not
-      ready, not initialized, no C{status.version}), as a real one does before its first machine.
+    * each TalosControlPlane: one control-plane Machine per C{spec.replicas} (with a TalosConfig
+      from C{spec.controlPlaneConfig} and an infrastructure machine cloned from
+      C{spec.infrastructureTemplate}; scaling down deletes the newest), and the contract status:
+      C{ready}, C{initialized} and C{version = spec.version} at once (it claims a working control
+      plane from the start), the replica counts of its Machines (ready = with a C{nodeRef}) and
+      C{selector}. With the annotation L{PROVISIONING_ANNOTATION} C{"true"} it stays
+      "provisioning" instead (no Machines, not ready, not initialized, no C{status.version}).
 
     @ivar handled: names (namespace/name) of TalosConfigs given a Secret, for tests to check.
     """
@@ -554,13 +558,19 @@ class TalosStandIns:
         for cp in custom.list_cluster_custom_object(CONTROL_PLANE_GROUP, STANDIN_VERSION,
                                                     "taloscontrolplanes")["items"]:
             meta, spec = cp["metadata"], cp.get("spec") or {}
+            if meta.get("deletionTimestamp"):
+                continue
             replicas = int(spec.get("replicas") or 0)
             cluster_name = (meta.get("labels") or {}).get(f"{CAPI_GROUP}/cluster-name", "")
             provisioning = (meta.get("annotations") or {}).get(PROVISIONING_ANNOTATION) == "true"
+            machines = self._control_plane_machines(custom, cp, cluster_name) if cluster_name else []
+            if cluster_name and not provisioning:
+                machines = self._scale_control_plane(custom, cp, cluster_name, machines, replicas)
+            with_node = sum(1 for m in machines if (m.get("status") or {}).get("nodeRef"))
             wanted: dict[str, Any] = {
                 "ready": not provisioning, "initialized": not provisioning,
-                "replicas": replicas, "readyReplicas": 0 if provisioning else replicas,
-                "updatedReplicas": replicas, "unavailableReplicas": replicas if provisioning else 0,
+                "replicas": len(machines), "readyReplicas": with_node, "updatedReplicas": len(machines),
+                "unavailableReplicas": len(machines) - with_node,
                 "selector": f"{CAPI_GROUP}/cluster-name={cluster_name},{CAPI_GROUP}/control-plane",
             }
             current = cp.get("status") or {}
@@ -572,6 +582,67 @@ class TalosStandIns:
                 custom.patch_namespaced_custom_object_status(
                     CONTROL_PLANE_GROUP, STANDIN_VERSION, meta["namespace"], "taloscontrolplanes",
                     meta["name"], {"status": wanted})
+
+    @staticmethod
+    def _control_plane_machines(custom: Any, cp: dict[str, Any], cluster_name: str) -> list[dict[str, Any]]:
+        """The Machines this TalosControlPlane controls (not being deleted)."""
+        meta = cp["metadata"]
+        items = custom.list_namespaced_custom_object(
+            CAPI_GROUP, "v1beta1", meta["namespace"], "machines",
+            label_selector=f"{CAPI_GROUP}/cluster-name={cluster_name},{CAPI_GROUP}/control-plane")["items"]
+        return [m for m in items if not m["metadata"].get("deletionTimestamp") and any(
+            o.get("uid") == meta["uid"] and o.get("controller") for o in m["metadata"].get("ownerReferences", []))]
+
+    def _scale_control_plane(self, custom: Any, cp: dict[str, Any], cluster_name: str,
+                             machines: list[dict[str, Any]], replicas: int) -> list[dict[str, Any]]:
+        """What CACPPT does with spec.replicas: one Machine per replica, each with a
+        TalosConfig and an infrastructure machine cloned from spec.infrastructureTemplate
+        (CAPI's Machine controller then owns both); extra Machines are deleted, newest first."""
+        meta, spec = cp["metadata"], cp.get("spec") or {}
+        ns = meta["namespace"]
+        machines = sorted(machines, key=lambda m: m["metadata"]["creationTimestamp"])
+        while len(machines) > replicas:
+            victim = machines.pop()
+            custom.delete_namespaced_custom_object(CAPI_GROUP, "v1beta1", ns, "machines", victim["metadata"]["name"])
+        template_ref = spec.get("infrastructureTemplate") or {}
+        if len(machines) >= replicas or not template_ref.get("name"):
+            return machines
+        group, _, version = template_ref["apiVersion"].rpartition("/")
+        plural = template_ref["kind"].lower() + "s"
+        template = custom.get_namespaced_custom_object(group, version, ns, plural, template_ref["name"])
+        labels = {f"{CAPI_GROUP}/cluster-name": cluster_name, f"{CAPI_GROUP}/control-plane": ""}
+        owner = {"apiVersion": cp["apiVersion"], "kind": "TalosControlPlane", "name": meta["name"],
+                 "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+        configs = spec.get("controlPlaneConfig") or {}
+        while len(machines) < replicas:
+            name = f"{meta['name']}-{secrets.token_hex(3)}"
+            infra_kind = template_ref["kind"].removesuffix("Template")
+            custom.create_namespaced_custom_object(group, version, ns, infra_kind.lower() + "s", {
+                "apiVersion": template_ref["apiVersion"], "kind": infra_kind,
+                "metadata": {"name": name, "namespace": ns, "labels": dict(labels), "annotations": {
+                    f"{CAPI_GROUP}/cloned-from-name": template_ref["name"],
+                    f"{CAPI_GROUP}/cloned-from-groupkind": f"{template_ref['kind']}.{group}"}},
+                "spec": ((template.get("spec") or {}).get("template") or {}).get("spec") or {},
+            })
+            config = configs.get("init") if not machines and configs.get("init") else configs.get("controlplane")
+            custom.create_namespaced_custom_object(BOOTSTRAP_GROUP, STANDIN_VERSION, ns, "talosconfigs", {
+                "apiVersion": f"{BOOTSTRAP_GROUP}/{STANDIN_VERSION}", "kind": "TalosConfig",
+                "metadata": {"name": name, "namespace": ns, "labels": dict(labels)},
+                "spec": dict(config or {"generateType": "controlplane"}),
+            })
+            machine = custom.create_namespaced_custom_object(CAPI_GROUP, "v1beta1", ns, "machines", {
+                "apiVersion": f"{CAPI_GROUP}/v1beta1", "kind": "Machine",
+                "metadata": {"name": name, "namespace": ns, "labels": dict(labels), "ownerReferences": [owner]},
+                "spec": {
+                    "clusterName": cluster_name, "version": spec.get("version"),
+                    "bootstrap": {"configRef": {"apiVersion": f"{BOOTSTRAP_GROUP}/{STANDIN_VERSION}",
+                                                "kind": "TalosConfig", "name": name, "namespace": ns}},
+                    "infrastructureRef": {"apiVersion": template_ref["apiVersion"], "kind": infra_kind,
+                                          "name": name, "namespace": ns},
+                },
+            })
+            machines.append(machine)
+        return machines
 
     @staticmethod
     def _endpoint(custom: Any, namespace: str, cluster_name: str) -> str | None:

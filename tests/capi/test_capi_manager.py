@@ -299,3 +299,43 @@ class CAPIManagerTests(TestCase):
         await threads.deferToThread(provisioned)
         # The MachineSet retries held scale-ups every 15 s (preflightFailedRequeueAfter).
         await self.wait("the worker Machine once the control plane is stable", lambda: self.machines_with_metal(1))
+
+    async def test_control_plane_standin_makes_machines_from_its_template(self) -> None:
+        """The TalosControlPlane stand-in does what CACPPT does with replicas: a control-plane
+        Machine whose MetalMachine is cloned from infrastructureTemplate (CAPI makes the Machine
+        its owner) and whose bootstrap data is a control-plane config; scaling to 0 removes it."""
+        await self.make_cluster("c5")
+
+        def template_and_scale() -> None:
+            self.create(INFRA_GROUP, INFRA_VERSION, "metalmachinetemplates", {
+                "apiVersion": f"{INFRA_GROUP}/{INFRA_VERSION}", "kind": "MetalMachineTemplate",
+                "metadata": {"name": "c5-cp"},
+                "spec": {"template": {"spec": {"serverClassRef": {
+                    "apiVersion": "metal.sidero.dev/v1alpha2", "kind": "ServerClass", "name": "masters"}}}},
+            })
+            self.custom.patch_namespaced_custom_object(
+                CONTROL_PLANE_GROUP, STANDIN_VERSION, self.ns, "taloscontrolplanes", "c5-cp", {"spec": {"replicas": 1}})
+
+        await threads.deferToThread(template_and_scale)
+        [(machine, mm)] = await self.wait("1 control-plane Machine with its MetalMachine",
+                                          lambda: self.machines_with_metal(1))
+        self.assertIn(f"{CAPI_GROUP}/control-plane", machine["metadata"]["labels"])
+        self.assertEqual([o["kind"] for o in machine["metadata"]["ownerReferences"]], ["TalosControlPlane"])
+        self.assertEqual(mm["spec"]["serverClassRef"]["name"], "masters")
+        import base64
+
+        import yaml
+
+        secret = await threads.deferToThread(self.core.read_namespaced_secret,
+                                             machine["spec"]["bootstrap"]["dataSecretName"], self.ns)
+        self.assertEqual(yaml.safe_load(base64.b64decode(secret.data["value"]))["machine"]["type"], "controlplane")
+
+        def replicas_reported() -> bool:
+            cp = self.get(CONTROL_PLANE_GROUP, STANDIN_VERSION, "taloscontrolplanes", "c5-cp")
+            return bool((cp.get("status") or {}).get("replicas") == 1)
+
+        await self.wait("TalosControlPlane status.replicas 1", replicas_reported)
+        await threads.deferToThread(
+            self.custom.patch_namespaced_custom_object, CONTROL_PLANE_GROUP, STANDIN_VERSION, self.ns,
+            "taloscontrolplanes", "c5-cp", {"spec": {"replicas": 0}})
+        await self.wait("no control-plane Machine after scaling to 0", lambda: self.machines_with_metal(0) == [])
