@@ -372,8 +372,8 @@ def crds() -> list[Object]:
 
 
 def validating_webhook_configuration() -> Object:
-    from sidero.k8s.webhook import WebhookEndpoint
-    from sidero.k8s.webhook import validating_webhook_configuration as make
+    from sidero.k8s.webhook.registration import WebhookEndpoint
+    from sidero.k8s.webhook.registration import validating_webhook_configuration as make
 
     body = make(WebhookEndpoint(service_name=WEBHOOK_SERVICE, service_namespace=NAMESPACE), b"")
     for webhook in body["webhooks"]:

@@ -219,8 +219,17 @@ def scan() -> Scan:
                     result.uses += [Use(group, plural, v, where) for v in verbs]
                     result.uses += [Use(group, plural + "/status", v, where) for v in status_verbs]
                 continue
-            # Informer(store, KIND) / manager.informer(KIND)
             name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            # patch_changes(store, KIND, ...): the patch helper writes the object and its status.
+            if name == "patch_changes":
+                kind = mod.kind(node.args[1]) if len(node.args) > 1 else None
+                if kind is None:
+                    result.unresolved.append(where)
+                    continue
+                group, plural = _resource(kind)
+                result.uses += [Use(group, plural, "patch", where), Use(group, plural + "/status", "patch", where)]
+                continue
+            # Informer(store, KIND) / manager.informer(KIND)
             if name in ("Informer", "informer"):
                 args = node.args[1:] if name == "Informer" else node.args[:1]
                 kinds = [k for k in (mod.kind(a) for a in args) if k is not None]
