@@ -275,37 +275,83 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
 
 
 def _make_http(settings: Settings, context: AppContext) -> IService | None:
-    """iPXE script, boot decisions, /env and /tftp assets and probes on the HTTP port.
+    """iPXE script, boot decisions, Talos metadata, /env and /tftp assets and probes.
 
-    Boot decisions read informer caches: the controller manager's shared ones when controllers
-    run, else informers of our own that live inside this service.
+    Boot decisions and /configdata read informer caches: the controller manager's shared ones
+    when controllers run, else informers of our own that live inside this service.  Before
+    anything starts, the SideroLink identity is loaded or created (spec 2.4 [rec], 3.8): its
+    tunnel address is in every Talos boot's kernel args and config.
     """
-    from twisted.application.service import MultiService
-
-    from sidero.api.registry import ENVIRONMENT, SERVER, SERVER_BINDING, SERVER_CLASS
+    from sidero.api.registry import (
+        CAPI_MACHINE,
+        ENVIRONMENT,
+        METAL_MACHINE,
+        SECRET,
+        SERVER,
+        SERVER_BINDING,
+        SERVER_CLASS,
+    )
+    from sidero.api.registry import ResourceType as Kind
+    from sidero.controllers.events import EventRecorder
     from sidero.controllers.informer import Informer
     from sidero.protocols.http.ipxe import BootSettings
-    from sidero.protocols.http.service import InformerBootLookup, make_http_service
+    from sidero.protocols.http.service import (
+        InformerBootLookup,
+        PreparedService,
+        make_http_service,
+        store_serves,
+    )
     from sidero.protocols.http.site import BootSite
+    from sidero.siderolink.config import SideroLinkConfigError, load_or_create
 
-    group = MultiService()
     manager = context.extra.get("controller_manager")
-    kinds = (SERVER, SERVER_BINDING, SERVER_CLASS, ENVIRONMENT)
-    if manager is not None:
-        informers = [manager.informer(kind) for kind in kinds]
-    else:
-        informers = [Informer(context.store, kind, clock=context.reactor) for kind in kinds]
-        for informer in informers:
+    informers: list[Informer] = []
+
+    def informer_for(kind: Kind) -> Informer:
+        if manager is not None:
+            informer: Informer = manager.informer(kind)
+        else:
+            informer = Informer(context.store, kind, clock=context.reactor)
             informer.setServiceParent(group)
+        informers.append(informer)
+        return informer
+
+    async def prepare() -> None:
+        try:
+            identity = await load_or_create(context.store)
+        except (SideroLinkConfigError, ValueError) as e:
+            raise StartupError(f"SideroLink identity (Secret default/siderolink): {e}") from e
+        site.set_siderolink_server_address(str(identity.server_address))
+        context.extra["siderolink_config"] = identity
+        log.info("SideroLink server address {address}", address=str(identity.server_address))
+        if not lookup.machines_known:
+            # Cluster API CRDs may be missing from a Kubernetes cluster: then no Machine exists.
+            served = await store_serves(context.store, CAPI_MACHINE)
+            lookup.set_machines(informer_for(CAPI_MACHINE) if served else None)
+            if not served:
+                log.info("the store does not serve {resource}: MetalMachines need the {annotation} "
+                         "annotation to boot", resource=CAPI_MACHINE.resource,
+                         annotation="metal.sidero.dev/bootstrap-data-secret")
+
+    group = PreparedService(context.reactor, prepare)
+    boot = [informer_for(kind) for kind in (SERVER, SERVER_BINDING, SERVER_CLASS, ENVIRONMENT)]
+    lookup = InformerBootLookup(
+        *boot, metal_machines=informer_for(METAL_MACHINE), secrets=informer_for(SECRET),
+        # The embedded store keeps every kind; a Kubernetes one is asked in prepare().
+        machines=informer_for(CAPI_MACHINE) if settings.store != "kubernetes" else None,
+        machines_known=settings.store != "kubernetes",
+    )
 
     def ready() -> tuple[bool, str]:
         waiting = [i.kind.plural for i in informers if not i.has_synced]
+        if not site.settings.siderolink_server_address:
+            waiting.append("siderolink identity")
         return (not waiting, "waiting for " + ", ".join(waiting) if waiting else "ok")
 
     env_dir = os.path.join(settings.state_dir, "env")
     os.makedirs(env_dir, exist_ok=True)
     site = BootSite(
-        InformerBootLookup(*informers),
+        lookup,
         BootSettings(
             api_endpoint=settings.api_endpoint,
             api_port=settings.api_port,
@@ -315,6 +361,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         env_dir=env_dir,
         tftp_roots=settings.tftp_roots,
         ready=ready,
+        events=context.extra.get("event_recorder") or EventRecorder(context.store, context.reactor),
     )
     if settings.enabled("grpc"):
         # One port for HTTP/1.1 and the agent's gRPC API (h2c prior knowledge), spec 3.1.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -50,3 +51,59 @@ class DerivationTests(SynchronousTestCase):
         self.assertIn('"private-key"', str(e))
         secret["data"]["private-key"] = base64.b64encode(b"short").decode()
         self.assertRaises(SideroLinkConfigError, config_from_secret, secret)
+
+
+class LoadOrCreateTests(SynchronousTestCase):
+    """load_or_create against the embedded store (inline, deterministic)."""
+
+    def setUp(self) -> None:
+        from tests.store.test_embedded import inline_store, result_of
+
+        self.store, _ = inline_store()
+        self.result_of = result_of
+        result_of(self, self.store.open())
+        self.addCleanup(lambda: result_of(self, self.store.close()))
+
+    def load(self, store: Any = None) -> SideroLinkConfig:
+        from sidero.siderolink.config import load_or_create
+
+        config: SideroLinkConfig = self.result_of(self, load_or_create(store or self.store))
+        return config
+
+    def test_created_once_then_read(self) -> None:
+        """The first call creates default/siderolink (with the move label); later calls read it."""
+        from sidero.api.registry import SECRET
+
+        first = self.load()
+        secret = self.result_of(self, self.store.get(SECRET, "siderolink", "default"))
+        self.assertEqual(secret["metadata"]["labels"], {"clusterctl.cluster.x-k8s.io/move": ""})
+        self.assertEqual(config_from_secret(secret), first)
+        self.assertEqual(self.load(), first)
+
+    def test_lost_create_race_rereads(self) -> None:
+        """A create that meets AlreadyExists (another replica won) returns the stored identity."""
+        from sidero.store.errors import NotFound
+
+        winner = self.load()
+        store = self.store
+
+        class LateReader:
+            """Says NotFound on the first read, as if the winner had not written yet."""
+
+            def __init__(self) -> None:
+                self.reads = 0
+
+            def get(self, *args: Any, **kwargs: Any) -> Any:
+                self.reads += 1
+                if self.reads == 1:
+                    from twisted.internet.defer import fail
+
+                    return fail(NotFound("secrets \"siderolink\" not found"))
+                return store.get(*args, **kwargs)
+
+            def create(self, obj: Any) -> Any:
+                return store.create(obj)
+
+        late = LateReader()
+        self.assertEqual(self.load(late), winner)
+        self.assertEqual(late.reads, 2)

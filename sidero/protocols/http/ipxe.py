@@ -188,20 +188,22 @@ def agent_kernel_args(settings: BootSettings, mac: str) -> list[str]:
 def talos_kernel_args(settings: BootSettings, args: Sequence[str]) -> list[str]:
     """Append the Talos/SideroLink args of §3.2 unless an arg with that key is already there.
 
-    The SideroLink args (API, kernel log and event sink in the tunnel) are added only when
-    this process runs SideroLink (a tunnel address is known): pointing Talos at a Provision
-    API that is not there would stall its boot.
+    Every Talos boot gets all four: the config URL, the SideroLink API (this port, h2c), and
+    the kernel-log receiver and event sink at this host's tunnel address.
+
+    @raise ValueError: the tunnel address is not known (the SideroLink identity is not loaded).
     """
-    result = list(args)
     tunnel = settings.siderolink_server_address
+    if not tunnel:
+        raise ValueError("no SideroLink server address: the SideroLink identity is not loaded")
+    result = list(args)
     endpoint = join_host_port(settings.api_endpoint, settings.api_port)
-    wanted = [("talos.config", f"talos.config=http://{endpoint}/configdata?uuid=")]
-    if tunnel:
-        wanted += [
-            ("siderolink.api", f"siderolink.api={endpoint}"),
-            ("talos.logging.kernel", f"talos.logging.kernel=tcp://[{tunnel}]:{LOG_RECEIVER_PORT}"),
-            ("talos.events.sink", f"talos.events.sink=[{tunnel}]:{EVENT_SINK_PORT}"),
-        ]
+    wanted = [
+        ("talos.config", f"talos.config=http://{endpoint}/configdata?uuid="),
+        ("siderolink.api", f"siderolink.api={endpoint}"),
+        ("talos.logging.kernel", f"talos.logging.kernel=tcp://{join_host_port(tunnel, LOG_RECEIVER_PORT)}"),
+        ("talos.events.sink", f"talos.events.sink={join_host_port(tunnel, EVENT_SINK_PORT)}"),
+    ]
     for prefix, arg in wanted:
         if not any(a.startswith(prefix + "=") for a in result):
             result.append(arg)
@@ -271,6 +273,9 @@ def decide(query: BootQuery, lookup: BootLookup, settings: BootSettings) -> Boot
         return BootResponse(
             412, f'environment "{env_name}" is not ready'.encode(), "environment not ready", env_name,
         )
+    if not settings.siderolink_server_address:
+        # Booting Talos without the SideroLink args would leave it without logs and events.
+        raise LookupFailed("the SideroLink identity is not loaded yet")
     kernel_args = list((_spec(environment).get("kernel") or {}).get("args") or [])
     args = talos_kernel_args(settings, [str(a) for a in kernel_args])
     return BootResponse(200, render_environment_script(env_name, args), "talos", env_name)

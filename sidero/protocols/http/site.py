@@ -1,4 +1,4 @@
-"""The HTTP/1.1 side of the API port: iPXE scripts, boot assets, health (spec §3.1).
+"""The HTTP/1.1 side of the API port: iPXE scripts, boot assets, Talos metadata, health (§3.1).
 
 Routes are bound to an instance (klein's router-on-self pattern), so the dependencies are
 attributes, not module globals: the boot lookup (an in-memory cache), the settings, and the
@@ -7,9 +7,10 @@ directories files are served from.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from klein import Klein
 from twisted.logger import Logger
@@ -18,13 +19,13 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import File, NoRangeStaticProducer, StaticProducer
 
 from sidero.protocols.http.ipxe import (
-    BootLookup,
     BootQuery,
     BootSettings,
     LookupFailed,
     boot_script,
     decide,
 )
+from sidero.protocols.http.metadata import MetadataLookup, configdata
 
 NOT_FOUND_BODY = b"404 page not found\n"
 
@@ -85,29 +86,44 @@ class StaticRoots(Resource):
         return NotFoundResource().render(request)
 
 
+class WarningRecorder(Protocol):
+    """Where Warning Events go (L{sidero.controllers.events.EventRecorder}); never fails."""
+
+    def warning(self, obj: dict[str, Any], reason: str, message: str) -> Any: ...
+
+
 class BootSite:
-    """Klein application for the HTTP routes of the API port."""
+    """Klein application for the HTTP routes of the API port.
+
+    @ivar settings: replaced (not mutated) once the SideroLink identity is known.
+    """
 
     app = Klein()
     log = Logger()
 
     def __init__(
         self,
-        lookup: BootLookup,
+        lookup: MetadataLookup,
         settings: BootSettings,
         env_dir: str,
         tftp_roots: Sequence[str],
         ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
+        events: WarningRecorder | None = None,
     ) -> None:
         self.lookup = lookup
         self.settings = settings
         self.env_dir = env_dir
         self.tftp_roots = list(tftp_roots)
         self.ready = ready
+        self.events = events
         self.script = boot_script(settings.api_endpoint, settings.api_port)
 
     def resource(self) -> IResource:
         return self.app.resource()
+
+    def set_siderolink_server_address(self, address: str) -> None:
+        """The tunnel address Talos' kernel args and config documents point at (§3.2, §3.6)."""
+        self.settings = dataclasses.replace(self.settings, siderolink_server_address=address)
 
     def _log_request(self, request: IRequest, **fields: Any) -> None:
         peer = request.getClientAddress()
@@ -141,6 +157,22 @@ class BootSite:
         request.setResponseCode(response.status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return response.body
+
+    @app.route("/configdata", methods=["GET", "HEAD"])
+    def config_data(self, request: IRequest) -> bytes:
+        values = (request.args or {}).get(b"uuid")
+        uuid = values[0].decode("utf-8", "replace") if values else ""
+        result = configdata(uuid, self.lookup, self.settings)
+        fields: dict[str, Any] = {"uuid": uuid, "status": result.status}
+        if result.status != 200:
+            # The error message, never a config body (those hold the cluster's secrets).
+            fields["error"] = result.body.decode("utf-8", "replace").strip()[:500]
+        self._log_request(request, **fields)
+        if result.event is not None and self.events is not None:
+            self.events.warning(result.event.obj, result.event.reason, result.event.message)
+        request.setResponseCode(result.status)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return result.body
 
     @app.route("/env/", branch=True)
     def env(self, request: IRequest) -> IResource:

@@ -18,7 +18,8 @@ from sidero.protocols.http.ipxe import (
 )
 
 UUID = "11111111-2222-3333-4444-555555555555"
-SETTINGS = BootSettings(api_endpoint="10.5.0.2", api_port=8081)
+TUNNEL = "fdae:41e4:649b:9303::1"
+SETTINGS = BootSettings(api_endpoint="10.5.0.2", api_port=8081, siderolink_server_address=TUNNEL)
 
 
 class DictLookup:
@@ -149,9 +150,22 @@ class DecisionTests(SynchronousTestCase):
         self.assertEqual(
             r.body,
             b"#!ipxe\nkernel /env/default/vmlinuz  console=ttyS0 "
-            b"talos.config=http://10.5.0.2:8081/configdata?uuid=\n"
+            b"talos.config=http://10.5.0.2:8081/configdata?uuid= "
+            b"siderolink.api=10.5.0.2:8081 "
+            b"talos.logging.kernel=tcp://[fdae:41e4:649b:9303::1]:4001 "
+            b"talos.events.sink=[fdae:41e4:649b:9303::1]:4002\n"
             b"initrd /env/default/initramfs.xz\nboot\n",
         )
+
+    def test_talos_boot_needs_the_siderolink_identity(self) -> None:
+        """Before the SideroLink identity is loaded a Talos boot is a LookupFailed (500, iPXE
+        retries) rather than a boot without the tunnel args; the agent is still served."""
+        self.lookup.kinds["servers"][UUID] = server()
+        self.lookup.kinds["bindings"][UUID] = binding()
+        early = BootSettings(api_endpoint="10.5.0.2", api_port=8081)
+        self.assertRaises(LookupFailed, decide, BootQuery(uuid=UUID), self.lookup, early)
+        r = decide(BootQuery(uuid="unknown"), self.lookup, early)
+        self.assertEqual((r.status, r.environment), (200, "agent-amd64"))
 
     def test_environment_precedence(self) -> None:
         """Server environmentRef beats the ServerClass's, which beats `default`."""
@@ -229,10 +243,18 @@ class KernelArgsTests(SynchronousTestCase):
         self.assertEqual(args[-1], "foo=bar")
         self.assertNotIn("console=ttyS0", args)
 
-    def test_siderolink_args_need_a_tunnel(self) -> None:
-        """Without SideroLink running only talos.config is added (IPv6 endpoints bracketed)."""
-        args = talos_kernel_args(BootSettings("fd00::2", 8081), [])
-        self.assertEqual(args, ["talos.config=http://[fd00::2]:8081/configdata?uuid="])
+    def test_every_talos_boot_gets_the_siderolink_args(self) -> None:
+        """talos.config, siderolink.api, talos.logging.kernel and talos.events.sink are always
+        appended, in that order (IPv6 endpoint and tunnel bracketed)."""
+        settings = BootSettings("fd00::2", 8081, siderolink_server_address="fdae:1::1")
+        self.assertEqual(talos_kernel_args(settings, ["console=ttyS0"]), [
+            "console=ttyS0",
+            "talos.config=http://[fd00::2]:8081/configdata?uuid=",
+            "siderolink.api=[fd00::2]:8081",
+            "talos.logging.kernel=tcp://[fdae:1::1]:4001",
+            "talos.events.sink=[fdae:1::1]:4002",
+        ])
+        self.assertRaises(ValueError, talos_kernel_args, BootSettings("fd00::2", 8081), [])
 
     def test_talos_args_not_duplicated(self) -> None:
         """A Talos arg already present in the environment is not appended again."""

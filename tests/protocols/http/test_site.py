@@ -34,7 +34,7 @@ class SiteTests(TestCase):
         self.lookup = DictLookup(servers={}, bindings={}, classes={},
                                  environments={"default": ready_env("default", [])})
         site = BootSite(
-            self.lookup, BootSettings("127.0.0.1", 8081), os.path.join(self.tmp, "env"),
+            self.lookup, BootSettings("127.0.0.1", 8081, siderolink_server_address="fdae::1"), os.path.join(self.tmp, "env"),
             [os.path.join(self.tmp, "own"), os.path.join(self.tmp, "debian")],
         )
         self.port = reactor.listenTCP(0, Site(site.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
