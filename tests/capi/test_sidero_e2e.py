@@ -31,7 +31,14 @@ from twisted.internet import reactor, threads
 from sidero.api.registry import SERVER, SERVER_BINDING
 from tests.capi.capi import CAPI_GROUP, eventually
 from tests.capi.support import INFRA_GROUP, INFRA_VERSION, CAPITestCase
-from tests.integration.lifecycle_support import Machine, PowerAPI, boot_agent, serve_power_api
+from tests.integration.lifecycle_support import (
+    Machine,
+    PowerAPI,
+    boot_agent,
+    serve_power_api,
+    serve_talos_assets,
+    talos_environment,
+)
 from tests.k8s.test_service_kubernetes import SideroProcess
 
 MACHINES = 4
@@ -65,7 +72,11 @@ class SideroWithClusterAPITests(CAPITestCase):
                         kind.group, kind.storage_version, kind.plural, name, {"metadata": {"finalizers": None}})
                     self.custom.delete_cluster_custom_object(
                         kind.group, kind.storage_version, kind.plural, name)
-            self.custom.delete_cluster_custom_object(METAL, "v1alpha2", "serverclasses", self.label)
+            for plural in ("serverclasses", "environments"):
+                try:
+                    self.custom.delete_cluster_custom_object(METAL, "v1alpha2", plural, self.label)
+                except Exception:  # never created: the test failed before
+                    pass
 
         await threads.deferToThread(remove)
 
@@ -119,10 +130,16 @@ class SideroWithClusterAPITests(CAPITestCase):
             await boot_agent(machine, endpoint)
         self.machines_by_uuid = {a.machine.uuid: a for a in apis}
 
+        port, assets = serve_talos_assets(reactor)
+        self.addCleanup(port.stopListening)
+
         def accept() -> None:
+            self.custom.create_cluster_custom_object(METAL, "v1alpha2", "environments",
+                                                     talos_environment(self.label, assets))
             self.custom.create_cluster_custom_object(METAL, "v1alpha2", "serverclasses", {
                 "apiVersion": f"{METAL}/v1alpha2", "kind": "ServerClass", "metadata": {"name": self.label},
                 "spec": {"selector": {"matchLabels": {"e2e": self.run_id}},
+                         "environmentRef": {"name": self.label},
                          "configPatches": [{"op": "add", "path": "/machine/install",
                                             "value": {"extraKernelArgs": ["woot"]}}]},
             })
@@ -218,6 +235,7 @@ class SideroWithClusterAPITests(CAPITestCase):
             return all(self.machines_by_uuid[s].talos_configs for s in servers)
 
         await self.wait("each allocated server to fetch its config", configs_fetched, timeout=60)
+        self.assertEqual([a.errors for a in apis], [[]] * MACHINES)
         machines = {m["metadata"]["name"]: m for m in await threads.deferToThread(
             self.list, CAPI_GROUP, "v1beta1", "machines")}
         for mm in mms:

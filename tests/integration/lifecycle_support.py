@@ -407,6 +407,25 @@ class PowerAPI(Resource):
         return self._booting
 
 
+def serve_talos_assets(reactor: Any) -> tuple[Any, str]:
+    """A tiny Talos release mirror on loopback (an Environment's kernel and initrd URLs point
+    at it); returns the listening port and its base URL."""
+    from twisted.web.static import Data
+
+    root = Resource()
+    root.putChild(b"vmlinuz", Data(b"kernel" * 100, "application/octet-stream"))
+    root.putChild(b"initramfs.xz", Data(b"initrd" * 100, "application/octet-stream"))
+    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+    return port, f"http://127.0.0.1:{port.getHost().port}"
+
+
+def talos_environment(name: str, base_url: str) -> dict[str, Any]:
+    """An Environment serving the assets of L{serve_talos_assets}."""
+    return {"apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Environment", "metadata": {"name": name},
+            "spec": {"kernel": {"url": f"{base_url}/vmlinuz", "args": ["console=ttyS0"]},
+                     "initrd": {"url": f"{base_url}/initramfs.xz"}}}
+
+
 def serve_power_api(reactor: Any, api: PowerAPI) -> Any:
     """Listen on a loopback ephemeral port; returns the listening port."""
     site = Site(api)

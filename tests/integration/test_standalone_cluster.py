@@ -17,12 +17,16 @@ from typing import Any
 
 import yaml
 from twisted.internet.threads import deferToThread
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-from twisted.web.static import Data
 
 from sidero.api.registry import METAL_MACHINE, SERVER, SERVER_BINDING, SERVER_CLASS
-from tests.integration.lifecycle_support import Machine, PowerAPI, boot_agent, serve_power_api
+from tests.integration.lifecycle_support import (
+    Machine,
+    PowerAPI,
+    boot_agent,
+    serve_power_api,
+    serve_talos_assets,
+    talos_environment,
+)
 from tests.integration.test_lifecycle import LifecycleTestCase, new_uuid, reactor, table
 from tests.paths import REPO
 
@@ -41,19 +45,11 @@ def http_get(url: str) -> tuple[int, bytes]:
 class StandaloneClusterTests(LifecycleTestCase):
     timeout = 240
 
-    def serve_assets(self) -> str:
-        """A tiny Talos release mirror: the Environment's kernel and initrd URLs point here."""
-        root = Resource()
-        root.putChild(b"vmlinuz", Data(b"kernel" * 100, "application/octet-stream"))
-        root.putChild(b"initramfs.xz", Data(b"initrd" * 100, "application/octet-stream"))
-        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        return f"http://127.0.0.1:{port.getHost().port}"
-
     async def test_first_node_without_cluster_api(self) -> None:
         sidero = self.start_sidero()
         await self.wait_for("sidero to be ready", sidero.ready, 60)
-        assets = self.serve_assets()
+        port, assets = serve_talos_assets(reactor)
+        self.addCleanup(port.stopListening)
         machines = [Machine(uuid=new_uuid(), index=30 + i, work=os.path.join(self.work, f"m{i}"))
                     for i in range(MACHINES)]
         apis = []
@@ -69,11 +65,7 @@ class StandaloneClusterTests(LifecycleTestCase):
         # The operator accepts the machines (with their power API and a config patch each) and
         # adds a Talos Environment from a local mirror.
         manifest = os.path.join(self.work, "accept.yaml")
-        docs: list[dict[str, Any]] = [{
-            "apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Environment", "metadata": {"name": "lab"},
-            "spec": {"kernel": {"url": f"{assets}/vmlinuz", "args": ["console=ttyS0"]},
-                     "initrd": {"url": f"{assets}/initramfs.xz"}},
-        }]
+        docs: list[dict[str, Any]] = [talos_environment("lab", assets)]
         for api in apis:
             docs.append({
                 "apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server",
