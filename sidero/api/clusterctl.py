@@ -158,9 +158,10 @@ def _custom_access(kind: ResourceType) -> list[Access]:
 #: Kinds that are not ours. tests/capi/test_rbac.py derives what the code does to each from the
 #: source and checks it is all granted here.
 FOREIGN_ACCESS: tuple[Access, ...] = (
-    Access("", "secrets", ("get", "create", "update"),
+    Access("", "secrets", ("get", "list", "watch", "create", "update"),
            "BMC credentials (default/<uuid>-bmc), the SideroLink secret (default/siderolink),"
-           " workload kubeconfigs and bootstrap data (read)"),
+           " workload kubeconfigs (read), and bootstrap data, which /configdata serves from an"
+           " informer cache (list, watch)"),
     Access("", "events", ("create", "patch"), "Events, de-duplicated by count bumps"),
     Access(registry.CAPI_GROUP, "clusters", ("get", "list", "watch"),
            "CAPI Clusters owning MetalClusters (read)"),

@@ -220,6 +220,15 @@ def scan() -> Scan:
                     result.uses += [Use(group, plural + "/status", v, where) for v in status_verbs]
                 continue
             name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            # store_serves(store, KIND): a discovery probe, one list of KIND.
+            if name == "store_serves":
+                kind = mod.kind(node.args[1]) if len(node.args) > 1 else None
+                if kind is None:
+                    result.unresolved.append(where)
+                    continue
+                group, plural = _resource(kind)
+                result.uses.append(Use(group, plural, "list", where))
+                continue
             # patch_changes(store, KIND, ...): the patch helper writes the object and its status.
             if name == "patch_changes":
                 kind = mod.kind(node.args[1]) if len(node.args) > 1 else None

@@ -280,11 +280,11 @@ class RBACTests(TestCase):
                     ("", "secrets", "create"), ("coordination.k8s.io", "leases", "update"),
                     ("", "events", "create"), ("metal.sidero.dev", "serverclasses", "watch")]:
             self.assertIn(key, needed)
-        # Generic plumbing only: the informer, the controller manager and the patch helper take
-        # the kind from their callers, whose kinds the scan resolves.
+        # Generic plumbing only: the informer, the controller manager, the patch helper and the
+        # discovery probe take the kind from their callers, whose kinds the scan resolves.
         self.assertEqual({u.split(":")[0] for u in self.scan.unresolved},
                          {"sidero/controllers/informer.py", "sidero/controllers/runtime.py",
-                          "sidero/controllers/patch.py"},
+                          "sidero/controllers/patch.py", "sidero/protocols/http/service.py"},
                          self.scan.unresolved)
 
     def test_every_call_is_granted(self) -> None:

@@ -303,6 +303,8 @@ class SideroWithClusterAPITests(CAPITestCase):
         await self.wait("1 bound MetalMachine after scaling down", lambda: self.bound_machines(1), timeout=180)
         await self.wait("released servers wiped and back in the class",
                         lambda: self.released_and_clean(apis, in_use=1), timeout=120)
+        # The agent marks the server wiped before it exits: let every boot in flight finish.
+        await self.wait("every agent run to end", lambda: all(a.idle() is None for a in apis), timeout=60)
         wiped_again = [a for a in apis if sum(1 for r in a.machine.runs if r.wiped) >= 2]
         self.assertGreaterEqual(len(wiped_again), 2, "released servers were not wiped by their agents")
 
