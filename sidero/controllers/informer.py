@@ -94,6 +94,16 @@ class _Handler:
     on_delete: DeleteHandler | None
 
 
+@dataclass
+class InformerStats:
+    """Plain counters read by the metrics collector (no prometheus import here)."""
+
+    lists: int = 0
+    relists: int = 0
+    watch_restarts: int = 0
+    errors: int = 0
+
+
 class Informer(Service):
     """List+watch cache of C{kind} (optionally one namespace / label selector).
 
@@ -145,6 +155,7 @@ class Informer(Service):
         self._attempt = 0
         self._generation = 0  # bumped on stop so late store results are ignored
         self._running = False
+        self.stats = InformerStats()
 
     # -- reads (synchronous, never wait on the store) ----------------------------------
 
@@ -373,6 +384,7 @@ class Informer(Service):
         if gen != self._generation:
             return
         self._attempt = 0
+        self.stats.lists += 1
         self._replace(listing)
         if not self._synced:
             self._synced = True
@@ -384,6 +396,7 @@ class Informer(Service):
     def _list_failed(self, failure: Failure, gen: int) -> None:
         if gen != self._generation:
             return
+        self.stats.errors += 1
         self.log.error(
             "informer {informer} list failed: {error}; serving cached data",
             informer=self.name, error=failure.getErrorMessage(),
@@ -422,6 +435,7 @@ class Informer(Service):
         if gen != self._generation:
             return
         self._watch = None
+        self.stats.watch_restarts += 1
         self._start_watch(gen)
 
     def _watch_ended(self, failure: Failure, gen: int) -> None:
@@ -433,8 +447,11 @@ class Informer(Service):
                 "informer {informer} watch expired at {rv}; relisting",
                 informer=self.name, rv=self.resource_version,
             )
+            self.stats.relists += 1
             self._list(gen)
             return
+        self.stats.errors += 1
+        self.stats.watch_restarts += 1
         self.log.error(
             "informer {informer} watch failed: {error}; serving cached data",
             informer=self.name, error=failure.getErrorMessage(),

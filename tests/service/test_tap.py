@@ -22,7 +22,8 @@ from sidero import tap
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import Host, Settings, resolve
 
-FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "management"]
+FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "management", "metrics",
+             "health"]
 
 
 def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:

@@ -37,6 +37,8 @@ class DHCPCounters:
     send_errors: int = 0
     errors: int = 0
     ignored: dict[str, int] = field(default_factory=lambda: dict.fromkeys(policy.IGNORE_REASONS, 0))
+    #: (offer|ack, client firmware) -> replies sent; firmware values are a closed enum.
+    replies_by_arch: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -157,8 +159,12 @@ class DHCPProxyProtocol(DatagramProtocol):
             return
         if decision.message.message_type == codec.DHCPACK:
             self.counters.acks += 1
+            reply = "ack"
         else:
             self.counters.offers += 1
+            reply = "offer"
+        by_arch = self.counters.replies_by_arch
+        by_arch[(reply, decision.firmware.value)] = by_arch.get((reply, decision.firmware.value), 0) + 1
         self.log.debug(
             "DHCP proxy :{port} {kind} to {mac} ({firmware}, ipxe={ipxe}): {bootfile} -> {dest}",
             port=self.port_name, kind="ACK" if self.proxy_port else "OFFER",

@@ -64,6 +64,7 @@ class TFTPStats:
     send_errors: int = 0
     internal_errors: int = 0
     bytes_sent: int = 0
+    retransmits: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
@@ -350,6 +351,7 @@ class TFTPProtocol(DatagramProtocol):
                 tid.port.stopListening()
         self.stats.outcomes[outcome.value] += 1
         self.stats.bytes_sent += session.bytes_sent
+        self.stats.retransmits += session.retransmits
         if outcome is Outcome.COMPLETE:
             self.log.info(
                 "TFTP sent {filename!r} ({size} bytes) to {peer} in {seconds:.3f}s",
