@@ -13,6 +13,7 @@ watchdog mean what the probes mean.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,9 +224,11 @@ class _Endpoint(Resource):
         return _NotFound()
 
     def render_GET(self, request: Any) -> int:
-        args = request.args or {}
-        verbose = b"verbose" in args
-        exclude = [v.decode("utf-8", "replace") for v in args.get(b"exclude", [])]
+        # Twisted drops blank values (?verbose); parse the query ourselves, keeping them.
+        query = request.uri.partition(b"?")[2].decode("utf-8", "replace")
+        args = urllib.parse.parse_qs(query, keep_blank_values=True)
+        verbose = "verbose" in args
+        exclude = args.get("exclude", [])
         gone: list[bool] = []
         request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = ensureDeferred(self.checks.run(self.endpoint, self.only, exclude))
