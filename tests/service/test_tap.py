@@ -261,6 +261,7 @@ class ServiceTreeLifecycleTests(TestCase):
         settings = settings_for(
             state_dir, "disable_dhcp_proxy", api_port=str(api_port),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
+            metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
         )
         root = tap.build_service(settings, global_reactor)
         root.exit_on_start_failure = False
