@@ -176,8 +176,8 @@ class Metrics:
 
     # -- wrappers ----------------------------------------------------------------------
 
-    def instrument_resource(self, resource: IResource) -> IResource:
-        return InstrumentedResource(resource, self)
+    def instrument_resource(self, resource: IResource, timeline: Any = None) -> IResource:
+        return InstrumentedResource(resource, self, timeline)
 
     def instrument_power(self, manager: IPowerManager) -> IPowerManager:
         return InstrumentedPowerManager(manager, self)
@@ -185,8 +185,8 @@ class Metrics:
     def timed_store(self, store: Any) -> TimedStore:
         return TimedStore(store, self)
 
-    def grpc_interceptor(self) -> Any:
-        return make_grpc_interceptor(self)
+    def grpc_interceptor(self, record: Callable[..., None] | None = None) -> Any:
+        return make_grpc_interceptor(self, record)
 
     def resource(self) -> IResource:
         """The C{/metrics} site root."""
@@ -386,9 +386,10 @@ class InstrumentedResource:
 
     isLeaf = True
 
-    def __init__(self, wrapped: IResource, metrics: Metrics) -> None:
+    def __init__(self, wrapped: IResource, metrics: Metrics, timeline: Any = None) -> None:
         self.wrapped = wrapped
         self.metrics = metrics
+        self.timeline = timeline
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self.wrapped.getChildWithDefault(name, request)
@@ -403,17 +404,42 @@ class InstrumentedResource:
 
         def finished(result: object) -> None:
             code: int | str = request.code if not isinstance(result, Failure) else "aborted"
-            self.metrics.http_request(path, method, code, self.metrics.clock() - started)
+            seconds = self.metrics.clock() - started
+            self.metrics.http_request(path, method, code, seconds)
+            step = TIMELINE_STEPS.get(http_route(path))
+            if self.timeline is not None and step is not None:
+                args = request.args or {}
+
+                def first(name: bytes) -> str | None:
+                    values = args.get(name)
+                    return values[0].decode("utf-8", "replace") if values else None
+
+                peer = request.getClientAddress()
+                self.timeline.record(
+                    step, source="http", ip=getattr(peer, "host", None), uuid=first(b"uuid"),
+                    mac=first(b"mac"), path=path.decode("utf-8", "replace"), status=code,
+                    bytes=getattr(request, "sentLength", 0), seconds=round(seconds, 3))
 
         request.notifyFinish().addBoth(finished)
         return self.wrapped.render(request)
 
 
+#: Boot timeline steps of the HTTP routes (C{/ipxe} is recorded by the site with its decision).
+TIMELINE_STEPS = {"/boot.ipxe": "boot-script", "/env": "asset", "/tftp": "http-boot-file",
+                  "/configdata": "configdata"}
+#: Boot timeline steps of the agent's calls (heartbeats are left out: they repeat every
+#: few seconds during a wipe).
+GRPC_TIMELINE_STEPS = {"CreateServer": "agent-register", "MarkServerAsWiped": "agent-wiped",
+                       "UpdateBMCInfo": "agent-bmc", "ReconcileServerAddresses": "agent-addresses"}
+
+
 # -- gRPC ----------------------------------------------------------------------------------
 
 
-def make_grpc_interceptor(metrics: Metrics) -> Any:
-    """A grpc.ServerInterceptor counting every call by method and status code.
+def make_grpc_interceptor(metrics: Metrics, record: Callable[..., None] | None = None) -> Any:
+    """A grpc.ServerInterceptor counting every call by method and status code, and (with
+    C{record}, which must be safe to call from grpcio's threads) reporting the agent's calls
+    to the boot timeline.
 
     grpcio runs handlers in its own threads; prometheus-client is thread-safe.
     """
@@ -426,7 +452,7 @@ def make_grpc_interceptor(metrics: Metrics) -> Any:
                 method = details.method
                 metrics.grpc_call(method, "UNIMPLEMENTED", 0.0)
                 return None
-            return _wrap_handler(grpc, handler, details.method, metrics)
+            return _wrap_handler(grpc, handler, details.method, metrics, record)
 
     return Interceptor()
 
@@ -443,7 +469,21 @@ def _code_name(context: Any, error: BaseException | None) -> str:
     return str(name) if name else str(code)
 
 
-def _wrap_handler(grpc: Any, handler: Any, method: str, metrics: Metrics) -> Any:
+def _agent_uuid(request: Any) -> str | None:
+    uuid = getattr(request, "uuid", None)
+    if not uuid:
+        try:
+            uuid = request.hardware.system.uuid
+        except AttributeError:
+            uuid = None
+    return str(uuid) if uuid else None
+
+
+def _wrap_handler(grpc: Any, handler: Any, method: str, metrics: Metrics,
+                  record: Callable[..., None] | None = None) -> Any:
+    step = GRPC_TIMELINE_STEPS.get(method.rpartition("/")[2]) \
+        if method.startswith(GRPC_METHOD_PREFIX) else None
+
     def unary(behavior: Callable[..., Any]) -> Callable[..., Any]:
         def call(request: Any, context: Any) -> Any:
             started = metrics.clock()
@@ -454,7 +494,13 @@ def _wrap_handler(grpc: Any, handler: Any, method: str, metrics: Metrics) -> Any
                 error = e
                 raise
             finally:
-                metrics.grpc_call(method, _code_name(context, error), metrics.clock() - started)
+                code = _code_name(context, error)
+                seconds = metrics.clock() - started
+                metrics.grpc_call(method, code, seconds)
+                if record is not None and step is not None:
+                    # No address: calls reach grpcio through the API port's loopback splice.
+                    record(step, source="grpc", uuid=_agent_uuid(request), code=code,
+                           seconds=round(seconds, 3))
         return call
 
     def streaming(behavior: Callable[..., Any]) -> Callable[..., Any]:

@@ -270,6 +270,7 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
     counters = getattr(service, "counters", None)
     if counters is not None:
         _metrics(context).add_dhcp(counters)
+    service.timeline = _timeline(context)  # type: ignore[attr-defined]
     return service
 
 
@@ -287,6 +288,7 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
         protocol = getattr(child, "protocol", None)
         if protocol is not None:
             _metrics(context).add_tftp(protocol.stats)
+            protocol.timeline = _timeline(context)
     return service
 
 
@@ -335,6 +337,8 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         tftp_roots=settings.tftp_roots,
         ready=ready,
     )
+    timeline = _timeline(context)
+    site.timeline = timeline
     if settings.enabled("grpc"):
         # One port for HTTP/1.1 and the agent's gRPC API (h2c prior knowledge), spec 3.1.
         from sidero.controllers.events import EventRecorder
@@ -349,9 +353,13 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             server_reboot_timeout=settings.server_reboot_timeout,
             events=EventRecorder(context.store, context.reactor, component=EVENT_COMPONENT),
         )
+        def record_from_thread(step: str, **fields: Any) -> None:
+            context.reactor.callFromThread(timeline.record, step, **fields)
+
+        interceptor = metrics.grpc_interceptor(record_from_thread)
         listener = make_api_port_service(
-            context.reactor, metrics.instrument_resource(site.resource()),
-            lambda: make_grpc_server(servicer, interceptors=[metrics.grpc_interceptor()]),
+            context.reactor, metrics.instrument_resource(site.resource(), timeline),
+            lambda: make_grpc_server(servicer, interceptors=[interceptor]),
             settings.http_port, interface=settings.listen_address,
         )
         factory = getattr(listener, "factory", None)
@@ -359,7 +367,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             metrics.add_api_port(lambda: dict(factory.counters))
     else:
         listener = make_http_service(
-            context.reactor, metrics.instrument_resource(site.resource()), settings.http_port,
+            context.reactor, metrics.instrument_resource(site.resource(), timeline), settings.http_port,
             interface=settings.listen_address,
         )
     listener.setServiceParent(group)
@@ -373,7 +381,8 @@ def _make_management(settings: Settings, context: AppContext) -> IService | None
         return None
     from sidero.management.server import make_management_service
 
-    return make_management_service(context.reactor, context.store, settings.management_socket)
+    return make_management_service(context.reactor, context.store, settings.management_socket,
+                                   timeline=_timeline(context), server_logs=_server_logs(context))
 
 
 def _metrics(context: AppContext) -> Any:
@@ -385,6 +394,27 @@ def _metrics(context: AppContext) -> Any:
 
         metrics = context.extra["metrics"] = Metrics()
     return metrics
+
+
+def _timeline(context: AppContext) -> Any:
+    """The tree's boot timeline (L{sidero.timeline.BootTimeline}), made on first use."""
+    timeline = context.extra.get("timeline")
+    if timeline is None:
+        from sidero.timeline import BootTimeline
+
+        timeline = context.extra["timeline"] = BootTimeline(context.reactor.seconds)
+    return timeline
+
+
+def _server_logs(context: AppContext) -> Any:
+    """The tree's per-server log lines (L{sidero.serverlogs.ServerLogs}), made on first use;
+    log receivers append to it, C{sidero logs} and the dashboard read it."""
+    server_logs = context.extra.get("server_logs")
+    if server_logs is None:
+        from sidero.serverlogs import ServerLogs
+
+        server_logs = context.extra["server_logs"] = ServerLogs(context.reactor.seconds)
+    return server_logs
 
 
 def _make_metrics(settings: Settings, context: AppContext) -> IService | None:

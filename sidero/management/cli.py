@@ -494,6 +494,21 @@ def cmd_reboot(args: argparse.Namespace, client: ManagementClient, out: TextIO, 
     return status
 
 
+def cmd_logs(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    """The kernel and agent log lines the service holds for a server; -f follows new ones."""
+    name = args.server.rpartition("/")[2]
+    client.get(registry.SERVER, name)  # kubectl's NotFound for a server that does not exist
+    try:
+        for line in client.logs(name, follow=args.follow, tail=args.tail):
+            out.write(line + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
 def _deleted(kind: ResourceType, name: str) -> str:
     return f'{printers.resource_prefix(kind)} "{name}" deleted\n'
 
@@ -705,6 +720,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(verb, parents=[common], help=text)
         p.add_argument("names", nargs="*", metavar="SERVER")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("logs", parents=[common], help="print a server's log lines; -f follows")
+    p.add_argument("server", metavar="SERVER")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", type=int, default=None, help="only the last N lines kept")
+    p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("reboot", parents=[common],
                        help="power cycle servers through their BMC or power API")

@@ -37,5 +37,16 @@ class KubeClient(ManagementClient):
         )
         return decoded
 
+    def timeline(self, server: str) -> None:
+        """A Kubernetes API server keeps no boot timeline (the service's memory does)."""
+        return None
+
+    def logs(self, server: str, follow: bool = False, tail: int | None = None) -> Any:
+        from sidero.management.client import ServiceUnreachable
+
+        raise ServiceUnreachable(
+            self.where, "server logs are kept by the sidero service, not the API server; run "
+            "sidero logs on the sidero host (its management socket)")
+
     def close(self) -> None:
         self.api_client.close()

@@ -108,6 +108,8 @@ class DHCPProxyProtocol(DatagramProtocol):
     """One socket's worth of proxyDHCP: :67 (DISCOVER→OFFER) or :4011 (REQUEST→ACK)."""
 
     log = Logger()
+    #: an L{sidero.timeline.ITimeline} told of each reply (set by the service), or None.
+    timeline: Any = None
 
     def __init__(self, config: ProxyConfig, *, proxy_port: bool, clock: IReactorTime,
                  counters: DHCPCounters | None = None,
@@ -165,6 +167,14 @@ class DHCPProxyProtocol(DatagramProtocol):
             reply = "offer"
         by_arch = self.counters.replies_by_arch
         by_arch[(reply, decision.firmware.value)] = by_arch.get((reply, decision.firmware.value), 0) + 1
+        if self.timeline is not None:
+            from sidero.timeline import uuid_from_pxe_guid
+
+            self.timeline.record(
+                "dhcp-" + reply, source="dhcp", mac=msg.mac.hex(":"),
+                uuid=uuid_from_pxe_guid(msg.get(codec.OPT_CLIENT_UUID)),
+                ip=addr[0] if self.proxy_port and addr[0] != "0.0.0.0" else None,
+                arch=decision.firmware.value, boot_file=decision.bootfile, ipxe=decision.ipxe)
         self.log.debug(
             "DHCP proxy :{port} {kind} to {mac} ({firmware}, ipxe={ipxe}): {bootfile} -> {dest}",
             port=self.port_name, kind="ACK" if self.proxy_port else "OFFER",

@@ -135,6 +135,8 @@ class TFTPProtocol(DatagramProtocol):
 
     log = Logger()
     noisy = False
+    #: an L{sidero.timeline.ITimeline} told of each finished transfer, or None.
+    timeline: Any = None
 
     def __init__(
         self,
@@ -352,6 +354,11 @@ class TFTPProtocol(DatagramProtocol):
         self.stats.outcomes[outcome.value] += 1
         self.stats.bytes_sent += session.bytes_sent
         self.stats.retransmits += session.retransmits
+        if self.timeline is not None:
+            self.timeline.record(
+                "tftp", source="tftp", ip=str(session.peer[0]), file=session.request.filename,
+                outcome=outcome.value, bytes=session.bytes_sent, size=session.size,
+                seconds=round(self.clock.seconds() - session.started, 3), blksize=session.blksize)
         if outcome is Outcome.COMPLETE:
             self.log.info(
                 "TFTP sent {filename!r} ({size} bytes) to {peer} in {seconds:.3f}s",
