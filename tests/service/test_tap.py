@@ -137,6 +137,8 @@ class BuildServiceTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.state_dir = self.mktemp()
+        # Under systemd (NOTIFY_SOCKET set) the tree gains a "systemd" child; not here.
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
 
     def names(self, service: MultiService) -> list[str]:
         return [str(child.name) for child in service]
