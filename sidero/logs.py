@@ -6,6 +6,12 @@ L{make_observer} wraps one of them in a thread-safe writer behind a level filter
 that use stdlib C{logging} (kubernetes, urllib3, pyghmi, grpc) reach the same observer through
 L{StdlibBridge}, so an operator sees one stream in one format.
 
+Twisted's own legacy lines ("Site starting on 8081", "(TCP Port 8081 Closed)", access-log
+lines, "Starting factory ...") are folded by L{fold_event} into structured events (fields
+C{factory}, C{port}, C{transport}; chatty ones at debug), and urllib3's retry warnings during
+an API server outage become one warning when it stops answering and one when it answers
+again (L{OutageFolder}).
+
 Under twistd the root service registers the observer as the application's C{ILogObserver}
 component (see L{sidero.tap}); C{twistd --logger=sidero.logs.observer} also works and reads
 C{SIDERO_LOG_FORMAT}/C{SIDERO_LOG_LEVEL}.
@@ -16,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -146,11 +154,100 @@ class StreamObserver:
             self.stream.flush()
 
 
+# --- folding Twisted's legacy lines ----------------------------------------------------------
+
+_LISTENING = re.compile(r"^(?P<factory>\S+) starting on (?P<address>.+)$")
+_CLOSED = re.compile(r"^\((?P<transport>TCP|UDP|UNIX|SSL|TLS)(?: Port)? (?P<address>.+) Closed\)$")
+_PROTOCOL = re.compile(r"^(?P<verb>Starting|Stopping) protocol (?P<protocol>.+)$")
+_ACCESS = re.compile(
+    r'^"?(?P<remote>[^" ]+)"? - (?P<user>\S+) \[(?P<when>[^\]]+)\] "(?P<method>\S+) (?P<uri>\S+)'
+    r' (?P<version>[^"]+)" (?P<status>\d{3}) (?P<size>\S+) "(?P<referrer>[^"]*)" "(?P<agent>[^"]*)"$')
+_FACTORY_FORMATS = frozenset({"Starting factory {factory!r}", "Stopping factory {factory!r}"})
+
+
+def _address_fields(address: str) -> dict[str, Any]:
+    address = address.strip("'\"")
+    if address.isdigit():
+        return {"port": int(address)}
+    return {"address": address}
+
+
+def fold_event(event: LogEvent) -> LogEvent:
+    """Twisted's unstructured lines as structured events (a new dict; others unchanged).
+
+    Listening/closed ports keep info level with C{factory}/C{transport}/C{port} fields; the
+    per-connection chatter (factories and UDP protocols starting and stopping, the web access
+    log, which C{BootSite} already logs with fields for the boot routes) drops to debug.
+    """
+    namespace = event.get("log_namespace")
+    if namespace == "log_legacy":
+        text = str(event.get("log_text") or "")
+        m = _LISTENING.match(text)
+        if m:
+            fields = _address_fields(m.group("address"))
+            where = "{port}" if "port" in fields else "{address}"
+            return _refold(event, "twisted.internet", LogLevel.info,
+                           "{factory} listening on " + where, factory=m.group("factory"),
+                           event="listening", **fields)
+        m = _CLOSED.match(text)
+        if m:
+            fields = _address_fields(m.group("address"))
+            where = "{port}" if "port" in fields else "{address}"
+            return _refold(event, "twisted.internet", LogLevel.info,
+                           "{transport} port " + where + " closed",
+                           transport=m.group("transport"), event="closed", **fields)
+        m = _PROTOCOL.match(text)
+        if m:
+            return _refold(event, "twisted.internet", LogLevel.debug,
+                           m.group("verb") + " protocol {protocol}", protocol=m.group("protocol"))
+        return _refold(event, "twisted", event.get("log_level") or LogLevel.info, "{text}", text=text)
+    if event.get("log_format") in _FACTORY_FORMATS:
+        folded = dict(event)
+        folded["log_level"] = LogLevel.debug
+        return folded
+    if namespace == "twisted.python.log" and "log_io" in event:
+        m = _ACCESS.match(str(event.get("log_io") or ""))
+        if m:
+            size = m.group("size")
+            return _refold(
+                event, "twisted.web.access", LogLevel.debug,
+                "HTTP {method} {uri} {status} {size} {remote}", method=m.group("method"),
+                uri=m.group("uri"), status=int(m.group("status")),
+                size=int(size) if size.isdigit() else 0, remote=m.group("remote"),
+                user_agent=m.group("agent"), referrer=m.group("referrer"))
+    return event
+
+
+def _refold(source: LogEvent, namespace: str, level: LogLevel, fmt: str, **fields: Any) -> LogEvent:
+    folded = {k: v for k, v in source.items()
+              if k.startswith("log_") and k not in ("log_text", "log_io", "log_format")}
+    folded.update(fields)
+    folded["log_namespace"] = namespace
+    folded["log_level"] = level
+    folded["log_format"] = fmt
+    return folded
+
+
+@implementer(ILogObserver)
+class FoldingObserver:
+    """Applies L{fold_event} before the next observer (the level filter) sees an event."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, event: LogEvent) -> None:
+        try:
+            event = fold_event(event)
+        except Exception:
+            pass  # never lose an event over folding it
+        self.observer(event)
+
+
 def make_observer(log_format: str = "text", level: str = "info", stream: IO[str] | None = None) -> ILogObserver:
     """The observer sidero logs through: C{log_format} lines at C{level} and above."""
     writer = StreamObserver(stream if stream is not None else sys.stdout, FORMATTERS[log_format])
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    return FilteringLogObserver(writer, [predicate])
+    return FoldingObserver(FilteringLogObserver(writer, [predicate]))
 
 
 def observer(environ: Mapping[str, str] | None = None) -> ILogObserver:
@@ -179,20 +276,100 @@ def twisted_level(levelno: int) -> LogLevel:
     return LogLevel.debug
 
 
+# --- urllib3 during an outage ---------------------------------------------------------------
+
+_URLLIB3_POOL = "urllib3.connectionpool"
+_HOST_IN_ERROR = re.compile(r"host='(?P<host>[^']+)', port=(?P<port>\d+)")
+_REASON = re.compile(r"\): (?P<reason>[^\"')]+)")
+_RESPONSE_FORMAT = '%s://%s:%s "%s %s %s" %s %s'
+_PASS = object()
+
+
+class OutageFolder:
+    """urllib3 logs a warning per retry of every request while an API server is away (three
+    per call, and the informers call again and again). This keeps one warning per host when
+    it stops answering and one info line, with the count of retries it swallowed, when a
+    request to it completes again. Thread-safe: urllib3 logs from the k8s pool's threads."""
+
+    def __init__(self, clock: Any = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._down: dict[str, list[Any]] = {}  # host -> [since, suppressed retries, reason]
+
+    @property
+    def down(self) -> dict[str, str]:
+        """Hosts in an outage and why (for tests and health output)."""
+        with self._lock:
+            return {host: state[2] for host, state in self._down.items()}
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        """C{(level, format, fields)} to log instead, None to drop, or C{_PASS}."""
+        if record.name != _URLLIB3_POOL:
+            return _PASS
+        msg = record.msg if isinstance(record.msg, str) else ""
+        args = record.args if isinstance(record.args, tuple) else ()
+        if msg.startswith("Retrying (") and record.levelno >= logging.WARNING and len(args) >= 2:
+            return self._retry(args[1])
+        if msg == _RESPONSE_FORMAT and len(args) >= 3:
+            return self._answered(f"{args[1]}:{args[2]}")
+        return _PASS
+
+    def _retry(self, error: Any) -> Any:
+        text = str(error)
+        m = _HOST_IN_ERROR.search(text)
+        host = f"{m.group('host')}:{m.group('port')}" if m else ""
+        why = _REASON.search(text)
+        reason = why.group("reason") if why else type(error).__name__
+        with self._lock:
+            state = self._down.get(host)
+            if state is not None:
+                state[1] += 1
+                return None
+            self._down[host] = [self.clock(), 0, reason]
+        return (LogLevel.warn, "API server {host} is not answering ({reason}); retrying, and not"
+                " logging each retry until it answers again",
+                {"host": host or "(unknown)", "reason": reason, "event": "outage"})
+
+    def _answered(self, host: str) -> Any:
+        with self._lock:
+            state = self._down.pop(host, None)
+            if state is None:
+                state = self._down.pop("", None)
+        if state is None:
+            return _PASS
+        return (LogLevel.info, "API server {host} answers again after {seconds:.1f}s"
+                " ({suppressed} retries not logged)",
+                {"host": host, "seconds": self.clock() - state[0], "suppressed": state[1],
+                 "event": "recovered"})
+
+
 class StdlibBridge(logging.Handler):
     """A stdlib C{logging} handler that re-emits records as twisted.logger events.
 
     A thread-local guard stops a loop should anything forward twisted.logger back into
-    stdlib logging (C{STDLibLogObserver}).
+    stdlib logging (C{STDLibLogObserver}). urllib3's pool logs every request at debug so that
+    L{OutageFolder} sees recoveries; those records go no further unless C{min_level} is debug.
     """
 
-    def __init__(self, publisher: Any = None) -> None:
+    def __init__(self, publisher: Any = None, outages: OutageFolder | None = None,
+                 min_level: int = logging.DEBUG) -> None:
         super().__init__()
         self.publisher = publisher
+        self.outages = outages if outages is not None else OutageFolder()
+        self.min_level = min_level
         self._local = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
         if getattr(self._local, "active", False):
+            return
+        folded = self.outages.handle(record)
+        if folded is None:
+            return
+        if folded is not _PASS:
+            level, fmt, fields = folded
+            Logger(namespace=record.name, observer=self.publisher).emit(level, fmt, **fields)
+            return
+        if record.levelno < self.min_level:
             return
         self._local.active = True
         try:
@@ -229,4 +406,7 @@ def bridge_stdlib_logging(level: str = "info") -> StdlibBridge:
     root.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
     for name, library_level in LIBRARY_LOGGERS.items():
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else library_level)
+    # Completed requests (debug) tell the outage folder that a host answers again.
+    logging.getLogger(_URLLIB3_POOL).setLevel(logging.DEBUG)
+    _bridge.min_level = logging.DEBUG if level == "debug" else logging.INFO
     return _bridge

@@ -136,14 +136,15 @@ def _make_store(settings: Settings, context: AppContext) -> IService | None:
             client = load_api_client(settings.kubeconfig or None)
         except KubeconfigError as e:
             raise StartupError(str(e)) from e
-        context.store = KubernetesStore(context.reactor, client, context.pools["k8s"].pool)
-        return StoreService(context.store, settings.state_dir)
+        k8s_store = KubernetesStore(context.reactor, client, context.pools["k8s"].pool)
+        context.store = _metrics(context).timed_store(k8s_store)
+        return StoreService(k8s_store, settings.state_dir)
 
     from sidero.api.admission import Admission
     from sidero.store.embedded import EmbeddedStore
 
     store = EmbeddedStore(context.reactor, settings.database_path, admission=Admission())
-    context.store = store
+    context.store = _metrics(context).timed_store(store)
     return StoreService(store, settings.state_dir)
 
 
@@ -166,7 +167,10 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     from sidero.power.factory import PowerManagerFactory
 
     elector = _make_elector(settings, context)
-    manager = ControllerManager(context.store, context.reactor, elector=elector)
+    metrics = _metrics(context)
+    manager = ControllerManager(context.store, context.reactor, elector=elector, metrics=metrics)
+    metrics.add_informers(lambda: manager.informers)
+    metrics.add_controllers(lambda: manager.controllers)
     install_startup_runnables(manager, context.store, assets_url=settings.talos_assets_url)
     recorder = EventRecorder(context.store, context.reactor)
     make_environment_controller(
@@ -176,8 +180,11 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     make_serverclass_controller(manager, context.store)
     power = PowerManagerFactory.from_settings(
         context.reactor, context.store, context.pools["ipmi"], settings)
+    def power_for(server: dict[str, Any]) -> Deferred[Any]:
+        return power.for_server(server).addCallback(metrics.instrument_power)
+
     make_server_controller(
-        manager, context.store, power.for_server,
+        manager, context.store, power_for,
         reboot_timeout=settings.server_reboot_timeout, pxe_mode=settings.ipmi_pxe_method,
         clock=context.reactor, recorder=recorder,
         # A BMC that dropped a power-off (seen with silent failures) gets it again.
@@ -252,7 +259,7 @@ def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
 def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None:
     from sidero.protocols.dhcp.service import make_dhcp_proxy_service
 
-    return make_dhcp_proxy_service(
+    service = make_dhcp_proxy_service(
         context.reactor,
         endpoint=settings.api_endpoint,
         api_port=settings.api_port,
@@ -260,18 +267,29 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         dhcp_port=settings.dhcp_port,
         proxy_port=settings.dhcp_proxy_port,
     )
+    counters = getattr(service, "counters", None)
+    if counters is not None:
+        _metrics(context).add_dhcp(counters)
+    service.timeline = _timeline(context)  # type: ignore[attr-defined]
+    return service
 
 
 def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
     from sidero.protocols.tftp.service import make_tftp_service
 
     os.makedirs(settings.tftp_roots[0], exist_ok=True)
-    return make_tftp_service(
+    service = make_tftp_service(
         context.reactor,
         roots=list(settings.tftp_roots),
         port=settings.tftp_port,
         interface=settings.listen_address,
     )
+    for child in service:  # type: ignore[attr-defined]
+        protocol = getattr(child, "protocol", None)
+        if protocol is not None:
+            _metrics(context).add_tftp(protocol.stats)
+            protocol.timeline = _timeline(context)
+    return service
 
 
 def _make_http(settings: Settings, context: AppContext) -> IService | None:
@@ -341,6 +359,9 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         machines=informer_for(CAPI_MACHINE) if settings.store != "kubernetes" else None,
         machines_known=settings.store != "kubernetes",
     )
+    if manager is None:
+        _metrics(context).add_informers(lambda: informers)
+    context.extra["http_informers"] = informers
 
     def ready() -> tuple[bool, str]:
         waiting = [i.kind.plural for i in informers if not i.has_synced]
@@ -350,6 +371,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
 
     env_dir = os.path.join(settings.state_dir, "env")
     os.makedirs(env_dir, exist_ok=True)
+    metrics = _metrics(context)
     site = BootSite(
         lookup,
         BootSettings(
@@ -363,6 +385,8 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         ready=ready,
         events=context.extra.get("event_recorder") or EventRecorder(context.store, context.reactor),
     )
+    timeline = _timeline(context)
+    site.timeline = timeline
     if settings.enabled("grpc"):
         # One port for HTTP/1.1 and the agent's gRPC API (h2c prior knowledge), spec 3.1.
         from sidero.controllers.events import EventRecorder
@@ -377,13 +401,22 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             server_reboot_timeout=settings.server_reboot_timeout,
             events=EventRecorder(context.store, context.reactor, component=EVENT_COMPONENT),
         )
+        def record_from_thread(step: str, **fields: Any) -> None:
+            context.reactor.callFromThread(timeline.record, step, **fields)
+
+        interceptor = metrics.grpc_interceptor(record_from_thread)
         listener = make_api_port_service(
-            context.reactor, site.resource(), lambda: make_grpc_server(servicer),
+            context.reactor, metrics.instrument_resource(site.resource(), timeline),
+            lambda: make_grpc_server(servicer, interceptors=[interceptor]),
             settings.http_port, interface=settings.listen_address,
         )
+        factory = getattr(listener, "factory", None)
+        if factory is not None:
+            metrics.add_api_port(lambda: dict(factory.counters))
     else:
         listener = make_http_service(
-            context.reactor, site.resource(), settings.http_port, interface=settings.listen_address
+            context.reactor, metrics.instrument_resource(site.resource(), timeline), settings.http_port,
+            interface=settings.listen_address,
         )
     listener.setServiceParent(group)
     return group
@@ -396,7 +429,108 @@ def _make_management(settings: Settings, context: AppContext) -> IService | None
         return None
     from sidero.management.server import make_management_service
 
-    return make_management_service(context.reactor, context.store, settings.management_socket)
+    return make_management_service(context.reactor, context.store, settings.management_socket,
+                                   timeline=_timeline(context), server_logs=_server_logs(context))
+
+
+def _metrics(context: AppContext) -> Any:
+    """The tree's L{sidero.metrics.Metrics} (its own registry), made on first use, so that
+    every factory can instrument what it builds whether or not C{/metrics} is served."""
+    metrics = context.extra.get("metrics")
+    if metrics is None:
+        from sidero.metrics import Metrics
+
+        metrics = context.extra["metrics"] = Metrics()
+    return metrics
+
+
+def _timeline(context: AppContext) -> Any:
+    """The tree's boot timeline (L{sidero.timeline.BootTimeline}), made on first use."""
+    timeline = context.extra.get("timeline")
+    if timeline is None:
+        from sidero.timeline import BootTimeline
+
+        timeline = context.extra["timeline"] = BootTimeline(context.reactor.seconds)
+    return timeline
+
+
+def _server_logs(context: AppContext) -> Any:
+    """The tree's per-server log lines (L{sidero.serverlogs.ServerLogs}), made on first use;
+    log receivers append to it, C{sidero logs} and the dashboard read it."""
+    server_logs = context.extra.get("server_logs")
+    if server_logs is None:
+        from sidero.serverlogs import ServerLogs
+
+        server_logs = context.extra["server_logs"] = ServerLogs(context.reactor.seconds)
+    return server_logs
+
+
+def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
+    """Prometheus C{/metrics} on --metrics-port (plain HTTP; bind it with --listen-address)."""
+    from twisted.application.internet import TCPServer
+    from twisted.web.server import Site
+
+    site = Site(_metrics(context).resource(), reactor=context.reactor)
+    site.displayTracebacks = False
+    site.noisy = False
+    return TCPServer(settings.metrics_port, site, interface=settings.listen_address,
+                     reactor=context.reactor)
+
+
+def _health_checks(settings: Settings, context: AppContext) -> Any:
+    """The liveness and readiness checks (one set, shared by the probe port and systemd).
+
+    healthz: C{ping}, and (spec 3.1) C{ipxe}: our own C{GET /boot.ipxe} answers 200.
+    readyz: those, C{informers} (every cache the protocols and controllers read has synced)
+    and, with leader election, C{leader} (the elector knows who leads).
+    """
+    checks = context.extra.get("health_checks")
+    if checks is not None:
+        return checks
+    from sidero import health
+
+    checks = context.extra["health_checks"] = health.HealthChecks(context.reactor)
+    ipxe = None
+    if settings.enabled("http"):
+        ipxe = health.http_ok(context.reactor, health.local_url(
+            settings.listen_address, settings.http_port, "/boot.ipxe"))
+    for endpoint in health.ENDPOINTS:
+        checks.add(endpoint, "ping", health.ping)
+        if ipxe is not None:
+            checks.add(endpoint, "ipxe", ipxe)
+
+    def informers() -> list[Any]:
+        found = list(context.extra.get("http_informers") or ())
+        manager = context.extra.get("controller_manager")
+        if manager is not None:
+            found.extend(manager.informers)
+        return found
+
+    checks.add(health.READYZ, "informers", health.informers_synced(informers))
+    elector = context.extra.get("leader_elector")
+    if elector is not None:
+        checks.add(health.READYZ, "leader", health.leadership_reported(elector))
+    return checks
+
+
+def _make_health(settings: Settings, context: AppContext) -> IService | None:
+    """controller-runtime's probe server: C{/healthz} and C{/readyz} on --health-port."""
+    from sidero.health import make_health_service
+
+    return make_health_service(context.reactor, _health_checks(settings, context),
+                               settings.health_port, interface=settings.listen_address)
+
+
+def _make_systemd(settings: Settings, context: AppContext) -> IService | None:
+    """sd_notify READY/STATUS/WATCHDOG/STOPPING when systemd gave us C{NOTIFY_SOCKET} (it
+    runs whether or not the probe port does: C{Type=notify} depends on it)."""
+    from sidero.systemd import make_notifier_service
+
+    try:
+        return make_notifier_service(context.reactor, _health_checks(settings, context),
+                                     environ=context.extra.get("environ"))
+    except ValueError as e:
+        raise StartupError(str(e)) from e
 
 
 FACTORIES: list[tuple[str, Factory]] = [
@@ -408,6 +542,9 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("tftp", _make_tftp),
     ("http", _make_http),
     ("management", _make_management),
+    ("metrics", _make_metrics),
+    ("health", _make_health),
+    ("systemd", _make_systemd),
 ]
 
 

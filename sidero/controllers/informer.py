@@ -23,7 +23,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from sidero.api.registry import ResourceType
@@ -80,6 +80,16 @@ class _Handler:
     on_delete: DeleteHandler | None
 
 
+@dataclass
+class InformerStats:
+    """Plain counters read by the metrics collector (no prometheus import here)."""
+
+    lists: int = 0
+    relists: int = 0
+    watch_restarts: int = 0
+    errors: int = 0
+
+
 class Informer(Service):
     """List+watch cache of C{kind} (optionally one namespace / label selector).
 
@@ -131,6 +141,8 @@ class Informer(Service):
         self._attempt = 0
         self._generation = 0  # bumped on stop so late store results are ignored
         self._running = False
+        self.stats = InformerStats()
+        self._failing_since: float | None = None  # first failure of the current outage
 
     # -- reads (synchronous, never wait on the store) ----------------------------------
 
@@ -359,6 +371,8 @@ class Informer(Service):
         if gen != self._generation:
             return
         self._attempt = 0
+        self.stats.lists += 1
+        self._recovered()
         self._replace(listing)
         if not self._synced:
             self._synced = True
@@ -370,10 +384,8 @@ class Informer(Service):
     def _list_failed(self, failure: Failure, gen: int) -> None:
         if gen != self._generation:
             return
-        self.log.error(
-            "informer {informer} list failed: {error}; serving cached data",
-            informer=self.name, error=failure.getErrorMessage(),
-        )
+        self.stats.errors += 1
+        self._failed("list", failure)
         self._retry_later(gen, self._list)
 
     def _start_watch(self, gen: int) -> None:
@@ -398,6 +410,7 @@ class Informer(Service):
             watch.stop()
             return
         self._watch = watch
+        self._recovered()
         watch.done.addCallbacks(
             self._watch_stopped, self._watch_ended, callbackArgs=(gen,), errbackArgs=(gen,)
         )
@@ -408,6 +421,7 @@ class Informer(Service):
         if gen != self._generation:
             return
         self._watch = None
+        self.stats.watch_restarts += 1
         self._start_watch(gen)
 
     def _watch_ended(self, failure: Failure, gen: int) -> None:
@@ -419,14 +433,33 @@ class Informer(Service):
                 "informer {informer} watch expired at {rv}; relisting",
                 informer=self.name, rv=self.resource_version,
             )
+            self.stats.relists += 1
             self._list(gen)
             return
-        self.log.error(
-            "informer {informer} watch failed: {error}; serving cached data",
-            informer=self.name, error=failure.getErrorMessage(),
-        )
+        self.stats.errors += 1
+        self.stats.watch_restarts += 1
+        self._failed("watch", failure)
         # Resume from the last resourceVersion; if that is too old the store says Gone.
         self._retry_later(gen, self._start_watch)
+
+    def _failed(self, what: str, failure: Failure) -> None:
+        """One error line per outage; the retries after it are debug lines."""
+        first = self._failing_since is None
+        if first:
+            self._failing_since = self.clock.seconds()
+        self.log.emit(
+            LogLevel.error if first else LogLevel.debug,
+            "informer {informer} {what} failed: {error}; serving cached data"
+            + ("" if first else " (still failing)"),
+            informer=self.name, what=what, error=failure.getErrorMessage(),
+        )
+
+    def _recovered(self) -> None:
+        if self._failing_since is None:
+            return
+        self.log.info("informer {informer} reconnected after {seconds:.1f}s", informer=self.name,
+                      seconds=self.clock.seconds() - self._failing_since, attempts=self._attempt)
+        self._failing_since = None
 
     def _retry_later(self, gen: int, what: Callable[[int], None]) -> None:
         delay = self.backoff.delay(self._attempt, self._random())

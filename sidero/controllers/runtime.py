@@ -115,6 +115,8 @@ class Controller(Service):
         self._primary: Informer | None = None
         self.queue: WorkQueue[str] | None = None
         self._workers: Deferred[None] | None = None
+        #: told of each reconcile's result and duration (L{sidero.metrics.Metrics.reconciled}).
+        self.metrics: Any = None
 
     def watches(self, kind: ResourceType, map_fn: MapFunc) -> Controller:
         """Also react to C{kind}: each event of it enqueues C{map_fn(obj)} (for updates, the
@@ -228,6 +230,8 @@ class Controller(Service):
                 duration=self.clock.seconds() - started,
                 retries=queue.num_requeues(key) if queue is not None else 0,
             )
+            if self.metrics is not None:
+                self.metrics.reconciled(self.name, outcome, fields["duration"])
             if failure.check(ReconcileError, Unavailable, Conflict, Timeout):
                 self.log.warn(
                     "controller {controller} reconcile of {key} failed after {duration:.3f}s:"
@@ -257,6 +261,8 @@ class Controller(Service):
         else:
             if queue is not None:
                 queue.forget(key)
+        if self.metrics is not None:
+            self.metrics.reconciled(self.name, outcome, self.clock.seconds() - started)
         self.log.debug(
             "controller {controller} reconciled {key} in {duration:.3f}s: {outcome}",
             controller=self.name, key=key, outcome=outcome,
@@ -285,9 +291,11 @@ class ControllerManager(MultiService):
         elector: ILeaderElector | None = None,
         resync_period: float | None = None,
         runnable_backoff: Backoff | None = None,
+        metrics: Any = None,
     ) -> None:
         super().__init__()
         self.setName("controllers")
+        self.metrics = metrics
         self.store = store
         self.clock = clock
         self.elector: ILeaderElector = elector if elector is not None else AlwaysLeader()
@@ -321,6 +329,8 @@ class ControllerManager(MultiService):
     def add_controller(self, controller: Controller) -> Controller:
         """Bind C{controller} to shared informers; it runs while this process leads."""
         controller.bind(self.informer)
+        if controller.metrics is None:
+            controller.metrics = self.metrics
         self.controllers.append(controller)
         if self.running and self._leading:
             controller.startService()

@@ -1,10 +1,12 @@
 # -*- test-case-name: tests.management.test_cli -*-
-"""C{sidero}: apply, get, delete and edit resources of the embedded store, like kubectl.
+"""C{sidero}: apply, get, describe, delete and edit resources, accept, cordon and reboot
+servers, follow their logs, like kubectl.
 
 It talks to the running service over its local management socket (see
-L{sidero.management.server}); being allowed to open that socket is being allowed in.  Output
-and error messages follow kubectl's so that runbooks written for a Kubernetes install read
-the same here.
+L{sidero.management.server}); being allowed to open that socket is being allowed in. With
+C{--kubeconfig} (or C{$KUBECONFIG} when no management socket exists) the same commands go to a
+Kubernetes API server instead (L{sidero.management.kubeclient}). Output and error messages
+follow kubectl's so that runbooks written for a Kubernetes install read the same here.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sidero.management import printers
 from sidero.management.client import ManagementClient, ServiceUnreachable
 from sidero.management.codec import DecodeError, load_documents
 from sidero.management.common import SOCKET_ENV, default_socket_path, merge_patch
+from sidero.management.template import Template, TemplateError
 from sidero.store.errors import Invalid, NotFound, StoreError
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -251,13 +254,39 @@ def _namespace(kind: ResourceType, args: argparse.Namespace) -> str | None:
     return args.namespace or "default"
 
 
-def cmd_get(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
-    kind, names = _split_kind_names(args.kind, list(args.names))
-    if names and args.all_namespaces:
-        raise CLIError("a resource cannot be retrieved by name across all namespaces")
-    if names and (args.selector or args.field_selector):
-        raise CLIError("when retrieving resources by name, a selector cannot be used")
-    ns = _namespace(kind, args)
+OUTPUT_FORMATS = "json,jsonpath,name,wide,yaml"
+
+
+def _targets(kind_arg: str, names: list[str]) -> list[tuple[ResourceType, list[str]]]:
+    """What C{get}/C{describe} were asked for: C{KIND[,KIND...] [NAME...]} or
+    C{KIND/NAME [KIND/NAME...]}; kinds in the order given, each once."""
+    groups: dict[str, tuple[ResourceType, list[str]]] = {}
+
+    def add(kind_text: str, found: list[str]) -> None:
+        try:
+            kind = registry.by_name(kind_text)
+        except UnknownKind as e:
+            raise CLIError(str(e)) from None
+        groups.setdefault(kind.resource, (kind, []))[1].extend(found)
+
+    if "/" in kind_arg:
+        for arg in [kind_arg, *names]:
+            kind_text, slash, name = arg.partition("/")
+            if not slash or not name or not kind_text:
+                raise CLIError("there is no need to specify a resource type as a separate "
+                               "argument when passing arguments in resource/name form")
+            add(kind_text, [name])
+        return list(groups.values())
+    kinds = [k for k in kind_arg.split(",") if k]
+    if not kinds:
+        raise CLIError("you must specify the type of resource to get")
+    for kind_text in kinds:
+        add(kind_text, list(names))
+    return list(groups.values())
+
+
+def _fetch(client: ManagementClient, kind: ResourceType, names: list[str], ns: str | None,
+           args: argparse.Namespace, err: TextIO) -> tuple[list[Object], int]:
     status = 0
     objects: list[Object] = []
     if names:
@@ -268,31 +297,216 @@ def cmd_get(args: argparse.Namespace, client: ManagementClient, out: TextIO, err
                 err.write(format_error(e) + "\n")
                 status = 1
     else:
-        objects = client.list(kind, ns, args.selector, args.field_selector).get("items", [])
-    output = args.output or ""
-    if output in ("", "wide"):
-        if not objects:
-            if status == 0:
-                where = f" in {ns} namespace." if ns is not None else ""
-                err.write(f"No resources found{where}\n")
-            return status
-        rows = printers.table(kind, objects, wide=output == "wide", no_headers=args.no_headers,
-                              with_namespace=kind.namespaced and args.all_namespaces)
-        out.write(printers.tabwrite(rows))
-    elif output in ("yaml", "json"):
-        if not objects and names:
-            return status
-        doc: Any = objects[0] if names and len(names) == 1 else printers.as_list(objects)
-        out.write(printers.to_yaml(doc) if output == "yaml" else printers.to_json(doc))
-    elif output == "name":
-        for obj in objects:
-            out.write(printers.name_of(kind, obj) + "\n")
-    else:
+        selector = getattr(args, "selector", None)
+        fields = getattr(args, "field_selector", None)
+        objects = client.list(kind, ns, selector, fields).get("items", [])
+    return objects, status
+
+
+def _output_format(value: str | None) -> tuple[str, Template | None]:
+    """The output name and, for C{jsonpath=TEMPLATE}, the parsed template (before any fetch)."""
+    output = value or ""
+    if output.startswith("jsonpath"):
+        _, eq, source = output.partition("=")
+        if not eq or not source:
+            raise CLIError("template format specified but no template given")
+        try:
+            return "jsonpath", Template(source)
+        except TemplateError as e:
+            raise CLIError(f"error parsing jsonpath {source}, {e}") from None
+    if output not in ("", "wide", "yaml", "json", "name"):
         raise CLIError(
             f'unable to match a printer suitable for the output format "{output}", allowed '
-            "formats are: json,name,wide,yaml"
+            f"formats are: {OUTPUT_FORMATS}"
         )
+    return output, None
+
+
+def cmd_get(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    targets = _targets(args.kind, list(args.names))
+    by_name = any(names for _, names in targets)
+    if by_name and args.all_namespaces:
+        raise CLIError("a resource cannot be retrieved by name across all namespaces")
+    if by_name and (args.selector or args.field_selector):
+        raise CLIError("when retrieving resources by name, a selector cannot be used")
+    output, template = _output_format(args.output)
+    several = len(targets) > 1
+    status = 0
+    fetched: list[tuple[ResourceType, list[Object], str | None]] = []
+    for kind, names in targets:
+        ns = _namespace(kind, args)
+        objects, failed = _fetch(client, kind, names, ns, args, err)
+        status |= failed
+        fetched.append((kind, objects, ns))
+    everything = [obj for _, objects, _ in fetched for obj in objects]
+    if output in ("", "wide"):
+        printed = 0
+        for kind, objects, _ns in fetched:
+            if not objects:
+                continue
+            rows = printers.table(kind, objects, wide=output == "wide", no_headers=args.no_headers,
+                                  with_namespace=kind.namespaced and args.all_namespaces)
+            if several:  # kubectl names each row kind/name when several kinds are listed
+                for row in rows[0 if args.no_headers else 1:]:
+                    i = 1 if kind.namespaced and args.all_namespaces else 0
+                    row[i] = f"{printers.resource_prefix(kind)}/{row[i]}"
+            if printed:
+                out.write("\n")
+            out.write(printers.tabwrite(rows))
+            printed += 1
+        if not printed and status == 0:
+            ns = fetched[0][2] if len(fetched) == 1 else None
+            where = f" in {ns} namespace." if ns is not None else ""
+            err.write(f"No resources found{where}\n")
+        return status
+    single = len(targets) == 1 and len(targets[0][1]) == 1
+    if not everything and by_name:
+        return status
+    doc: Any = everything[0] if single and everything else printers.as_list(everything)
+    if output == "yaml":
+        out.write(printers.to_yaml(doc))
+    elif output == "json":
+        out.write(printers.to_json(doc))
+    elif output == "name":
+        for kind, objects, _ in fetched:
+            for obj in objects:
+                out.write(printers.name_of(kind, obj) + "\n")
+    else:
+        assert template is not None
+        out.write(template.render(doc))
     return status
+
+
+def _events_for(client: ManagementClient, kind: ResourceType, obj: Object) -> list[Object]:
+    """The Events whose involvedObject is C{obj} (any namespace: cluster-scoped objects have
+    theirs in C{default})."""
+    meta = obj.get("metadata") or {}
+    name = str(meta.get("name", ""))
+    try:
+        items = client.list(registry.EVENT, None, None, f"involvedObject.name={name}").get("items", [])
+    except StoreError:
+        return []
+    uid = meta.get("uid")
+    found = []
+    for event in items:
+        ref = event.get("involvedObject") or {}
+        if ref.get("kind") != kind.kind or ref.get("name") != name:
+            continue
+        if uid and ref.get("uid") and ref.get("uid") != uid:
+            continue
+        if kind.namespaced and ref.get("namespace") != meta.get("namespace"):
+            continue
+        found.append(event)
+    return found
+
+
+def cmd_describe(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    from sidero.management.describe import describe_object
+
+    status = 0
+    first = True
+    for kind, names in _targets(args.kind, list(args.names)):
+        ns = _namespace(kind, args)
+        objects, failed = _fetch(client, kind, names, ns, args, err)
+        status |= failed
+        for obj in objects:
+            timeline = None
+            if kind is registry.SERVER:
+                timeline = client_timeline(client, str((obj.get("metadata") or {}).get("name", "")))
+            if not first:
+                out.write("\n\n")
+            first = False
+            out.write(describe_object(obj, _events_for(client, kind, obj), timeline))
+        if not objects and not names and status == 0:
+            where = f" in {ns} namespace." if ns is not None else ""
+            err.write(f"No resources found{where}\n")
+    return status
+
+
+def client_timeline(client: ManagementClient, name: str) -> list[Object] | None:
+    """The service's boot timeline of a server, or None where the service cannot be asked
+    (a Kubernetes API server holds no timeline)."""
+    fetch = getattr(client, "timeline", None)
+    if fetch is None:
+        return None
+    try:
+        result: list[Object] | None = fetch(name)
+        return result
+    except StoreError:
+        return None
+
+
+def _server_flag(client: ManagementClient, names: list[str], field: str, value: bool,
+                 verb: str, out: TextIO, err: TextIO) -> int:
+    """Set C{spec.<field>} of each server (accept, cordon, uncordon), kubectl cordon style."""
+    if not names:
+        raise CLIError("you must specify at least one server")
+    status = 0
+    for name in names:
+        kind, server = registry.SERVER, name
+        if "/" in name:
+            kind_text, _, server = name.partition("/")
+            if registry.by_name(kind_text) is not registry.SERVER:
+                raise CLIError(f"{verb} works on servers, not {kind_text}")
+        try:
+            obj = client.get(kind, server)
+            label = printers.name_of(kind, obj)
+            if bool((obj.get("spec") or {}).get(field)) is value:
+                out.write(f"{label} already {verb}\n")
+                continue
+            client.patch(kind, server, {"spec": {field: value}})
+        except StoreError as e:
+            err.write(format_error(e) + "\n")
+            status = 1
+            continue
+        out.write(f"{label} {verb}\n")
+    return status
+
+
+def cmd_accept(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    return _server_flag(client, list(args.names), "accepted", True, "accepted", out, err)
+
+
+def cmd_cordon(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    return _server_flag(client, list(args.names), "cordoned", True, "cordoned", out, err)
+
+
+def cmd_uncordon(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    return _server_flag(client, list(args.names), "cordoned", False, "uncordoned", out, err)
+
+
+def cmd_reboot(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    """Power cycle servers through their BMC or power API, with the service's power code."""
+    from sidero.management.power import reboot_servers
+
+    if not args.names:
+        raise CLIError("you must specify at least one server")
+    status = 0
+    for name, error in reboot_servers(client, [n.rpartition("/")[2] for n in args.names],
+                                      pxe=args.pxe, timeout=args.timeout):
+        label = f"{printers.resource_prefix(registry.SERVER)}/{name}"
+        if error is None:
+            out.write(f"{label} rebooted" + (" (next boot from the network)" if args.pxe else "")
+                      + "\n")
+        else:
+            err.write(f"error: {label}: {error}\n")
+            status = 1
+    return status
+
+
+def cmd_logs(args: argparse.Namespace, client: ManagementClient, out: TextIO, err: TextIO) -> int:
+    """The kernel and agent log lines the service holds for a server; -f follows new ones."""
+    name = args.server.rpartition("/")[2]
+    client.get(registry.SERVER, name)  # kubectl's NotFound for a server that does not exist
+    try:
+        for line in client.logs(name, follow=args.follow, tail=args.tail):
+            out.write(line + "\n")
+            out.flush()
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        return 0
+    return 0
 
 
 def _deleted(kind: ResourceType, name: str) -> str:
@@ -460,13 +674,19 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--socket", dest="socket_sub", metavar="PATH", default=None,
                         help=f"management socket (default: ${SOCKET_ENV} or the service default)")
+    common.add_argument("--kubeconfig", dest="kubeconfig_sub", metavar="PATH", default=None,
+                        help="talk to this Kubernetes API server instead of the socket")
     common.add_argument("-n", "--namespace", default=None, help="namespace (default: default)")
 
     parser = argparse.ArgumentParser(
-        prog="sidero", description="Manage the resources of an embedded-mode sidero service.",
+        prog="sidero", description="Manage the resources of a sidero service (its management "
+        "socket, or with --kubeconfig the Kubernetes API server it uses).",
     )
     parser.add_argument("--socket", metavar="PATH", default=None,
                         help=f"management socket (default: ${SOCKET_ENV} or {default_socket_path({})})")
+    parser.add_argument("--kubeconfig", metavar="PATH", default=None,
+                        help="use this kubeconfig (default when no management socket exists: "
+                        "$KUBECONFIG, or the in-cluster service account)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -481,9 +701,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-A", "--all-namespaces", action="store_true")
     p.add_argument("-l", "--selector", default=None, help="label selector")
     p.add_argument("--field-selector", default=None)
-    p.add_argument("-o", "--output", default=None, help="wide, yaml, json or name")
+    p.add_argument("-o", "--output", default=None,
+                   help="wide, yaml, json, name or jsonpath=TEMPLATE")
     p.add_argument("--no-headers", action="store_true")
     p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("describe", parents=[common],
+                       help="show a resource in detail, with its events (and a server's boot timeline)")
+    p.add_argument("kind", metavar="KIND")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("-A", "--all-namespaces", action="store_true")
+    p.add_argument("-l", "--selector", default=None, help="label selector")
+    p.set_defaults(func=cmd_describe)
+
+    for verb, func, text in (("accept", cmd_accept, "accept servers (spec.accepted)"),
+                             ("cordon", cmd_cordon, "keep servers from being allocated"),
+                             ("uncordon", cmd_uncordon, "let cordoned servers be allocated again")):
+        p = sub.add_parser(verb, parents=[common], help=text)
+        p.add_argument("names", nargs="*", metavar="SERVER")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("logs", parents=[common], help="print a server's log lines; -f follows")
+    p.add_argument("server", metavar="SERVER")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("--tail", type=int, default=None, help="only the last N lines kept")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("reboot", parents=[common],
+                       help="power cycle servers through their BMC or power API")
+    p.add_argument("names", nargs="*", metavar="SERVER")
+    p.add_argument("--pxe", action="store_true", help="make the next boot a PXE boot first")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per server (default 60)")
+    p.set_defaults(func=cmd_reboot)
 
     p = sub.add_parser("delete", parents=[common], help="delete resources")
     p.add_argument("kind", nargs="?", metavar="KIND")
@@ -502,12 +751,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def make_client(args: argparse.Namespace, environ: Any = None) -> ManagementClient:
+    """The management socket unless a kubeconfig is asked for: explicitly (C{--kubeconfig}),
+    or implicitly when no socket was named and none exists but C{$KUBECONFIG} or an in-cluster
+    service account does (the service's own C{--store auto} rule)."""
+    environ = os.environ if environ is None else environ
+    socket_path = args.socket_sub or args.socket
+    kubeconfig = args.kubeconfig_sub or args.kubeconfig
+    if socket_path:
+        return ManagementClient(socket_path)
+    if kubeconfig:
+        from sidero.management.kubeclient import KubeClient
+
+        return KubeClient(kubeconfig)
+    socket_path = default_socket_path()
+    if not environ.get(SOCKET_ENV) and not os.path.exists(socket_path) and (
+            environ.get("KUBECONFIG") or environ.get("KUBERNETES_SERVICE_HOST")):
+        from sidero.management.kubeclient import KubeClient
+
+        return KubeClient(None)
+    return ManagementClient(socket_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from sidero.k8s.errors import KubeconfigError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    socket_path = args.socket_sub or args.socket or default_socket_path()
-    client = ManagementClient(socket_path)
     out, err = sys.stdout, sys.stderr
+    try:
+        client = make_client(args)
+    except KubeconfigError as e:
+        err.write(f"error: {e}\n")
+        return 1
     try:
         code: int = args.func(args, client, out, err)
         return code

@@ -8,10 +8,12 @@ L{StoreError} classes the store raises, rebuilt from the server's C{Status}.
 
 from __future__ import annotations
 
+import builtins
 import errno
 import http.client
 import json
 import socket
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -31,7 +33,7 @@ class ServiceUnreachable(Exception):
 
 
 class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
         self.socket_path = path
 
@@ -156,6 +158,54 @@ class ManagementClient:
     def delete(self, kind: ResourceType, name: str, namespace: str | None = None) -> Object:
         result: Object = self.request("DELETE", resource_path(kind, namespace=namespace, name=name))
         return result
+
+    # What only the service knows (not in any store) ---------------------------------------
+
+    def timeline(self, server: str) -> builtins.list[Object] | None:
+        """The service's boot timeline of C{server}; None when the service keeps none."""
+        try:
+            result = self.request("GET", f"/sidero/v1/servers/{quote(server, safe='')}/timeline")
+        except StoreError as e:
+            if e.code == 404:
+                return None
+            raise
+        entries: builtins.list[Object] = result.get("entries", []) if isinstance(result, dict) else []
+        return entries
+
+    def logs(self, server: str, follow: bool = False, tail: int | None = None) -> Iterator[str]:
+        """The server's log lines, then (with C{follow}) new ones as they arrive, until the
+        service closes the stream or the caller stops iterating."""
+        query = {"follow": "true" if follow else "false"}
+        if tail is not None:
+            query["tail"] = str(tail)
+        path = f"/sidero/v1/servers/{quote(server, safe='')}/logs?{urlencode(query)}"
+        conn = _UnixConnection(self.socket_path, None if follow else self.timeout)
+        try:
+            try:
+                conn.request("GET", path, headers={"Accept": "text/plain"})
+                response = conn.getresponse()
+            except FileNotFoundError:
+                raise ServiceUnreachable(self.socket_path, "no such socket") from None
+            except ConnectionRefusedError:
+                raise ServiceUnreachable(self.socket_path, "connection refused") from None
+            except PermissionError:
+                raise ServiceUnreachable(self.socket_path, "permission denied") from None
+            if response.status >= 400:
+                raw = response.read().decode("utf-8", "replace")
+                try:
+                    decoded = json.loads(raw)
+                    err = StoreError.from_status(decoded)
+                except (ValueError, AttributeError):
+                    err = StoreError(raw.strip() or response.reason)
+                err.code = response.status
+                raise err
+            while True:
+                line = response.readline()
+                if not line:
+                    return
+                yield line.decode("utf-8", "replace").rstrip("\n")
+        finally:
+            conn.close()
 
 
 def _version_of(obj: Object) -> str | None:

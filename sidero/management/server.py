@@ -199,11 +199,17 @@ class ManagementAPI(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, store: IResourceStore) -> None:
+    def __init__(self, store: IResourceStore, timeline: Any = None, server_logs: Any = None) -> None:
         super().__init__()
         self.store = store
+        self.timeline = timeline
+        self.server_logs = server_logs
 
     def render(self, request: server.Request) -> Any:
+        sidero_path = _sidero_server_path(request.path.decode("utf-8", "replace"))
+        if sidero_path is not None and sidero_path[1] == "logs" and request.method == b"GET" \
+                and self.server_logs is not None:
+            return self._stream_logs(request, sidero_path[0])
         finished = {"gone": False}
         request.notifyFinish().addErrback(lambda _: finished.__setitem__("gone", True))
         d = ensureDeferred(self._handle(request))
@@ -251,6 +257,9 @@ class ManagementAPI(Resource):
                          "platform": "sidero-embedded"}
         if path in ("/api", "/api/"):
             return 200, {"kind": "APIVersions", "versions": ["v1"]}
+        sidero_path = _sidero_server_path(path)
+        if sidero_path is not None:
+            return self._sidero(method, *sidero_path)
         if path in ("/apis", "/apis/"):
             return 200, _group_list()
         route = parse_path(path)
@@ -379,6 +388,49 @@ class ManagementAPI(Resource):
             }
         return 200, to_version(result, route.api_version)
 
+    def _sidero(self, method: str, name: str, what: str) -> tuple[int, Any]:
+        """C{/sidero/v1/servers/<name>/timeline}: what the service knows beyond the store."""
+        if method not in ("GET", "HEAD"):
+            raise MethodNotAllowed(f"the server does not allow this method on {what}")
+        if what == "timeline":
+            if self.timeline is None:
+                raise NotFound(f"this service keeps no boot timeline (server {name!r})")
+            entries = [e.as_dict() for e in self.timeline.for_machine(uuid=name)]
+            return 200, {"kind": "BootTimeline", "apiVersion": "sidero.dev/v1", "server": name,
+                         "entries": entries}
+        if what == "logs":  # only reached without a log buffer
+            raise NotFound(f"this service keeps no server logs (server {name!r})")
+        raise NotFound(f"the server could not find the requested resource ({what})")
+
+    def _stream_logs(self, request: server.Request, name: str) -> Any:
+        """C{/sidero/v1/servers/<name>/logs[?tail=N][&follow=true]}: text lines, and with
+        C{follow} the connection stays open and each new line is written as it arrives."""
+        args = request.args or {}
+
+        def arg(key: bytes) -> str:
+            values = args.get(key)
+            return values[0].decode("utf-8", "replace") if values else ""
+
+        tail_text = arg(b"tail")
+        try:
+            tail = int(tail_text) if tail_text else None
+        except ValueError:
+            err = BadRequest(f"tail must be an integer, not {tail_text!r}")
+            request.setResponseCode(err.code)
+            request.setHeader(b"content-type", b"application/json")
+            return (json.dumps(err.to_status()) + "\n").encode()
+        follow = arg(b"follow") in ("true", "1", "yes")
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        for line in self.server_logs.lines(name, tail):
+            request.write(line.text.encode("utf-8", "replace") + b"\n")
+        if not follow:
+            request.finish()
+            return server.NOT_DONE_YET
+        unsubscribe = self.server_logs.follow(
+            name, lambda line: request.write(line.text.encode("utf-8", "replace") + b"\n"))
+        request.notifyFinish().addBoth(lambda _: unsubscribe())
+        return server.NOT_DONE_YET
+
 
 def _body(request: server.Request) -> Object:
     raw = request.content.read() if request.content is not None else b""
@@ -420,8 +472,16 @@ def _resource_list(route: Route) -> Object:
             "resources": resources}
 
 
-def make_site(store: IResourceStore) -> server.Site:
-    site = server.Site(ManagementAPI(store))
+def _sidero_server_path(path: str) -> tuple[str, str] | None:
+    """(server, subresource) of C{/sidero/v1/servers/<name>/<timeline|logs>}, else None."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 5 and parts[:3] == ["sidero", "v1", "servers"] and parts[3]:
+        return unquote(parts[3]), parts[4]
+    return None
+
+
+def make_site(store: IResourceStore, timeline: Any = None, server_logs: Any = None) -> server.Site:
+    site = server.Site(ManagementAPI(store, timeline, server_logs))
     site.requestFactory = limited_request_factory(MAX_BODY_BYTES)
     site.displayTracebacks = False
     return site
@@ -490,8 +550,10 @@ class ManagementService(Service):
 
     def __init__(
         self, reactor: Any, store: IResourceStore, socket_path: str, mode: int = 0o600,
-        group: str | int | None = None,
+        group: str | int | None = None, timeline: Any = None, server_logs: Any = None,
     ) -> None:
+        self.timeline = timeline
+        self.server_logs = server_logs
         if mode & 0o007:
             raise ValueError(f"management socket mode {mode:#o} would let every local user in")
         self.reactor = reactor
@@ -507,7 +569,8 @@ class ManagementService(Service):
         # Twisted chmods between bind() and listen(), so nobody can connect before the mode
         # is right; a group is set while the mode is still owner-only, then widened.
         initial = self.mode if self.group is None else self.mode & 0o700
-        self.port = self.reactor.listenUNIX(self.socket_path, make_site(self.store), mode=initial)
+        self.port = self.reactor.listenUNIX(self.socket_path, make_site(self.store, self.timeline, self.server_logs),
+                                          mode=initial)
         if self.group is not None:
             gid = self.group if isinstance(self.group, int) else grp.getgrnam(self.group).gr_gid
             os.chown(self.socket_path, -1, gid)
@@ -527,7 +590,7 @@ class ManagementService(Service):
 
 def make_management_service(
     reactor: Any, store: IResourceStore, socket_path: str, mode: int = 0o600,
-    group: str | int | None = None,
+    group: str | int | None = None, timeline: Any = None, server_logs: Any = None,
 ) -> IService:
     """The C{management} service: the management API on a UNIX socket, never on the network."""
-    return ManagementService(reactor, store, socket_path, mode, group)
+    return ManagementService(reactor, store, socket_path, mode, group, timeline, server_logs)

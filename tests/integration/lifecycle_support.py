@@ -79,6 +79,7 @@ class SideroProcess:
             "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
             "--api-port", str(self.port), "--http-port", str(self.port),
             "--disable-dhcp-proxy", "--disable-tftp",
+            "--metrics-port", str(free_tcp_port()), "--health-port", str(free_tcp_port()),
             "--talos-assets-url", "http://127.0.0.1:1",
             "--no-enable-leader-election", "--server-reboot-timeout", reboot_timeout,
             "--management-socket", self.socket, "--log-format", "json", *extra,

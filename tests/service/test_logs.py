@@ -89,9 +89,9 @@ class ObserverTests(SynchronousTestCase):
     def test_environment_factory(self) -> None:
         """twistd --logger=sidero.logs.observer honours SIDERO_LOG_FORMAT/LEVEL, tolerating junk."""
         observer = logs.observer({"SIDERO_LOG_FORMAT": "json", "SIDERO_LOG_LEVEL": "WARNING"})
-        writer = observer._observer  # type: ignore[attr-defined]
+        writer = observer.observer._observer  # type: ignore[attr-defined]
         self.assertIs(writer.formatter, logs.format_json)
-        self.assertIs(logs.observer({"SIDERO_LOG_FORMAT": "xml"})._observer.formatter,  # type: ignore[attr-defined]
+        self.assertIs(logs.observer({"SIDERO_LOG_FORMAT": "xml"}).observer._observer.formatter,  # type: ignore[attr-defined]
                       logs.format_text)
 
 

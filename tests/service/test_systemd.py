@@ -43,6 +43,14 @@ class UnitContentTests(SynchronousTestCase):
         self.assertIn("--pidfile=", argv)
         self.assertEqual(argv[argv.index("--pidfile=") + 1], "sidero")
 
+    def test_notify_and_watchdog(self) -> None:
+        """Type=notify from the main process (twistd), with a watchdog (sidero.systemd)."""
+        d = directives(unit_text())
+        self.assertEqual(d["Type"], ["notify"])
+        self.assertEqual(d["NotifyAccess"], ["main"])
+        self.assertEqual(len(d["WatchdogSec"]), 1)
+        self.assertTrue(d["WatchdogSec"][0].endswith("s"))
+
     def test_capabilities_and_families(self) -> None:
         """Bind below 1024, raw/bind-to-device and netlink admin; netlink and packet sockets."""
         d = directives(unit_text())

@@ -22,7 +22,8 @@ from sidero import tap
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import Host, Settings, resolve
 
-FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "management"]
+FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "management", "metrics",
+             "health"]
 
 
 def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
@@ -136,6 +137,8 @@ class BuildServiceTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.state_dir = self.mktemp()
+        # Under systemd (NOTIFY_SOCKET set) the tree gains a "systemd" child; not here.
+        self.patch(os, "environ", {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"})
 
     def names(self, service: MultiService) -> list[str]:
         return [str(child.name) for child in service]
@@ -260,6 +263,7 @@ class ServiceTreeLifecycleTests(TestCase):
         settings = settings_for(
             state_dir, "disable_dhcp_proxy", api_port=str(api_port),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
+            metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
         )
         root = tap.build_service(settings, global_reactor)
         root.exit_on_start_failure = False

@@ -37,6 +37,8 @@ class DHCPCounters:
     send_errors: int = 0
     errors: int = 0
     ignored: dict[str, int] = field(default_factory=lambda: dict.fromkeys(policy.IGNORE_REASONS, 0))
+    #: (offer|ack, client firmware) -> replies sent; firmware values are a closed enum.
+    replies_by_arch: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +108,8 @@ class DHCPProxyProtocol(DatagramProtocol):
     """One socket's worth of proxyDHCP: :67 (DISCOVER→OFFER) or :4011 (REQUEST→ACK)."""
 
     log = Logger()
+    #: an L{sidero.timeline.ITimeline} told of each reply (set by the service), or None.
+    timeline: Any = None
 
     def __init__(self, config: ProxyConfig, *, proxy_port: bool, clock: IReactorTime,
                  counters: DHCPCounters | None = None,
@@ -157,8 +161,20 @@ class DHCPProxyProtocol(DatagramProtocol):
             return
         if decision.message.message_type == codec.DHCPACK:
             self.counters.acks += 1
+            reply = "ack"
         else:
             self.counters.offers += 1
+            reply = "offer"
+        by_arch = self.counters.replies_by_arch
+        by_arch[(reply, decision.firmware.value)] = by_arch.get((reply, decision.firmware.value), 0) + 1
+        if self.timeline is not None:
+            from sidero.timeline import uuid_from_pxe_guid
+
+            self.timeline.record(
+                "dhcp-" + reply, source="dhcp", mac=msg.mac.hex(":"),
+                uuid=uuid_from_pxe_guid(msg.get(codec.OPT_CLIENT_UUID)),
+                ip=addr[0] if self.proxy_port and addr[0] != "0.0.0.0" else None,
+                arch=decision.firmware.value, boot_file=decision.bootfile, ipxe=decision.ipxe)
         self.log.debug(
             "DHCP proxy :{port} {kind} to {mac} ({firmware}, ipxe={ipxe}): {bootfile} -> {dest}",
             port=self.port_name, kind="ACK" if self.proxy_port else "OFFER",

@@ -128,6 +128,7 @@ class DHCPProxyService(MultiService):
                     proto = DHCPProxyProtocol(config, proxy_port=is_proxy, clock=self.reactor,
                                               counters=self.counters,
                                               rate_limit=self.rate_limit)
+                    proto.timeline = getattr(self, "timeline", None)
                     ports.append(self.reactor.adoptDatagramPort(
                         sock.fileno(), socket.AF_INET, proto, maxPacketSize=MAX_PACKET + 1))
                 finally:

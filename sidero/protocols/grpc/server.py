@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import copy
 import queue
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from typing import Any, Protocol, TypeVar
 
@@ -491,7 +491,9 @@ class AgentServicer(pb_grpc.AgentServicer):
         return self._call("UpdateBMCInfo", context, lambda: self.api.update_bmc_info(request))
 
 
-def make_grpc_server(servicer: AgentServicer, max_workers: int = 8) -> grpc.Server:
+def make_grpc_server(
+    servicer: AgentServicer, max_workers: int = 8, interceptors: Sequence[Any] = (),
+) -> grpc.Server:
     """An unstarted grpcio server carrying C{servicer}; the API port binds and starts it.
 
     SO_REUSEPORT is off so an ephemeral loopback port can never be shared with a stranger.
@@ -499,6 +501,7 @@ def make_grpc_server(servicer: AgentServicer, max_workers: int = 8) -> grpc.Serv
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-agent"),
         options=[("grpc.so_reuseport", 0)],
+        interceptors=list(interceptors),
     )
     pb_grpc.add_AgentServicer_to_server(servicer, server)
     return server

@@ -100,6 +100,8 @@ class BootSite:
 
     app = Klein()
     log = Logger()
+    #: an L{sidero.timeline.ITimeline} told of each /ipxe decision (set by the tap), or None.
+    timeline: Any = None
 
     def __init__(
         self,
@@ -135,6 +137,12 @@ class BootSite:
             **fields,
         )
 
+    def _timeline(self, request: IRequest, query: BootQuery, **details: Any) -> None:
+        if self.timeline is not None:
+            self.timeline.record(
+                "ipxe-decision", source="http", uuid=query.uuid or None, mac=query.mac or None,
+                ip=getattr(request.getClientAddress(), "host", None), arch=query.arch, **details)
+
     @app.route("/boot.ipxe", methods=["GET", "HEAD"])
     def boot_ipxe(self, request: IRequest) -> bytes:
         self._log_request(request)
@@ -148,12 +156,15 @@ class BootSite:
             response = decide(query, self.lookup, self.settings)
         except LookupFailed as e:
             self._log_request(request, uuid=query.uuid, decision="lookup failed", error=str(e))
+            self._timeline(request, query, decision="lookup failed", status=500, error=str(e))
             request.setResponseCode(500)
             return b""
         self._log_request(
             request, uuid=query.uuid, mac=query.mac, arch=query.arch,
             decision=response.decision, environment=response.environment, status=response.status,
         )
+        self._timeline(request, query, decision=response.decision, status=response.status,
+                       environment=response.environment)
         request.setResponseCode(response.status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return response.body

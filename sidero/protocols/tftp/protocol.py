@@ -64,6 +64,7 @@ class TFTPStats:
     send_errors: int = 0
     internal_errors: int = 0
     bytes_sent: int = 0
+    retransmits: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
@@ -134,6 +135,8 @@ class TFTPProtocol(DatagramProtocol):
 
     log = Logger()
     noisy = False
+    #: an L{sidero.timeline.ITimeline} told of each finished transfer, or None.
+    timeline: Any = None
 
     def __init__(
         self,
@@ -350,6 +353,12 @@ class TFTPProtocol(DatagramProtocol):
                 tid.port.stopListening()
         self.stats.outcomes[outcome.value] += 1
         self.stats.bytes_sent += session.bytes_sent
+        self.stats.retransmits += session.retransmits
+        if self.timeline is not None:
+            self.timeline.record(
+                "tftp", source="tftp", ip=str(session.peer[0]), file=session.request.filename,
+                outcome=outcome.value, bytes=session.bytes_sent, size=session.size,
+                seconds=round(self.clock.seconds() - session.started, 3), blksize=session.blksize)
         if outcome is Outcome.COMPLETE:
             self.log.info(
                 "TFTP sent {filename!r} ({size} bytes) to {peer} in {seconds:.3f}s",

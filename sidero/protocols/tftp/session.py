@@ -195,6 +195,7 @@ class ReadSession:
         self._deadline = 0.0
         self._reading = False
         self.bytes_sent = 0
+        self.retransmits = 0  # resends (timer or a repeated request), for metrics
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -350,6 +351,7 @@ class ReadSession:
 
     def resend(self) -> None:
         """Send the current packet again (if there is one yet)."""
+        self.retransmits += 1
         if self.state is State.OACK_SENT:
             self._send(self._oack)
         elif self.state is State.SENDING:
@@ -391,6 +393,7 @@ class ReadSession:
             )
             self._finish(Outcome.TIMEOUT, (ErrorCode.NOT_DEFINED, "Timed out"))
             return
+        self.retransmits += 1
         if self.state is State.OACK_SENT:
             self._send(self._oack)
         elif self.state is State.SENDING:

@@ -56,6 +56,9 @@ class ReplyTests(SynchronousTestCase):
         self.assertEqual(m.message_type, codec.DHCPOFFER)
         self.assertEqual(m.xid, p.XID)
         self.assertEqual(proto.counters.offers, 1)
+        ((reply, arch), count), = proto.counters.replies_by_arch.items()
+        self.assertEqual((reply, count), ("offer", 1))
+        self.assertIn("efi", arch)
 
     def test_proxy_request_acked_to_source(self) -> None:
         """A :4011 REQUEST is ACKed back to its source address and port."""

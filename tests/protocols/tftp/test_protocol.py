@@ -180,6 +180,7 @@ class TransferTests(SynchronousTestCase):
         self.assertEqual(h.packets(), [Error(ErrorCode.NOT_DEFINED, "Timed out")])
         self.assertEqual(h.protocol.active, 0)
         self.assertEqual(h.protocol.stats.outcomes["timeout"], 1)
+        self.assertEqual(h.protocol.stats.retransmits, 3)  # the fourth silence gave up
         self.assertEqual(h.clock.getDelayedCalls(), [])
         self.assertTrue(h.assets.readers[0].closed)
 
