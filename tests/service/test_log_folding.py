@@ -21,10 +21,12 @@ from twisted.web.server import Site
 
 from sidero import logs
 from sidero.api.registry import SERVER
-from sidero.controllers.informer import Backoff, Informer
+from sidero.backoff import Backoff
+from sidero.controllers.informer import Informer
 from sidero.k8s import client as kc
 from sidero.store.errors import Unavailable
-from tests.controllers.fakestore import FakeStore
+from tests.store.flaky import FlakyStore
+from tests.store.inline import open_inline_store
 
 
 def legacy(text: str) -> dict[str, Any]:
@@ -195,7 +197,7 @@ class InformerOutageTests(SynchronousTestCase):
     def test_once_per_outage(self) -> None:
         """Five failed retries: one error, debug lines after it, one info on reconnect."""
         clock = Clock()
-        store = FakeStore()
+        store = FlakyStore(open_inline_store(self)[0])
         informer = Informer(store, SERVER, clock=clock, backoff=Backoff(1, 2, 8, 0.5),
                             random=lambda: 0.0)
         with capturedLogs() as events:
