@@ -253,14 +253,19 @@ def deployment_args() -> list[str]:
     return [*FIXED_ARGS, *(f"{setting.flag}={var(env, default)}" for env, setting, default in installation_variables())]
 
 
+HEALTH_PORT = 9440
+METRICS_PORT = 8443
+
+
 def _port_var(name: str) -> str:
     return var(name, variable_default(name))
 
 
 def deployment() -> Object:
     http_port = _port_var(CM + "CONTAINER_API_PORT")
-    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "initialDelaySeconds": 15, "periodSeconds": 20}
-    ready = {"httpGet": {"path": "/readyz", "port": "http"}, "initialDelaySeconds": 5, "periodSeconds": 10}
+    # controller-runtime's probe server and metrics ports (--health-port, --metrics-port defaults).
+    probe = {"httpGet": {"path": "/healthz", "port": "healthz"}, "initialDelaySeconds": 15, "periodSeconds": 20}
+    ready = {"httpGet": {"path": "/readyz", "port": "healthz"}, "initialDelaySeconds": 5, "periodSeconds": 10}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -297,6 +302,8 @@ def deployment() -> Object:
                             {"name": "siderolink", "containerPort": _port_var(CM + "SIDEROLINK_PORT"),
                              "protocol": "UDP"},
                             {"name": "webhook", "containerPort": WEBHOOK_PORT, "protocol": "TCP"},
+                            {"name": "healthz", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+                            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
                         ],
                         "livenessProbe": probe,
                         "readinessProbe": ready,

@@ -188,8 +188,10 @@ class ComponentsTests(TestCase):
                 if env.startswith(cm):
                     self.assertTrue(any(f"${{{env}:=" in a for a in raw_args), env)
         probes = {k: container[k]["httpGet"] for k in ("livenessProbe", "readinessProbe")}
-        self.assertEqual(probes, {"livenessProbe": {"path": "/healthz", "port": "http"},
-                                  "readinessProbe": {"path": "/readyz", "port": "http"}})
+        self.assertEqual(probes, {"livenessProbe": {"path": "/healthz", "port": "healthz"},
+                                  "readinessProbe": {"path": "/readyz", "port": "healthz"}})
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        self.assertEqual((ports["healthz"], ports["metrics"]), (9440, 8443))
         ports = {p["name"]: p for p in container["ports"]}
         self.assertEqual(ports["http"]["containerPort"], 8081)
         env = {e["name"]: e for e in container["env"]}
