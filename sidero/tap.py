@@ -263,15 +263,50 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
 
 
 def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.protocols.http.ipxe import boot_script
     from sidero.protocols.tftp.service import make_tftp_service
 
     os.makedirs(settings.tftp_roots[0], exist_ok=True)
+    script = boot_script(settings.api_endpoint, settings.api_port)
+    _install_ipxe_binaries(settings, script)
     return make_tftp_service(
         context.reactor,
         roots=list(settings.tftp_roots),
         port=settings.tftp_port,
         interface=settings.listen_address,
+        chain_script=script,
+        fatal_bind=_is_root(),
     )
+
+
+def _is_root() -> bool:
+    """Binding 67/4011/69 as root must work: a failure then is fatal, not a half-start."""
+    return os.geteuid() == 0
+
+
+def _install_ipxe_binaries(settings: Settings, script: bytes) -> None:
+    """Patch Sidero-style builds from C{<state-dir>/ipxe} (spec 3.3) and log where each iPXE
+    binary served comes from; runs before the reactor (nothing is served yet)."""
+    from sidero.protocols import bootfiles
+
+    source = os.path.join(settings.state_dir, "ipxe")
+    try:
+        installed = bootfiles.install_patched(source, settings.tftp_roots[0], script)
+    except (bootfiles.PatchError, OSError) as e:
+        raise StartupError(f"iPXE binaries in {source}: {e}") from e
+    found = bootfiles.locate(settings.tftp_roots)
+    for name, path in found.items():
+        if name in installed.files:
+            log.info("iPXE {name}: {source} with the chain script embedded", name=name,
+                     source=installed.files[name])
+        elif path is not None:
+            log.info("iPXE {name}: {path} (stock build: iPXE clients get the chain script)",
+                     name=name, path=path)
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        log.warn("iPXE binaries not found for {names} in {roots}: install Debian's ipxe package"
+                 " (scripts/run does) or put builds in --ipxe-dir", names=", ".join(missing),
+                 roots=", ".join(settings.tftp_roots))
 
 
 def _make_http(settings: Settings, context: AppContext) -> IService | None:
