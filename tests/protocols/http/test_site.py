@@ -93,6 +93,23 @@ class SiteTests(TestCase):
         response, _ = await self.fetch("GET", "/tftp/%2e%2e/env/default/vmlinuz")
         self.assertEqual(response.code, 404)
 
+    async def test_tftp_sidero_names_and_ipxe_script(self) -> None:
+        """/tftp/ answers Sidero's names from Debian's files; iPXE asking for one gets the
+        chain script (UEFI HTTP boot whose iPXE is handed the same URL again)."""
+        with open(os.path.join(self.tmp, "debian", "snponly.efi"), "wb") as f:
+            f.write(b"debian-snp")
+        _, body = await self.fetch("GET", "/tftp/snp.efi")
+        self.assertEqual(body, b"debian-snp")
+        _, body = await self.fetch("GET", "/tftp/undionly.kpxe.0")
+        self.assertEqual(body, b"debian-kpxe")
+        response, body = await self.fetch(
+            "GET", "/tftp/snp.efi", headers={"User-Agent": "iPXE/1.21.1+ (g8b4e)"})
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body.startswith(b"#!ipxe\n"))
+        self.assertIn(b"http://127.0.0.1:8081/ipxe?uuid=${uuid}", body)
+        _, body = await self.fetch("GET", "/tftp/ipxe.efi", headers={"User-Agent": "UefiHttpBoot/1.0"})
+        self.assertEqual(body, b"operator")
+
     async def test_unknown_path_is_go_404(self) -> None:
         """Unknown paths answer Go's `404 page not found`."""
         response, body = await self.fetch("GET", "/nothing-here")
