@@ -243,7 +243,7 @@ def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
     return make_webhook_service(
         context.reactor, Admission(), port=settings.webhook_port, interface=settings.listen_address,
         cert_dir=settings.webhook_cert_dir, hosts=hosts, pool=context.pools["k8s"],
-        tls_min_version=settings.tls_min_version,
+        tls_min_version=settings.tls_min_version, tls_cipher_suites=settings.tls_cipher_suites,
         api_client=context.store.api_client if settings.webhook_register else None,
         endpoint=WebhookEndpoint(url=settings.webhook_url) if settings.webhook_register else None,
     )
