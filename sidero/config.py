@@ -429,7 +429,7 @@ SETTINGS: tuple[Setting, ...] = (
           False, "Metrics over plain HTTP without authentication (Cluster API's"
           " --insecure-diagnostics)."),
     Setting(
-        "tls_cipher_suites", (CM + "TLS_CIPHER_SUITES",), "", parse_cipher_suites,
+        "tls_cipher_suites", (_own("tls_cipher_suites"),), "", parse_cipher_suites,
         "comma-separated Go cipher suite names (e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)",
         "TLS 1.2 cipher suites the webhook server offers; TLS 1.3 suites are fixed, as in Go.",
         default_doc="the TLS library's defaults",
