@@ -176,6 +176,16 @@ def parse_interface(text: str) -> str:
     return text
 
 
+def parse_interfaces(text: str) -> str:
+    """Comma-separated interface names (each as L{parse_interface}), or C{*} for all."""
+    if text.strip() == "*":
+        return "*"
+    names = [parse_interface(item.strip()) for item in text.split(",")]
+    if any(not n for n in names) and text:
+        raise ValueError(text)
+    return ",".join(names)
+
+
 def parse_path(text: str) -> str:
     if "\0" in text:
         raise ValueError(text)
@@ -495,8 +505,10 @@ SETTINGS: tuple[Setting, ...] = (
     _port("dhcp_port", (_own("dhcp_port"),), "67", "DHCP proxy UDP port."),
     _port("dhcp_proxy_port", (_own("dhcp_proxy_port"),), "4011", "PXE proxyDHCP (BINL) UDP port."),
     Setting(
-        "dhcp_interface", (_own("dhcp_interface"),), "", parse_interface, "an interface name",
-        "Interface the DHCP proxy binds to.",
+        "dhcp_interface", (_own("dhcp_interface"),), "", parse_interfaces,
+        "interface names separated by commas, or * for every interface with IPv4",
+        "Interfaces the DHCP proxy serves; each network is answered with that interface's"
+        " own address (the API endpoint's where it owns it).",
         default_doc="the interface owning the API endpoint address",
     ),
     Setting(

@@ -259,6 +259,7 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         interface=settings.dhcp_interface or None,
         dhcp_port=settings.dhcp_port,
         proxy_port=settings.dhcp_proxy_port,
+        fatal=_is_root(),
     )
 
 

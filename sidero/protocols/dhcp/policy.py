@@ -120,7 +120,11 @@ def vendor_class(msg: DHCPMessage) -> bytes:
 
 
 def is_pxe(msg: DHCPMessage) -> bool:
-    """PXE ROMs and UEFI HTTP boot identify themselves in option 60."""
+    """A network-boot client: option 93 (client architecture), as the Go proxy takes it, or
+    an option 60 starting with PXEClient/HTTPClient. Some NIC ROMs and HTTP-boot firmwares
+    send 93 without an exact option 60."""
+    if msg.has(codec.OPT_CLIENT_ARCH):
+        return True
     vc = vendor_class(msg)
     return vc.startswith(b"PXEClient") or vc.startswith(b"HTTPClient")
 

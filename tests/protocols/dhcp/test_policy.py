@@ -158,6 +158,21 @@ class ScopeTests(SynchronousTestCase):
         d = policy.decide(codec.decode(p.PLAIN_DISCOVER), CFG, proxy_port=False)
         self.assertEqual(d, Ignore(policy.NOT_PXE))
 
+    def test_option_93_without_option_60_answered(self) -> None:
+        """As the Go proxy: option 93 is enough, whatever option 60 says (or without it)."""
+        import struct
+
+        base = (p.opt(53, b"\x01") + p.opt(93, struct.pack("!H", 7)) + p.opt(97, p.GUID))
+        for vendor in (b"", b"pxeclient", b"Broadcom-ROM"):
+            raw = p.bootp(base + (p.opt(60, vendor) if vendor else b""))
+            r = offer(raw)
+            self.assertEqual((r.firmware, r.message.get(codec.OPT_BOOTFILE)),
+                             (Firmware.X86_EFI, b"snp.efi"), vendor)
+            self.assertEqual(r.message.get(codec.OPT_VENDOR_CLASS), b"PXEClient")
+        http = p.bootp(p.opt(53, b"\x01") + p.opt(93, struct.pack("!H", 16)))
+        self.assertEqual(offer(http).message.get(codec.OPT_BOOTFILE),
+                         b"http://10.213.0.2:8081/tftp/snp.efi")
+
     def test_site_request_ignored(self) -> None:
         """The REQUEST on :67 for the site server's lease is not ours."""
         d = policy.decide(codec.decode(p.EDK2_SITE_REQUEST), CFG, proxy_port=False)
