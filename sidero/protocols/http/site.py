@@ -177,6 +177,8 @@ class BootSite:
             request, uuid=query.uuid, mac=query.mac, arch=query.arch,
             decision=response.decision, environment=response.environment, status=response.status,
         )
+        if response.event is not None and self.events is not None:
+            self.events.warning(response.event.obj, response.event.reason, response.event.message)
         request.setResponseCode(response.status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return response.body

@@ -17,6 +17,14 @@ from tests.protocols.http.test_ipxe import UUID, DictLookup, binding, ready_env,
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
 
+class RecordedEvents:
+    def __init__(self) -> None:
+        self.recorded: list[tuple[dict[str, Any], str, str]] = []
+
+    def warning(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        self.recorded.append((obj, reason, message))
+
+
 class SiteTests(TestCase):
     def setUp(self) -> None:
         self.tmp = self.mktemp()
@@ -33,9 +41,10 @@ class SiteTests(TestCase):
             f.write(b"debian-kpxe")
         self.lookup = DictLookup(servers={}, bindings={}, classes={},
                                  environments={"default": ready_env("default", [])})
+        self.events = RecordedEvents()
         site = BootSite(
             self.lookup, BootSettings("127.0.0.1", 8081, siderolink_server_address="fdae::1"), os.path.join(self.tmp, "env"),
-            [os.path.join(self.tmp, "own"), os.path.join(self.tmp, "debian")],
+            [os.path.join(self.tmp, "own"), os.path.join(self.tmp, "debian")], events=self.events,
         )
         self.port = reactor.listenTCP(0, Site(site.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(self.port.stopListening)
@@ -60,6 +69,17 @@ class SiteTests(TestCase):
         self.lookup.kinds["bindings"][UUID] = binding(None)
         response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}")
         self.assertIn(b"kernel /env/default/vmlinuz", body)
+
+    async def test_ipxe_error_events_recorded(self) -> None:
+        """An /ipxe answer that needs the operator is recorded as a Warning Event on the Server."""
+        self.lookup.kinds["servers"][UUID] = server(
+            conditions=[{"type": "PXEBooted", "status": "True"}])
+        self.lookup.kinds["bindings"][UUID] = binding("gone")
+        response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}")
+        self.assertEqual(response.code, 500)
+        self.assertIn(b'serverclass "gone"', body)
+        self.assertEqual([(o["metadata"]["name"], r) for o, r, _ in self.events.recorded],
+                         [(UUID, "BootFromDiskFailed")])
 
     async def test_ipxe_lookup_failure_is_500(self) -> None:
         """A failing lookup answers 500 with an empty body."""
