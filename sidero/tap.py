@@ -286,28 +286,35 @@ def _is_root() -> bool:
 
 
 def _install_ipxe_binaries(settings: Settings, script: bytes) -> None:
-    """Patch Sidero-style builds from C{<state-dir>/ipxe} (spec 3.3) and log where each iPXE
-    binary served comes from; runs before the reactor (nothing is served yet)."""
+    """Put every iPXE binary the Go Sidero serves into C{<state-dir>/tftp}: Sidero-style builds
+    from C{<state-dir>/ipxe} patched with the chain script (spec 3.3), else copies of the stock
+    builds of C{--ipxe-dir} and Debian's C{/usr/lib/ipxe}; log where each came from.  Runs
+    before the reactor (nothing is served yet)."""
     from sidero.protocols import bootfiles
 
     source = os.path.join(settings.state_dir, "ipxe")
+    tftp_dir = settings.tftp_roots[0]
     try:
-        installed = bootfiles.install_patched(source, settings.tftp_roots[0], script)
+        patched = bootfiles.install_patched(source, tftp_dir, script).files
+        copied = bootfiles.install_stock(settings.ipxe_search_path, tftp_dir, skip=list(patched))
     except (bootfiles.PatchError, OSError) as e:
-        raise StartupError(f"iPXE binaries in {source}: {e}") from e
+        raise StartupError(f"iPXE binaries for {tftp_dir}: {e}") from e
     found = bootfiles.locate(settings.tftp_roots)
-    for name, path in found.items():
-        if name in installed.files:
+    for name in bootfiles.SERVED_NAMES:
+        if name in patched:
             log.info("iPXE {name}: {source} with the chain script embedded", name=name,
-                     source=installed.files[name])
-        elif path is not None:
-            log.info("iPXE {name}: {path} (stock build: iPXE clients get the chain script)",
-                     name=name, path=path)
+                     source=patched[name])
+        elif name in copied:
+            log.info("iPXE {name}: {source} (stock build: iPXE clients get the chain script)",
+                     name=name, source=copied[name])
+        elif found[name] is not None:
+            log.info("iPXE {name}: {source}", name=name, source=found[name])
     missing = [name for name, path in found.items() if path is None]
     if missing:
         log.warn("iPXE binaries not found for {names} in {roots}: install Debian's ipxe package"
-                 " (scripts/run does) or put builds in --ipxe-dir", names=", ".join(missing),
-                 roots=", ".join(settings.tftp_roots))
+                 " (scripts/run does; Debian 12 has no arm64 build, Debian 13's ships"
+                 " ipxe-arm64.efi) or put builds in --ipxe-dir", names=", ".join(missing),
+                 roots=", ".join(settings.ipxe_search_path))
 
 
 def _make_http(settings: Settings, context: AppContext) -> IService | None:

@@ -220,6 +220,37 @@ def install_patched(source_dir: str, tftp_dir: str, script: bytes,
     return Installed(written)
 
 
+def install_stock(search: Sequence[str], tftp_dir: str, skip: Sequence[str] = ()) -> dict[str, str]:
+    """Copy the stock build for each served name (first directory, first alias) into
+    C{tftp_dir} under Sidero's name; returns served name -> the file it came from.
+
+    Copies, not links: Debian's C{/usr/lib/ipxe/ipxe.efi} is a symlink to C{/boot}, which the
+    TFTP server (rightly) refuses to follow out of its root, and the TFTP directory then
+    holds every name the Go Sidero serves, as there. A copy is rewritten only when it differs.
+    """
+    copied: dict[str, str] = {}
+    os.makedirs(tftp_dir, exist_ok=True)
+    for name in SERVED_NAMES:
+        if name in skip:
+            continue
+        source = next((os.path.join(root, c) for root in search for c in candidates(name)
+                       if os.path.isfile(os.path.join(root, c))), None)
+        if source is None:
+            continue
+        with open(source, "rb") as f:
+            data = f.read()
+        target = os.path.join(tftp_dir, name)
+        try:
+            with open(target, "rb") as f:
+                same = f.read() == data
+        except OSError:
+            same = False
+        if not same:
+            _write_atomic(tftp_dir, name, data)
+        copied[name] = os.path.realpath(source)
+    return copied
+
+
 def locate(roots: Sequence[str]) -> dict[str, str | None]:
     """Served name -> the file that answers it (first root, first alias), or None."""
     found: dict[str, str | None] = {}

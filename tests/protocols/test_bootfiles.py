@@ -151,6 +151,33 @@ class PatchTests(SynchronousTestCase):
             bootfiles.run_zbin("/nonexistent/zbin")("a", "b")
 
 
+class StockTests(SynchronousTestCase):
+    def test_install_stock_copies_under_sidero_names(self) -> None:
+        """Debian's layout (ipxe.efi a symlink out of the directory) lands as real files under
+        every name; an unchanged copy is not rewritten; patched names are skipped."""
+        outside, debian, tftp = self.mktemp(), self.mktemp(), self.mktemp()
+        os.makedirs(outside)
+        os.makedirs(debian)
+        with open(os.path.join(outside, "ipxe.efi"), "wb") as f:
+            f.write(b"efi build")
+        os.symlink(os.path.join(os.path.abspath(outside), "ipxe.efi"), os.path.join(debian, "ipxe.efi"))
+        for name in ("snponly.efi", "undionly.kpxe"):
+            with open(os.path.join(debian, name), "wb") as f:
+                f.write(name.encode())
+        copied = bootfiles.install_stock([debian], tftp, skip=["undionly.kpxe.0"])
+        self.assertEqual(sorted(copied), ["ipxe.efi", "snp.efi", "undionly.kpxe"])
+        self.assertEqual(copied["ipxe.efi"], os.path.realpath(os.path.join(outside, "ipxe.efi")))
+        self.assertFalse(os.path.islink(os.path.join(tftp, "ipxe.efi")))
+        with open(os.path.join(tftp, "ipxe.efi"), "rb") as f:
+            self.assertEqual(f.read(), b"efi build")
+        with open(os.path.join(tftp, "snp.efi"), "rb") as f:
+            self.assertEqual(f.read(), b"snponly.efi")
+        before = os.stat(os.path.join(tftp, "snp.efi")).st_ino
+        bootfiles.install_stock([debian], tftp)
+        self.assertEqual(os.stat(os.path.join(tftp, "snp.efi")).st_ino, before)
+        self.assertTrue(os.path.isfile(os.path.join(tftp, "undionly.kpxe.0")))
+
+
 class FatalBindTests(SynchronousTestCase):
     def test_fatal_bind_raises_one_line(self) -> None:
         """As root, a port that cannot be bound stops start-up with one line."""
