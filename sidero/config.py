@@ -176,6 +176,16 @@ def parse_interface(text: str) -> str:
     return text
 
 
+def parse_interfaces(text: str) -> str:
+    """Comma-separated interface names (each as L{parse_interface}), or C{*} for all."""
+    if text.strip() == "*":
+        return "*"
+    names = [parse_interface(item.strip()) for item in text.split(",")]
+    if any(not n for n in names) and text:
+        raise ValueError(text)
+    return ",".join(names)
+
+
 def parse_path(text: str) -> str:
     if "\0" in text:
         raise ValueError(text)
@@ -224,10 +234,69 @@ def _parse_tls_version(text: str) -> str:
 
 
 def _parse_level(text: str) -> str:
+    """A level name, or a klog verbosity (C{-v}): 0-3 are info, 4 and more debug."""
     lowered = text.lower()
     if lowered == "warning":
         return "warn"
+    if re.fullmatch(r"[0-9]{1,2}", lowered):
+        return "debug" if int(lowered) >= 4 else "info"
     return choice("debug", "info", "warn", "error", "critical")(lowered)
+
+
+#: Go crypto/tls cipher suite names (as component-base's --tls-cipher-suites takes them) ->
+#: OpenSSL names. TLS 1.3 suites are accepted and, as in Go, not configurable.
+GO_CIPHER_SUITES: dict[str, str | None] = {
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256": "AES128-SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA": "DES-CBC3-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA": "ECDHE-RSA-DES-CBC3-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": "ECDHE-ECDSA-AES128-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": "ECDHE-RSA-AES128-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_AES_128_GCM_SHA256": None,
+    "TLS_AES_256_GCM_SHA384": None,
+    "TLS_CHACHA20_POLY1305_SHA256": None,
+}
+
+
+def parse_cipher_suites(text: str) -> tuple[str, ...]:
+    """Comma-separated Go cipher suite names (empty: the TLS library's defaults), kept as given."""
+    names = tuple(item.strip() for item in text.split(",") if item.strip())
+    for name in names:
+        if name not in GO_CIPHER_SUITES:
+            raise ValueError(name)
+    return names
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """Go's C{host:port} listen address (C{:8443}, C{0.0.0.0:8443}, C{[::]:9440}) as
+    (IP address or "" for all, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if host in ("", "0.0.0.0", "::"):
+        address = "" if host == "" else host
+    elif host == "localhost":
+        address = "127.0.0.1"
+    else:
+        address = str(ipaddress.ip_address(host))
+    return address, parse_port(port)
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -289,8 +358,9 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _port("api_port", (CM + "API_PORT",), "8081",
           "External TCP port of the HTTP/gRPC endpoint, used in every URL handed out."),
-    _port("http_port", (_own("http_port"), CM + "CONTAINER_API_PORT"), "",
-          "TCP port the HTTP/gRPC server binds.", default_doc="the API port"),
+    _port("http_port", (_own("http_port"), CM + "CONTAINER_API_PORT"), "8081",
+          "TCP port the HTTP/gRPC server binds (independent of the API port: behind NAT or a"
+          " load balancer the two differ)."),
     Setting(
         "siderolink_endpoint", (CM + "SIDEROLINK_ENDPOINT",), "", parse_host,
         "a host name or IP address, or - for the default",
@@ -355,6 +425,25 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     _port("metrics_port", (_own("metrics_port"),), "8443", "Prometheus metrics port."),
     _port("health_port", (_own("health_port"),), "9440", "Health/readiness probe port."),
+    Setting(
+        "metrics_address", (_own("metrics_address"),), "", parse_listen_address,
+        "an IP address, or empty for all", "Address the metrics server binds.",
+        default_doc="the listen address",
+    ),
+    Setting(
+        "health_address", (_own("health_address"),), "", parse_listen_address,
+        "an IP address, or empty for all", "Address the health/readiness probe server binds.",
+        default_doc="the listen address",
+    ),
+    _bool("insecure_diagnostics", (_own("insecure_diagnostics"), "CAPI_INSECURE_DIAGNOSTICS"),
+          False, "Metrics over plain HTTP without authentication (Cluster API's"
+          " --insecure-diagnostics)."),
+    Setting(
+        "tls_cipher_suites", (_own("tls_cipher_suites"),), "", parse_cipher_suites,
+        "comma-separated Go cipher suite names (e.g. TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256)",
+        "TLS 1.2 cipher suites the webhook server offers; TLS 1.3 suites are fixed, as in Go.",
+        default_doc="the TLS library's defaults",
+    ),
     # Settings of this implementation.
     Setting(
         "leader_election_namespace", (_own("leader_election_namespace"), "POD_NAMESPACE"),
@@ -416,8 +505,10 @@ SETTINGS: tuple[Setting, ...] = (
     _port("dhcp_port", (_own("dhcp_port"),), "67", "DHCP proxy UDP port."),
     _port("dhcp_proxy_port", (_own("dhcp_proxy_port"),), "4011", "PXE proxyDHCP (BINL) UDP port."),
     Setting(
-        "dhcp_interface", (_own("dhcp_interface"),), "", parse_interface, "an interface name",
-        "Interface the DHCP proxy binds to.",
+        "dhcp_interface", (_own("dhcp_interface"),), "", parse_interfaces,
+        "interface names separated by commas, or * for every interface with IPv4",
+        "Interfaces the DHCP proxy serves; each network is answered with that interface's"
+        " own address (the API endpoint's where it owns it).",
         default_doc="the interface owning the API endpoint address",
     ),
     Setting(
@@ -451,6 +542,80 @@ SETTINGS: tuple[Setting, ...] = (
 SETTINGS_BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
 
 
+# --- the Go manifests' flags -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GoFlag:
+    """A flag the Go managers' Deployments pass (spec 3.13), accepted with the same meaning.
+
+    @ivar flag: as the manifests spell it.
+    @ivar translate: raw text -> {setting name: raw text} (several settings for a host:port),
+        raising ValueError for a bad value; an empty mapping means "accepted, no effect".
+    """
+
+    flag: str
+    translate: Callable[[str], dict[str, str]]
+    accepted: str
+    meaning: str
+
+    @property
+    def attribute(self) -> str:
+        return "opt_" + self.flag.lstrip("-").replace("-", "_")
+
+
+def _to(name: str, parse: Callable[[str], Any] | None = None) -> Callable[[str], dict[str, str]]:
+    def translate(text: str) -> dict[str, str]:
+        (parse or SETTINGS_BY_NAME[name].parse)(text)
+        return {name: text}
+
+    return translate
+
+
+def _listen(port_setting: str, address_setting: str, disable: str | None = None,
+            ) -> Callable[[str], dict[str, str]]:
+    def translate(text: str) -> dict[str, str]:
+        if text.strip() == "0" and disable is not None:
+            return {disable: "true"}  # controller-runtime: a bind address of 0 turns it off
+        address, port = parse_host_port(text.strip())
+        return {port_setting: str(port), address_setting: address}
+
+    return translate
+
+
+def _ignored(parse: Callable[[str], Any]) -> Callable[[str], dict[str, str]]:
+    def translate(text: str) -> dict[str, str]:
+        parse(text)
+        return {}
+
+    return translate
+
+
+GO_FLAGS: tuple[GoFlag, ...] = (
+    GoFlag("--test-power-simulated-explicit-failure-prob", _to("test_power_explicit_failure"),
+           "a probability from 0 to 1", "`--test-power-explicit-failure`"),
+    GoFlag("--test-power-simulated-silent-failure-prob", _to("test_power_silent_failure"),
+           "a probability from 0 to 1", "`--test-power-silent-failure`"),
+    GoFlag("--diagnostics-address", _listen("metrics_port", "metrics_address", "disable_metrics"),
+           "host:port (e.g. :8443), or 0 for no metrics", "`--metrics-port` and `--metrics-address`"),
+    GoFlag("--metrics-bind-addr", _listen("metrics_port", "metrics_address", "disable_metrics"),
+           "host:port (e.g. :8080), or 0 for no metrics", "`--metrics-port` and `--metrics-address`"),
+    GoFlag("--metrics-bind-address", _listen("metrics_port", "metrics_address", "disable_metrics"),
+           "host:port (e.g. :8080), or 0 for no metrics", "`--metrics-port` and `--metrics-address`"),
+    GoFlag("--health-addr", _listen("health_port", "health_address"),
+           "host:port (e.g. :9440)", "`--health-port` and `--health-address`"),
+    GoFlag("--health-probe-bind-address", _listen("health_port", "health_address"),
+           "host:port (e.g. :9440)", "`--health-port` and `--health-address`"),
+    GoFlag("-v", _to("log_level"), "a klog verbosity from 0 (4 and more: debug)",
+           "`--log-level` (0-3 info, 4+ debug)"),
+    GoFlag("--logging-format", _to("log_format"), "text or json", "`--log-format`"),
+    GoFlag("--log-flush-frequency", _ignored(parse_duration), "a Go duration",
+           "nothing: every log line is written at once"),
+)
+
+GO_FLAGS_BY_ATTRIBUTE: dict[str, GoFlag] = {g.attribute: g for g in GO_FLAGS}
+
+
 # --- resolved settings -----------------------------------------------------------------------
 
 
@@ -482,6 +647,10 @@ class Settings:
     tls_min_version: str = "VersionTLS12"
     metrics_port: int = 8443
     health_port: int = 9440
+    metrics_address: str = ""
+    health_address: str = ""
+    insecure_diagnostics: bool = False
+    tls_cipher_suites: tuple[str, ...] = ()
     leader_election_namespace: str = "sidero-system"
     leader_election_lease_duration: float = 15.0
     leader_election_renew_deadline: float = 10.0
@@ -593,6 +762,16 @@ def _raw_value(
     return setting.default, "default"
 
 
+def _explicitly_empty(setting: Setting, flags: Mapping[str, str], environ: Mapping[str, str]) -> bool:
+    """Whether the flag was given empty (or C{-}), or a variable was set to C{-}.
+
+    An empty variable still means "not set" (environment files keep blank lines).
+    """
+    if setting.name in flags and flags[setting.name].strip() in ("", "-"):
+        return True
+    return any(environ.get(v, "").strip() == "-" for v in setting.env)
+
+
 def resolve(
     flags: Mapping[str, str], environ: Mapping[str, str], host: Host | None = None
 ) -> Resolution:
@@ -616,6 +795,12 @@ def resolve(
         except ValueError:
             raise ConfigError(setting.flag, text, source, setting.accepted) from None
 
+    if values["api_endpoint"] is None and _explicitly_empty(SETTINGS_BY_NAME["api_endpoint"],
+                                                          flags, environ):
+        # The Go manager's rule (spec 3.13): an empty --api-endpoint (or -) needs API_ENDPOINT.
+        raise StartupError(
+            "--api-endpoint is empty and API_ENDPOINT is not set: set one to the address servers"
+            " use to reach sidero")
     if values["api_endpoint"] is None:
         host = host or Host.current()
         chosen = netinfo.choose_endpoint(host.addresses())
@@ -628,8 +813,6 @@ def resolve(
         sources["api_endpoint"] = "chosen"
         notes.append(Note("info", "API endpoint {endpoint} chosen: {reason}",
                           {"endpoint": str(chosen.address), "reason": chosen.reason}))
-    if values["http_port"] is None:
-        values["http_port"] = values["api_port"]
     if not values["siderolink_endpoint"]:
         values["siderolink_endpoint"] = values["api_endpoint"]
     if not values["webhook_url"]:
@@ -667,6 +850,11 @@ def resolve(
     for name in ("kubeconfig", "ipxe_dir", "dhcp_interface", "listen_address"):
         if values[name] is None:
             values[name] = ""
+    for name in ("metrics_address", "health_address"):
+        if values[name] is None:
+            values[name] = values["listen_address"]
+    if values["tls_cipher_suites"] is None:
+        values["tls_cipher_suites"] = ()
 
     if values["store"] == "auto":
         if values["kubeconfig"]:
@@ -695,7 +883,8 @@ def _help_text(setting: Setting) -> str:
 
 
 def rewrite_go_booleans(argv: Sequence[str]) -> list[str]:
-    """Turn Go-style C{--flag=true|false} into C{--flag} / C{--no-flag} for getopt.
+    """Turn Go-style flags into what getopt takes: C{--flag=true|false} into C{--flag} /
+    C{--no-flag}, and klog's C{--v=4}, C{--v 4} and C{-v=4} into C{-v 4}.
 
     @raise ConfigError: the value after C{=} is not a boolean.
     """
@@ -704,6 +893,12 @@ def rewrite_go_booleans(argv: Sequence[str]) -> list[str]:
     for index, arg in enumerate(argv):
         if arg == "--":
             return result + list(argv[index:])
+        if arg == "--v":
+            result.append("-v")
+            continue
+        if arg.startswith(("--v=", "-v=")):
+            result += ["-v", arg.partition("=")[2]]
+            continue
         if arg.startswith("--") and "=" in arg:
             name, _, value = arg[2:].partition("=")
             if name in booleans:
@@ -792,6 +987,22 @@ def _flag_handler(setting: Setting, value: str) -> Callable[[SettingsOptions], N
     return handler
 
 
+def _go_flag_handler(go: GoFlag) -> Callable[[SettingsOptions, str], None]:
+    def handler(self: SettingsOptions, value: str) -> None:
+        try:
+            translated = go.translate(value)
+        except (ValueError, KeyError):
+            self.fail(ConfigError(go.flag, value, go.flag, go.accepted))
+        self.given.update(translated)
+
+    handler.__doc__ = f"Go manifests' flag: sets {go.meaning.replace('`', '')}. Accepts {go.accepted}."
+    return handler
+
+
+for _go in GO_FLAGS:
+    setattr(SettingsOptions, _go.attribute, _go_flag_handler(_go))
+del _go
+
 for _setting in SETTINGS:
     if _setting.boolean:
         setattr(SettingsOptions, "opt_" + _setting.name, _flag_handler(_setting, "true"))
@@ -824,6 +1035,15 @@ def markdown_table() -> str:
         lines.append(
             f"| {flag} | {env} | {cell(default)} | {cell(s.accepted)} | {cell(s.help)} |"
         )
+    lines += [
+        "",
+        "The Go managers' flags, as their Deployments pass them, are accepted too:",
+        "",
+        "| Go flag | Accepted | Same as |",
+        "|---|---|---|",
+    ]
+    for go in GO_FLAGS:
+        lines.append(f"| `{go.flag}` | {cell(go.accepted)} | {cell(go.meaning)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -250,7 +250,7 @@ def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
     return make_webhook_service(
         context.reactor, Admission(), port=settings.webhook_port, interface=settings.listen_address,
         cert_dir=settings.webhook_cert_dir, hosts=hosts, pool=context.pools["k8s"],
-        tls_min_version=settings.tls_min_version,
+        tls_min_version=settings.tls_min_version, tls_cipher_suites=settings.tls_cipher_suites,
         api_client=context.store.api_client if settings.webhook_register else None,
         endpoint=WebhookEndpoint(url=settings.webhook_url) if settings.webhook_register else None,
     )
@@ -266,6 +266,7 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         interface=settings.dhcp_interface or None,
         dhcp_port=settings.dhcp_port,
         proxy_port=settings.dhcp_proxy_port,
+        fatal=_is_root(),
     )
     counters = getattr(service, "counters", None)
     if counters is not None:
@@ -275,14 +276,19 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
 
 
 def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.protocols.http.ipxe import boot_script
     from sidero.protocols.tftp.service import make_tftp_service
 
     os.makedirs(settings.tftp_roots[0], exist_ok=True)
+    script = boot_script(settings.api_endpoint, settings.api_port)
+    _install_ipxe_binaries(settings, script)
     service = make_tftp_service(
         context.reactor,
         roots=list(settings.tftp_roots),
         port=settings.tftp_port,
         interface=settings.listen_address,
+        chain_script=script,
+        fatal_bind=_is_root(),
     )
     for child in service:  # type: ignore[attr-defined]
         protocol = getattr(child, "protocol", None)
@@ -290,6 +296,43 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
             _metrics(context).add_tftp(protocol.stats)
             protocol.timeline = _timeline(context)
     return service
+
+
+def _is_root() -> bool:
+    """Binding 67/4011/69 as root must work: a failure then is fatal, not a half-start."""
+    return os.geteuid() == 0
+
+
+def _install_ipxe_binaries(settings: Settings, script: bytes) -> None:
+    """Put every iPXE binary the Go Sidero serves into C{<state-dir>/tftp}: Sidero-style builds
+    from C{<state-dir>/ipxe} patched with the chain script (spec 3.3), else copies of the stock
+    builds of C{--ipxe-dir} and Debian's C{/usr/lib/ipxe}; log where each came from.  Runs
+    before the reactor (nothing is served yet)."""
+    from sidero.protocols import bootfiles
+
+    source = os.path.join(settings.state_dir, "ipxe")
+    tftp_dir = settings.tftp_roots[0]
+    try:
+        patched = bootfiles.install_patched(source, tftp_dir, script).files
+        copied = bootfiles.install_stock(settings.ipxe_search_path, tftp_dir, skip=list(patched))
+    except (bootfiles.PatchError, OSError) as e:
+        raise StartupError(f"iPXE binaries for {tftp_dir}: {e}") from e
+    found = bootfiles.locate(settings.tftp_roots)
+    for name in bootfiles.SERVED_NAMES:
+        if name in patched:
+            log.info("iPXE {name}: {source} with the chain script embedded", name=name,
+                     source=patched[name])
+        elif name in copied:
+            log.info("iPXE {name}: {source} (stock build: iPXE clients get the chain script)",
+                     name=name, source=copied[name])
+        elif found[name] is not None:
+            log.info("iPXE {name}: {source}", name=name, source=found[name])
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        log.warn("iPXE binaries not found for {names} in {roots}: install Debian's ipxe package"
+                 " (scripts/run does; Debian 12 has no arm64 build, Debian 13's ships"
+                 " ipxe-arm64.efi) or put builds in --ipxe-dir", names=", ".join(missing),
+                 roots=", ".join(settings.ipxe_search_path))
 
 
 def _make_http(settings: Settings, context: AppContext) -> IService | None:
@@ -473,7 +516,7 @@ def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
     site = Site(_metrics(context).resource(), reactor=context.reactor)
     site.displayTracebacks = False
     site.noisy = False
-    return TCPServer(settings.metrics_port, site, interface=settings.listen_address,
+    return TCPServer(settings.metrics_port, site, interface=settings.metrics_address or settings.listen_address,
                      reactor=context.reactor)
 
 
@@ -518,7 +561,7 @@ def _make_health(settings: Settings, context: AppContext) -> IService | None:
     from sidero.health import make_health_service
 
     return make_health_service(context.reactor, _health_checks(settings, context),
-                               settings.health_port, interface=settings.listen_address)
+                               settings.health_port, interface=settings.health_address or settings.listen_address)
 
 
 def _make_systemd(settings: Settings, context: AppContext) -> IService | None:

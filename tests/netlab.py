@@ -152,7 +152,7 @@ class NetLab:
         if proxy_pxe:
             lines += [f"dhcp-range={self.ip(0)},proxy",
                       "pxe-service=x86PC,\"sidero\",undionly",
-                      "pxe-service=X86-64_EFI,\"sidero\",snponly.efi",
+                      "pxe-service=X86-64_EFI,\"sidero\",snp.efi",
                       "dhcp-no-override"]
         else:
             lines += [f"dhcp-range={self.ip(100)},{self.ip(150)},255.255.255.0,1h", "no-ping"]

@@ -119,6 +119,16 @@ def environment_is_ready(env: Object) -> bool:
     return not remaining
 
 
+def not_ready_reasons(env: Object) -> list[str]:
+    """Why assets are not ready, from C{Ready=False} conditions that carry a message (a sha512
+    mismatch names both digests); empty when no condition says."""
+    out = []
+    for c in (env.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready" and c.get("status") == "False" and c.get("message"):
+            out.append(str(c["message"]))
+    return out
+
+
 def kernel_args(env: Object) -> list[str]:
     return list(((env.get("spec") or {}).get("kernel") or {}).get("args") or [])
 

@@ -311,7 +311,8 @@ def server_class_status() -> Schema:
 # ---- Environment (§1.3) -----------------------------------------------------------------------
 
 def environment_spec() -> Schema:
-    asset = {"sha512": string("Expected SHA-512 (never verified)."), "url": string("Where to fetch it.")}
+    asset = {"sha512": string("Expected SHA-512, hex; a download that does not match is not served."),
+             "url": string("Where to fetch it.")}
     return obj({
         "initrd": obj(dict(asset), description="The initial ramdisk."),
         "kernel": obj({**asset, "args": array(string(), "Kernel command line arguments.")},
@@ -322,6 +323,8 @@ def environment_spec() -> Schema:
 def environment_status() -> Schema:
     return obj({
         "conditions": array(obj({
+            "message": string("Why the asset is not ready (a sha512 mismatch names both digests)."),
+            "reason": string("Why the asset is not ready, in one word (Sha512Mismatch)."),
             "sha512": string(),
             "status": string("True when the asset is downloaded."),
             "type": string("Always Ready."),

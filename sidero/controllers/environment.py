@@ -9,9 +9,12 @@ place: a half-finished or corrupt download is never served, and a failed one lea
 previous file untouched.  Every disk operation runs in a thread pool; the body is written
 with back-pressure (the HTTP transport is paused while writes are pending).
 
-An asset is downloaded when its file is missing, or when no status condition names its
-current URL (the URL changed) or its current checksum.  Any failure fails the reconcile (so
-the controller retries it with backoff) and leaves C{status} unchanged.
+An asset is downloaded when its file is missing, or when no C{Ready=True} status condition
+names its current URL (the URL changed) and checksum.  Any failure fails the reconcile (so the
+controller retries it with backoff).  A download that does not match its C{sha512} is also
+written to C{status}: that asset's condition becomes C{Ready=False} with reason
+C{Sha512Mismatch} and a message naming both digests, which C{/ipxe} answers (412) and records
+on the Servers that try to boot it.  Other failures leave C{status} unchanged, as in Sidero.
 """
 
 from __future__ import annotations
@@ -66,6 +69,18 @@ RESERVED_NAMES = frozenset({"agent-amd64", "agent-arm64"})
 
 class AssetError(ReconcileError):
     """A download that failed; the message is what the operator sees in the logs."""
+
+
+class ChecksumMismatch(AssetError):
+    """The downloaded bytes do not have the Environment's C{sha512}."""
+
+    reason = "Sha512Mismatch"
+
+    def __init__(self, url: str, expected: str, got: str) -> None:
+        super().__init__(f"sha512 mismatch for {url}: expected {expected}, got {got}")
+        self.url = url
+        self.expected = expected
+        self.got = got
 
 
 class BlockingRunner(Protocol):
@@ -236,9 +251,7 @@ class Downloader:
         try:
             result = await self._stream(url, f)
             if expected and result.sha512 != expected:
-                raise AssetError(
-                    f"sha512 mismatch for {url}: expected {expected}, got {result.sha512}"
-                )
+                raise ChecksumMismatch(url, expected, result.sha512)
             await self.pool.run(_commit, f, tmp, final)
         except BaseException:
             await self.pool.run(_discard, f, tmp)
@@ -335,19 +348,35 @@ class EnvironmentReconciler:
         )
         errors: list[str] = []
         wanted: list[dict[str, str]] = []
+        mismatched = False
         for (field, _), (ok, value) in zip(ASSETS, outcomes, strict=True):
             if ok:
                 wanted.append(value)
             elif isinstance(value, Failure):
                 errors.append(f"{field}: {value.getErrorMessage()}")
+                mismatched = mismatched or bool(value.check(ChecksumMismatch))
+                wanted.append(self._failed_condition(spec.get(field) or {}, field, value))
                 if not value.check(AssetError):
                     self.log.failure("environment {name}: {asset} failed", value, name=name, asset=field)
         if errors:
+            if mismatched and existing != wanted:
+                # The operator must see this one: on the Environment, and through /ipxe.
+                await self.store.patch(ENVIRONMENT, name, {"status": {"conditions": wanted}},
+                                       subresource="status")
             raise AssetError(f"environment {name}: " + "; ".join(errors))
         if existing != wanted:
             await self.store.patch(ENVIRONMENT, name, {"status": {"conditions": wanted}}, subresource="status")
             self.log.info("environment {name} is ready", name=name)
         return None
+
+    @staticmethod
+    def _failed_condition(asset: dict[str, Any], field: str, failure: Failure) -> dict[str, str]:
+        condition = {"url": str(asset.get("url") or ""), "status": "False", "type": "Ready"}
+        if asset.get("sha512"):
+            condition["sha512"] = str(asset["sha512"])
+        condition["reason"] = ChecksumMismatch.reason if failure.check(ChecksumMismatch) else "DownloadFailed"
+        condition["message"] = f"{field}: {failure.getErrorMessage()}"
+        return condition
 
     async def _asset(
         self, asset: dict[str, Any], directory: str, filename: str, existing: list[dict[str, Any]]
@@ -362,7 +391,8 @@ class EnvironmentReconciler:
         path = os.path.join(directory, filename)
         present = await self.pool.run(os.path.isfile, path)
         if present and any(
-            c.get("url") == url and (not sha512 or c.get("sha512") == sha512) for c in existing
+            c.get("url") == url and c.get("status") == "True"
+            and (not sha512 or c.get("sha512") == sha512) for c in existing
         ):
             return condition
         self.log.info("downloading {url} to {path}", url=url, path=path)

@@ -235,7 +235,16 @@ def ensure_certificate(cert_dir: str, hosts: Sequence[str], now: datetime.dateti
 
 # ---- serving ---------------------------------------------------------------------------------
 
-def build_context(cert_pem: bytes, key_pem: bytes, min_version: str = "VersionTLS12") -> SSL.Context:
+def cipher_list(suites: Sequence[str]) -> bytes:
+    """OpenSSL's cipher string for Go cipher suite names (TLS 1.3 names need none)."""
+    from sidero.config import GO_CIPHER_SUITES
+
+    names = [GO_CIPHER_SUITES[s] for s in suites if s in GO_CIPHER_SUITES]
+    return ":".join(dict.fromkeys(n for n in names if n)).encode()
+
+
+def build_context(cert_pem: bytes, key_pem: bytes, min_version: str = "VersionTLS12",
+                  cipher_suites: Sequence[str] = ()) -> SSL.Context:
     """An OpenSSL server context serving the chain in C{cert_pem} with C{key_pem}.
 
     @raise CertificateError: unparsable PEM, or a key that does not match the certificate.
@@ -251,6 +260,13 @@ def build_context(cert_pem: bytes, key_pem: bytes, min_version: str = "VersionTL
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(TLS_VERSIONS[min_version])
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ciphers = cipher_list(cipher_suites)
+    if ciphers:
+        try:
+            ctx.set_cipher_list(ciphers)
+        except SSL.Error as e:
+            raise CertificateError(
+                f"none of --tls-cipher-suites {','.join(cipher_suites)} is available here") from e
     try:
         ctx.use_certificate(chain[0])
         for extra in chain[1:]:
@@ -276,7 +292,8 @@ def file_signature(*paths: str) -> Signature:
 
 
 def load_if_changed(cert_path: str, key_path: str, previous: Signature | None,
-                    min_version: str = "VersionTLS12") -> tuple[Signature, SSL.Context] | None:
+                    min_version: str = "VersionTLS12", cipher_suites: Sequence[str] = (),
+                    ) -> tuple[Signature, SSL.Context] | None:
     """Blocking: a new context if the files' signature differs from C{previous}, else None.
 
     @raise CertificateError: the files are unreadable or do not make a valid pair (e.g. caught
@@ -295,7 +312,7 @@ def load_if_changed(cert_path: str, key_path: str, previous: Signature | None,
             key_pem = f.read()
     except OSError as e:
         raise CertificateError(f"cannot read {cert_path} / {key_path}: {e.strerror}") from e
-    return sig, build_context(cert_pem, key_pem, min_version)
+    return sig, build_context(cert_pem, key_pem, min_version, cipher_suites)
 
 
 Runner = Callable[..., "Deferred[Any]"]
@@ -310,8 +327,10 @@ class CertificateReloader:
     """
 
     def __init__(self, clock: IReactorTime, run: Runner, cert_path: str, key_path: str, *,
-                 min_version: str = "VersionTLS12", interval: float = DEFAULT_RELOAD_INTERVAL) -> None:
+                 min_version: str = "VersionTLS12", interval: float = DEFAULT_RELOAD_INTERVAL,
+                 cipher_suites: Sequence[str] = ()) -> None:
         self.clock = clock
+        self.cipher_suites = tuple(cipher_suites)
         self.run = run
         self.cert_path = cert_path
         self.key_path = key_path
@@ -325,7 +344,8 @@ class CertificateReloader:
 
     async def load(self) -> None:
         """First load (in the pool); a failure here is fatal to the caller's start."""
-        result = await self.run(load_if_changed, self.cert_path, self.key_path, None, self.min_version)
+        result = await self.run(load_if_changed, self.cert_path, self.key_path, None, self.min_version,
+                                self.cipher_suites)
         assert result is not None
         self.signature, self.context = result
         self.reloads += 1
@@ -342,7 +362,8 @@ class CertificateReloader:
         self._loop = None
 
     def _check(self) -> Deferred[None]:
-        d = self.run(load_if_changed, self.cert_path, self.key_path, self.signature, self.min_version)
+        d = self.run(load_if_changed, self.cert_path, self.key_path, self.signature, self.min_version,
+                     self.cipher_suites)
 
         def loaded(result: tuple[Signature, SSL.Context] | None) -> None:
             if result is not None:

@@ -52,6 +52,9 @@ def sidero_command(*args: str) -> list[str]:
 
 class PXEBootTests(TestCase):
     timeout = 400
+    #: More dnsmasq lines for the site DHCP server, and more sidero arguments.
+    site_options: tuple[str, ...] = ()
+    sidero_args: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         reason = missing_requirements(["qemu-system-x86_64", "dnsmasq", "curl"])
@@ -72,7 +75,8 @@ class PXEBootTests(TestCase):
         self.boot = self.net.add_host("boot", 2)
         self.boot_ip = self.net.ip(2)
         self.dnsmasq_log = os.path.join(self.work, "dnsmasq.log")
-        self.net.site_dnsmasq(site, ipv6_ra=True, log=self.dnsmasq_log)
+        self.net.site_dnsmasq(site, ipv6_ra=True, log=self.dnsmasq_log,
+                              options=[o.format(sidero=self.net.ip(2)) for o in self.site_options])
         self.sidero_log = os.path.join(self.work, "sidero.log")
         # trial's temp paths can exceed the 107-byte limit of a unix socket path.
         socket_dir = tempfile.mkdtemp(prefix="sd-")
@@ -81,7 +85,7 @@ class PXEBootTests(TestCase):
             "--api-endpoint", self.boot_ip, "--api-port", "8081", "--state-dir", self.state,
             "--talos-assets-url", "http://127.0.0.1:1",
             "--dhcp-interface", "eth0", "--log-format", "json", "--no-enable-leader-election",
-            "--management-socket", os.path.join(socket_dir, "m.sock"),
+            "--management-socket", os.path.join(socket_dir, "m.sock"), *self.sidero_args,
         ), self.sidero_log, env=tree_env())
 
     async def wait_for(self, what: str, predicate: Any, timeout: float) -> None:
@@ -140,11 +144,12 @@ class PXEBootTests(TestCase):
         await self.wait_for("the VM to boot the served kernel", booted, VM_TIMEOUT + 10)
         return self.tail(console, 10_000)
 
-    def assert_chain(self, console: str, arch: str) -> None:
+    def assert_chain(self, console: str, arch: str, boot_ipxe: bool = True) -> None:
         self.assertIn("SIDERO-E2E-BOOTED", console, "the served kernel did not boot:\n" + console[-3000:])
         self.assertIn(f"sidero.mac=52:54:00:12:34:56 sidero.endpoint={self.boot_ip}:8081", console)
         uris = [e.get("uri", "") for e in self.http_requests()]
-        self.assertIn("/boot.ipxe", uris)
+        if boot_ipxe:
+            self.assertIn("/boot.ipxe", uris)
         ipxe = [u for u in uris if u.startswith("/ipxe?")]
         self.assertTrue(ipxe, f"no /ipxe request in {uris}")
         self.assertIn(f"uuid={UUID}", ipxe[0])
@@ -157,27 +162,71 @@ class PXEBootTests(TestCase):
         self.assertRegex(dnsmasq, r"DHCPACK\(eth0\) 10\.213\.0\.1\d\d 52:54:00:12:34:56",
                          "the site DHCP server did not lease the address")
 
-    async def test_bios_ipxe_rom(self) -> None:
-        """SeaBIOS + Debian's iPXE ROM boots the agent kernel served over HTTP."""
-        console = await self.boot_vm(
+    async def boot_bios(self) -> str:
+        return await self.boot_vm(
             os.path.join(self.work, "console.log"), "-m", "512",
             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device", "e1000,netdev=n0,mac=52:54:00:12:34:56", "-boot", "n",
         )
-        self.assert_chain(console, "i386")
 
-    async def test_uefi_edk2_pxe(self) -> None:
-        """OVMF's EDK2 PXE client loads ipxe.efi over TFTP, which boots the agent over HTTP."""
+    async def boot_uefi(self) -> str:
         vars_copy = os.path.join(self.work, "OVMF_VARS.fd")
         shutil.copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
-        console = await self.boot_vm(
+        return await self.boot_vm(
             os.path.join(self.work, "console.log"), "-m", "512", "-machine", "q35",
             "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
             "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=,bootindex=1",
         )
-        self.assert_chain(console, "x86_64")
+
+    async def test_bios_ipxe_rom(self) -> None:
+        """SeaBIOS + Debian's iPXE ROM boots the agent kernel served over HTTP."""
+        self.assert_chain(await self.boot_bios(), "i386")
+
+    async def test_uefi_edk2_pxe(self) -> None:
+        """OVMF's EDK2 PXE client loads snp.efi over TFTP, which boots the agent over HTTP."""
+        self.assert_chain(await self.boot_uefi(), "x86_64")
         tftp = [e for e in self.read_events() if "tftp" in str(e.get("logger", ""))
-                and "snponly.efi" in json.dumps(e)]
+                and "snp.efi" in json.dumps(e)]
         self.assertTrue(tftp, "no TFTP transfer of the iPXE EFI binary was logged")
+
+    def tftp_sent(self, name: str) -> list[int]:
+        """Sizes of the completed TFTP transfers of C{name}, in order."""
+        return [int(e["size"]) for e in self.read_events()
+                if str(e.get("msg", "")).startswith("TFTP sent") and e.get("filename") == name]
+
+
+class SiteDHCPNamesBinaryTests(PXEBootTests):
+    """The site's own DHCP server names the iPXE binary (no user-class rule, our proxy off).
+
+    A firmware PXE client gets the binary; the iPXE it starts asks the site again, is handed
+    the same name, and gets the chain script from our TFTP instead of itself, so it reaches
+    C{/ipxe?uuid=} rather than loading itself forever (spec 3.3, 3.4).
+    """
+
+    site_options = (
+        "dhcp-match=set:efi64,option:client-arch,7",
+        "dhcp-boot=tag:!efi64,undionly.kpxe,sidero,{sidero}",
+        "dhcp-boot=tag:efi64,snp.efi,sidero,{sidero}",
+    )
+    sidero_args = ("--disable-dhcp-proxy",)
+
+    async def test_bios_ipxe_rom(self) -> None:
+        """SeaBIOS's iPXE ROM is handed undionly.kpxe by the site and runs the chain script."""
+        self.assert_chain(await self.boot_bios(), "i386", boot_ipxe=False)
+        self.assertEqual(self.tftp_sent("undionly.kpxe"), [self.http_script_size()],
+                         "the iPXE ROM was not sent the chain script (once) for undionly.kpxe")
+
+    async def test_uefi_edk2_pxe(self) -> None:
+        """OVMF's PXE client gets snp.efi (the binary); the iPXE in it gets the script."""
+        self.assert_chain(await self.boot_uefi(), "x86_64", boot_ipxe=False)
+        binary = os.path.getsize("/usr/lib/ipxe/snponly.efi")
+        self.assertEqual(self.tftp_sent("snp.efi"), [binary, self.http_script_size()],
+                         "snp.efi: the firmware should get the binary, then iPXE the script")
+
+    def http_script_size(self) -> int:
+        probe = subprocess.run(
+            ["ip", "netns", "exec", self.boot, "curl", "-sf", "-m", "5",
+             f"http://{self.boot_ip}:8081/boot.ipxe"], capture_output=True, check=True)
+        return len(probe.stdout)

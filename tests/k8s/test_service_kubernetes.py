@@ -70,6 +70,7 @@ class SideroProcess:
             sys.executable, str(RUN_SIDERO), "--store", "kubernetes", "--kubeconfig", kubeconfig,
             "--state-dir", os.path.join(workdir, name), "--api-endpoint", "127.0.0.1",
             "--listen-address", "127.0.0.1", "--api-port", str(self.api_port),
+            "--http-port", str(self.api_port),
             "--disable-dhcp-proxy", "--tftp-port", str(free_port(socket.SOCK_DGRAM)),
             "--webhook-port", str(self.webhook_port),
             "--metrics-port", str(free_port()), "--health-port", str(free_port()),

@@ -107,7 +107,7 @@ class TableTests(SynchronousTestCase):
         """The README table has one row per setting naming its flag and variables."""
         table = config.markdown_table()
         rows = table.strip().splitlines()
-        self.assertEqual(len(rows), len(SETTINGS) + 2)
+        self.assertEqual(len(rows), len(SETTINGS) + 2 + 5 + len(config.GO_FLAGS))
         for s in SETTINGS:
             self.assertIn(f"`{s.flag}`", table)
             for v in s.env:
@@ -142,10 +142,10 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(r.sources["ipmi_pxe_method"], CM + "IPMI_PXE_METHOD")
         self.assertEqual(r.sources["tftp_port"], "default")
 
-    def test_http_port_defaults_to_api_port(self) -> None:
-        """The bind port follows --api-port unless CONTAINER_API_PORT or --http-port is set."""
-        self.assertEqual(settings({"api_port": "9000"}).http_port, 9000)
-        self.assertEqual(settings({}, {CM + "API_PORT": "9100"}).http_port, 9100)
+    def test_http_port_sources(self) -> None:
+        """The bind port is 8081 unless CONTAINER_API_PORT or --http-port is set (spec 3.13)."""
+        self.assertEqual(settings({"api_port": "9000"}).http_port, 8081)
+        self.assertEqual(settings({}, {CM + "API_PORT": "9100"}).http_port, 8081)
         self.assertEqual(settings({}, {CM + "CONTAINER_API_PORT": "8080"}).http_port, 8080)
         self.assertEqual(
             settings({"http_port": "7000"}, {CM + "CONTAINER_API_PORT": "8080"}).http_port, 7000
@@ -302,8 +302,8 @@ INVALID: list[tuple[str, str, str]] = [
     ("test_power_silent_failure", "nan", "a probability"),
     ("store", "etcd", "one of auto, embedded, kubernetes"),
     ("listen_address", "localhost", "an IP address"),
-    ("dhcp_interface", "a/b", "an interface name"),
-    ("dhcp_interface", "averyveryverylongname", "an interface name"),
+    ("dhcp_interface", "a/b", "interface names separated by commas"),
+    ("dhcp_interface", "averyveryverylongname", "interface names separated by commas"),
     ("log_format", "xml", "one of text, json"),
     ("log_level", "loud", "one of debug"),
     ("state_dir", "", "a directory path"),
@@ -401,7 +401,7 @@ class OptionsTests(SynchronousTestCase):
         o = self.parse(["--api-endpoint", "10.0.0.5", "--api-port=9000", "--auto-accept-servers",
                         "--no-insecure-wipe", "--disable-dhcp-proxy", "--disable-tftp"])
         s = o.settings
-        self.assertEqual((s.api_endpoint, s.api_port, s.http_port), ("10.0.0.5", 9000, 9000))
+        self.assertEqual((s.api_endpoint, s.api_port, s.http_port), ("10.0.0.5", 9000, 8081))
         self.assertTrue(s.auto_accept_servers)
         self.assertFalse(s.insecure_wipe)
         self.assertEqual(s.disabled, {"dhcp-proxy", "tftp"})

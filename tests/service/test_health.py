@@ -155,7 +155,7 @@ class ServiceTreeHealthTests(TestCase):
         state_dir = os.path.abspath(self.mktemp())
         api_port, health_port = free_tcp_port(), free_tcp_port()
         settings = settings_for(
-            state_dir, "disable_dhcp_proxy", *flags, api_port=str(api_port),
+            state_dir, "disable_dhcp_proxy", *flags, api_port=str(api_port), http_port=str(api_port),
             metrics_port=str(free_tcp_port()), health_port=str(health_port),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
         )

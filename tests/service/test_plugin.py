@@ -154,7 +154,7 @@ class InstalledWheelTests(SynchronousTestCase):
         text = self.run_until_started(
             ["-n", "--pidfile=", "sidero", "--state-dir", state_dir,
              "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
-             "--api-port", str(api_port), "--disable-dhcp-proxy",
+             "--api-port", str(api_port), "--http-port", str(api_port), "--disable-dhcp-proxy",
              "--tftp-port", str(free_port(socket.SOCK_DGRAM))],
             self.env.env(), state_dir, api_port,
         )
@@ -171,6 +171,7 @@ class InstalledWheelTests(SynchronousTestCase):
             SIDERO_STATE_DIR=state_dir,
             SIDERO_CONTROLLER_MANAGER_API_ENDPOINT="127.0.0.1",
             SIDERO_CONTROLLER_MANAGER_API_PORT=str(api_port),
+            SIDERO_CONTROLLER_MANAGER_CONTAINER_API_PORT=str(api_port),
             SIDERO_LISTEN_ADDRESS="127.0.0.1",
             SIDERO_CONTROLLER_MANAGER_DISABLE_DHCP_PROXY="true",
             SIDERO_TFTP_PORT=str(free_port(socket.SOCK_DGRAM)),
@@ -201,7 +202,7 @@ class InstalledWheelTests(SynchronousTestCase):
         result = self.twistd(
             "-n", "--pidfile=", "sidero", "--state-dir", state_dir, "--api-endpoint", "127.0.0.1",
             "--listen-address", "127.0.0.1", "--disable-dhcp-proxy", "--disable-tftp",
-            "--api-port", str(free_port(socket.SOCK_STREAM)),
+            "--http-port", str(free_port(socket.SOCK_STREAM)),
         )
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertIn("sidero cannot start", result.stdout)
@@ -216,7 +217,7 @@ class InstalledWheelTests(SynchronousTestCase):
             result = self.twistd(
                 "-n", "--pidfile=", "sidero", "--state-dir", self.tempdir("sidero-state-"),
                 "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
-                "--disable-dhcp-proxy", "--disable-tftp", "--api-port", str(port),
+                "--disable-dhcp-proxy", "--disable-tftp", "--http-port", str(port),
             )
         self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
         self.assertIn(f"sidero cannot start: http: Couldn't listen on 127.0.0.1:{port}", result.stdout)

@@ -29,6 +29,11 @@ RUN_SIDERO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
                           "integration", "run_sidero.py")
 
 
+def _api_ports(port: int) -> dict[str, str]:
+    """The API port and the HTTP port it binds (no longer the same setting)."""
+    return {"api_port": str(port), "http_port": str(port)}
+
+
 class NotifySocket:
     """A bound AF_UNIX datagram socket, as systemd's notify socket is."""
 
@@ -185,7 +190,7 @@ class ServiceTreeNotifyTests(TestCase):
         self.patch(os, "environ", {**os.environ, **environ})
         settings = settings_for(
             os.path.abspath(self.mktemp()), "disable_dhcp_proxy", *flags,
-            api_port=str(free_tcp_port()), metrics_port=str(free_tcp_port()),
+            **_api_ports(free_tcp_port()), metrics_port=str(free_tcp_port()),
             health_port=str(free_tcp_port()), tftp_port=str(free_udp_port()),
             listen_address="127.0.0.1",
         )

@@ -261,7 +261,7 @@ class ServiceTreeLifecycleTests(TestCase):
         state_dir = os.path.abspath(self.mktemp())
         api_port = free_tcp_port()
         settings = settings_for(
-            state_dir, "disable_dhcp_proxy", api_port=str(api_port),
+            state_dir, "disable_dhcp_proxy", api_port=str(api_port), http_port=str(api_port),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
             metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
         )

@@ -148,8 +148,10 @@ class WebhookService(Service):
     def __init__(self, reactor: Any, handler: WebhookHandler, *, port: int, interface: str,
                  cert_dir: str, hosts: Sequence[str], run: Runner, tls_min_version: str = "VersionTLS12",
                  reload_interval: float = tls.DEFAULT_RELOAD_INTERVAL, max_body: int = DEFAULT_MAX_BODY,
-                 api_client: Any = None, endpoint: WebhookEndpoint | None = None) -> None:
+                 api_client: Any = None, endpoint: WebhookEndpoint | None = None,
+                 tls_cipher_suites: Sequence[str] = ()) -> None:
         self.reactor = reactor
+        self.tls_cipher_suites = tuple(tls_cipher_suites)
         self.handler = handler
         self.port_number = port
         self.interface = interface
@@ -180,7 +182,8 @@ class WebhookService(Service):
         self.files, self.ca_bundle = files, files.ca_pem
         reloader = self.reloader = tls.CertificateReloader(
             self.reactor, self.run, files.cert_path, files.key_path,
-            min_version=self.tls_min_version, interval=self.reload_interval)
+            min_version=self.tls_min_version, interval=self.reload_interval,
+            cipher_suites=self.tls_cipher_suites)
         await reloader.load()
         endpoint = SSL4ServerEndpoint(self.reactor, self.port_number, reloader,
                                       interface=self.interface)
@@ -262,7 +265,8 @@ def make_webhook_service(reactor: Any, admission: IAdmission | None = None, *, p
                          reload_interval: float = tls.DEFAULT_RELOAD_INTERVAL,
                          max_body: int = DEFAULT_MAX_BODY, api_client: Any = None,
                          endpoint: WebhookEndpoint | None = None,
-                         counters: WebhookCounters | None = None) -> WebhookService:
+                         counters: WebhookCounters | None = None,
+                         tls_cipher_suites: Sequence[str] = ()) -> WebhookService:
     """The webhook server as a service (name C{webhook}).
 
     @param pool: a L{sidero.threads.ThreadPoolService} (or anything with C{run(f, *a)}) for
@@ -278,4 +282,5 @@ def make_webhook_service(reactor: Any, admission: IAdmission | None = None, *, p
     handler = WebhookHandler(admission, counters=counters)
     return WebhookService(reactor, handler, port=port, interface=interface, cert_dir=cert_dir, hosts=hosts,
                           run=run, tls_min_version=tls_min_version, reload_interval=reload_interval,
-                          max_body=max_body, api_client=api_client, endpoint=endpoint)
+                          max_body=max_body, api_client=api_client, endpoint=endpoint,
+                          tls_cipher_suites=tls_cipher_suites)

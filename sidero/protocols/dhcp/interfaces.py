@@ -1,5 +1,6 @@
 # -*- test-case-name: tests.protocols.dhcp.test_service -*-
-"""Which local interface the proxy listens on (spec 3.5: the one owning the endpoint IP).
+"""Which local interfaces the proxy listens on (spec 3.5: the one owning the endpoint IP),
+and the address it answers each one with.
 
 Addresses are read over netlink with pyroute2; the reader is injectable so the selection
 logic is tested without touching the host.
@@ -85,3 +86,36 @@ def select_interface(server_ip: str, interface: str | None,
             "--dhcp-interface <name> to choose one, or --disable-dhcp-proxy "
             f"(local IPv4: {', '.join(f'{a.name}={a.address}' for a in addrs) or 'none'})")
     return owners[0]
+
+
+#: C{--dhcp-interface} value meaning every interface with a non-loopback IPv4 address.
+ALL_INTERFACES = "*"
+
+
+def select_interfaces(server_ip: str, requested: str | None,
+                      read_addresses: AddressReader = netlink_ipv4_addresses,
+                      ) -> list[tuple[str, str]]:
+    """(interface, the server address it answers with) for each interface to serve.
+
+    C{requested} is None (the owner of C{server_ip}, as Sidero), a comma-separated list of
+    names, or L{ALL_INTERFACES}. A multi-homed host answers each network with its own
+    address: the endpoint address on the interface that owns it, else the interface's first
+    IPv4 address.
+    """
+    addrs = read_addresses()
+    if requested is None:
+        return [(select_interface(server_ip, None, lambda: addrs), server_ip)]
+    if requested.strip() == ALL_INTERFACES:
+        names = list(dict.fromkeys(
+            a.name for a in addrs if not IPv4Address(a.address).is_loopback))
+        if not names:
+            raise InterfaceSelectionError("no interface with a non-loopback IPv4 address here")
+    else:
+        names = list(dict.fromkeys(n.strip() for n in requested.split(",") if n.strip()))
+        for name in names:
+            select_interface(server_ip, name, lambda: addrs)  # raises for an unknown one
+    out = []
+    for name in names:
+        own = [a.address for a in addrs if a.name == name]
+        out.append((name, server_ip if server_ip in own else own[0]))
+    return out

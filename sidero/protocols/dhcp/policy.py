@@ -49,17 +49,16 @@ _VENDOR_ARCH = re.compile(rb"^(?:PXEClient|HTTPClient):Arch:(\d{5})")
 
 @dataclass(frozen=True)
 class BootFiles:
-    """File names served by our TFTP and C{/tftp/}.
+    """File names served by our TFTP and C{/tftp/}: the Go Sidero's (spec 3.5).
 
-    Sidero ships patched iPXE builds named C{snp.efi}/C{snp-arm64.efi} (spec 3.3); we chain
-    stock iPXE instead (Debian's C{ipxe} package: C{undionly.kpxe}, C{snponly.efi}), which
-    comes back to this proxy as an iPXE client and is sent to C{/boot.ipxe}. An arm64 build
-    is not packaged for amd64 hosts: put one named C{snponly-arm64.efi} in C{--ipxe-dir}.
+    Our TFTP finds Debian's builds under these names too (C{snp.efi} is C{snponly.efi}
+    there, L{sidero.protocols.bootfiles}); an iPXE client comes back to this proxy as iPXE
+    and is sent to C{/boot.ipxe}.
     """
 
     bios: str = "undionly.kpxe"
-    x86_efi: str = "snponly.efi"
-    arm64_efi: str = "snponly-arm64.efi"
+    x86_efi: str = "snp.efi"
+    arm64_efi: str = "snp-arm64.efi"
     ipxe_script: str = "boot.ipxe"
 
 
@@ -121,7 +120,11 @@ def vendor_class(msg: DHCPMessage) -> bytes:
 
 
 def is_pxe(msg: DHCPMessage) -> bool:
-    """PXE ROMs and UEFI HTTP boot identify themselves in option 60."""
+    """A network-boot client: option 93 (client architecture), as the Go proxy takes it, or
+    an option 60 starting with PXEClient/HTTPClient. Some NIC ROMs and HTTP-boot firmwares
+    send 93 without an exact option 60."""
+    if msg.has(codec.OPT_CLIENT_ARCH):
+        return True
     vc = vendor_class(msg)
     return vc.startswith(b"PXEClient") or vc.startswith(b"HTTPClient")
 

@@ -1,9 +1,13 @@
 # -*- test-case-name: tests.protocols.dhcp.test_service -*-
-"""The C{dhcp-proxy} service: pick the interface, bind :67 and :4011 to it, serve.
+"""The C{dhcp-proxy} service: pick the interfaces, bind :67 and :4011 to each, serve.
 
-Unlike Sidero (where a missing interface is fatal, spec 3.5), a proxy that cannot start
-logs ONE line saying why and what to pass, and stays stopped; the rest of the process
-(HTTP, TFTP, controllers) keeps running.
+Each interface gets its own sockets and its own server address (siaddr, options 54 and 66,
+HTTP-boot URLs): a multi-homed host answers each network with an address it can reach.
+
+As root (C{fatal}), a proxy that cannot start (no interface, a port that cannot be bound)
+stops the process with one line, as Sidero does (spec 3.5): a half-started sidero hides an
+outage. As a normal user it logs ONE line saying why and what to pass and stays stopped; the
+rest of the process (HTTP, TFTP, controllers) keeps running.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from sidero.protocols.dhcp.interfaces import (
     InterfaceSelectionError,
     netlink_ipv4_addresses,
     resolve_ipv4,
-    select_interface,
+    select_interfaces,
 )
 from sidero.protocols.dhcp.policy import BootFiles, ProxyConfig
 from sidero.protocols.dhcp.protocol import (
@@ -57,11 +61,16 @@ def open_bound_socket(interface: str, port: int) -> socket.socket:
     return sock
 
 
+class DHCPProxyStartError(Exception):
+    """The proxy cannot start and that is fatal (root); the message is the one line."""
+
+
 class DHCPProxyService(MultiService):
-    """proxyDHCP on one interface: :67 DISCOVER→OFFER and :4011 REQUEST→ACK.
+    """proxyDHCP on each chosen interface: :67 DISCOVER→OFFER and :4011 REQUEST→ACK.
 
     @ivar failure: why the proxy did not start, or None.
-    @ivar interface: the interface bound, once bound.
+    @ivar interface: the (first) interface bound, once bound.
+    @ivar configs: interface -> the decision's configuration there (its server address).
     """
 
     log = Logger()
@@ -72,7 +81,7 @@ class DHCPProxyService(MultiService):
                  read_addresses: AddressReader = netlink_ipv4_addresses,
                  resolve: Callable[[str], str] = resolve_ipv4,
                  open_socket: SocketOpener = open_bound_socket,
-                 counters: DHCPCounters | None = None) -> None:
+                 counters: DHCPCounters | None = None, fatal: bool = False) -> None:
         super().__init__()
         self.setName("dhcp-proxy")
         self.reactor = reactor
@@ -87,7 +96,9 @@ class DHCPProxyService(MultiService):
         self._open_socket = open_socket
         self.counters = counters if counters is not None else DHCPCounters()
         self.rate_limit = RateLimitedLog(reactor)
+        self.fatal = fatal
         self.config: ProxyConfig | None = None
+        self.configs: dict[str, ProxyConfig] = {}
         self.interface: str | None = None
         self.failure: str | None = None
         self._attempted = False
@@ -109,50 +120,58 @@ class DHCPProxyService(MultiService):
         self._attempted = True
         self.failure = None
         ports: list[IListeningPort] = []
+        configs: dict[str, ProxyConfig] = {}
         try:
-            server_ip = self._resolve(self.endpoint)
-            iface = select_interface(server_ip, self.requested_interface, self._read_addresses)
-            config = ProxyConfig(server_ip=server_ip, endpoint=self.endpoint,
-                                 api_port=self.api_port, boot_files=self.boot_files)
-            for port, is_proxy in ((self.dhcp_port, False), (self.proxy_port, True)):
-                if port is None:
-                    continue
-                try:
-                    sock = self._open_socket(iface, port)
-                except OSError as e:
-                    raise InterfaceSelectionError(
-                        f"cannot bind UDP 0.0.0.0:{port} on {iface} ({e.strerror or e}); "
-                        "the proxy needs root or CAP_NET_RAW+CAP_NET_BIND_SERVICE and host "
-                        "networking, or pass --disable-dhcp-proxy") from e
-                try:
-                    proto = DHCPProxyProtocol(config, proxy_port=is_proxy, clock=self.reactor,
-                                              counters=self.counters,
-                                              rate_limit=self.rate_limit)
-                    proto.timeline = getattr(self, "timeline", None)
-                    ports.append(self.reactor.adoptDatagramPort(
-                        sock.fileno(), socket.AF_INET, proto, maxPacketSize=MAX_PACKET + 1))
-                finally:
-                    sock.close()  # the reactor holds its own duplicate
+            endpoint_ip = self._resolve(self.endpoint)
+            targets = select_interfaces(endpoint_ip, self.requested_interface,
+                                        self._read_addresses)
+            for iface, server_ip in targets:
+                # URLs carry the address this network reached us on (spec 3.5: serverIP).
+                config = ProxyConfig(server_ip=server_ip, endpoint=server_ip,
+                                     api_port=self.api_port, boot_files=self.boot_files)
+                configs[iface] = config
+                for port, is_proxy in ((self.dhcp_port, False), (self.proxy_port, True)):
+                    if port is None:
+                        continue
+                    try:
+                        sock = self._open_socket(iface, port)
+                    except OSError as e:
+                        raise InterfaceSelectionError(
+                            f"cannot bind UDP 0.0.0.0:{port} on {iface} ({e.strerror or e}); "
+                            "the proxy needs root or CAP_NET_RAW+CAP_NET_BIND_SERVICE and host "
+                            "networking, or pass --disable-dhcp-proxy") from e
+                    try:
+                        proto = DHCPProxyProtocol(config, proxy_port=is_proxy, clock=self.reactor,
+                                                  counters=self.counters,
+                                                  rate_limit=self.rate_limit)
+                        proto.timeline = getattr(self, "timeline", None)
+                        ports.append(self.reactor.adoptDatagramPort(
+                            sock.fileno(), socket.AF_INET, proto, maxPacketSize=MAX_PACKET + 1))
+                    finally:
+                        sock.close()  # the reactor holds its own duplicate
         except (InterfaceSelectionError, ValueError) as e:
             self._fail(str(e), ports)
             return
-        except Exception as e:  # never take the process down for the proxy
+        except Exception as e:  # never take the process down for the proxy by accident
             self._fail(f"unexpected error: {e!r}", ports)
             return
         self._ports = ports
-        self.config = config
-        self.interface = iface
-        self.log.info(
-            "DHCP proxy listening on {interface} (server {server_ip}, UDP {dhcp_port}"
-            "{proxy}); boot URLs http://{endpoint}:{api_port}/",
-            interface=iface, server_ip=server_ip, dhcp_port=self.dhcp_port,
-            proxy=f" and {self.proxy_port}" if self.proxy_port is not None else "",
-            endpoint=self.endpoint, api_port=self.api_port)
+        self.configs = configs
+        self.interface, self.config = next(iter(configs.items()))
+        for iface, config in configs.items():
+            self.log.info(
+                "DHCP proxy listening on {interface} (server {server_ip}, UDP {dhcp_port}"
+                "{proxy}); boot URLs http://{address}:{api_port}/",
+                interface=iface, server_ip=config.server_ip, dhcp_port=self.dhcp_port,
+                proxy=f" and {self.proxy_port}" if self.proxy_port is not None else "",
+                address=config.server_ip, api_port=self.api_port)
 
     def _fail(self, reason: str, ports: list[IListeningPort]) -> None:
         for p in ports:
             p.stopListening()
         self.failure = reason
+        if self.fatal:
+            raise DHCPProxyStartError(f"DHCP proxy: {reason}")
         self.log.error("DHCP proxy NOT started: {reason}", reason=reason)
 
     def stopService(self) -> Deferred[Any]:

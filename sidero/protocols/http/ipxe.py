@@ -16,6 +16,7 @@ from sidero.api.environment import (
     INITRD_ASSET,
     KERNEL_ASSET,
     environment_is_ready,
+    not_ready_reasons,
     talos_default_args,
 )
 
@@ -137,13 +138,29 @@ class BootLookup(Protocol):
 
 
 @dataclass(frozen=True)
+class BootEvent:
+    """A Warning Event to record about C{obj} (the Server) for an answer that is an error."""
+
+    obj: dict[str, Any]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class BootResponse:
-    """An HTTP answer to C{/ipxe}: status, body, and what was decided (for the log)."""
+    """An HTTP answer to C{/ipxe}: status, body, what was decided (for the log), and an Event
+    to record on the Server when the operator must act."""
 
     status: int
     body: bytes
     decision: str
     environment: str = ""
+    event: BootEvent | None = None
+
+
+#: Event reasons of /ipxe answers.
+SERVER_CLASS_MISSING_REASON = "BootFromDiskFailed"
+ENVIRONMENT_NOT_READY_REASON = "EnvironmentNotReady"
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -252,6 +269,12 @@ def decide(query: BootQuery, lookup: BootLookup, settings: BootSettings) -> Boot
         method = server_spec.get("bootFromDiskMethod") or ""
         if not method and class_name:
             server_class = lookup.server_class(class_name)
+            if server_class is None:
+                # Spec 3.2 step 2.3: the class lookup failing is a 500, never a silent default.
+                message = (f'serverclass "{class_name}" of server {query.uuid} not found: cannot'
+                           " choose its boot-from-disk method")
+                return BootResponse(500, (message + "\n").encode(), "boot from disk failed",
+                                    event=BootEvent(server, SERVER_CLASS_MISSING_REASON, message))
             method = _spec(server_class).get("bootFromDiskMethod") or ""
         method = method or settings.boot_from_disk_method
         if method == "http-404":
@@ -270,8 +293,15 @@ def decide(query: BootQuery, lookup: BootLookup, settings: BootSettings) -> Boot
     if environment is None:
         return BootResponse(404, b"", f"environment {env_name!r} not found", env_name)
     if not environment_is_ready(environment):
+        reasons = not_ready_reasons(environment)
+        message = f'environment "{env_name}" is not ready'
+        if not reasons:
+            return BootResponse(412, message.encode(), "environment not ready", env_name)
+        # The body starts as Sidero's; the reason (both digests of a sha512 mismatch) follows.
+        message += ": " + "; ".join(reasons)
         return BootResponse(
-            412, f'environment "{env_name}" is not ready'.encode(), "environment not ready", env_name,
+            412, (message + "\n").encode(), "environment not ready", env_name,
+            event=BootEvent(server, ENVIRONMENT_NOT_READY_REASON, message),
         )
     if not settings.siderolink_server_address:
         # Booting Talos without the SideroLink args would leave it without logs and events.

@@ -18,6 +18,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.static import File, NoRangeStaticProducer, StaticProducer
 
+from sidero.protocols import bootfiles
 from sidero.protocols.http.ipxe import (
     BootQuery,
     BootSettings,
@@ -63,23 +64,45 @@ class AssetFile(File):
         return super().makeProducer(request, fileForReading)
 
 
+class ScriptResource(Resource):
+    """The chain script, for an iPXE client that asked for an iPXE binary (L{bootfiles})."""
+
+    isLeaf = True
+
+    def __init__(self, script: bytes) -> None:
+        super().__init__()
+        self.script = script
+
+    def render(self, request: IRequest) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return self.script
+
+
 class StaticRoots(Resource):
     """Serve a file from the first of several directories that has it.
 
     The operator's own iPXE binaries shadow Debian's; each root is a L{File}, which gives HEAD,
-    Range and If-Modified-Since, and refuses paths that leave its root.
+    Range and If-Modified-Since, and refuses paths that leave its root. Sidero's names find
+    Debian's files (L{bootfiles.candidates}); with C{chain_script}, iPXE asking for an iPXE
+    binary gets the script.
     """
 
-    def __init__(self, roots: Sequence[str]) -> None:
+    def __init__(self, roots: Sequence[str], chain_script: bytes | None = None) -> None:
         super().__init__()
         self.roots = [r for r in roots if r]
+        self.chain_script = chain_script
 
     def getChild(self, path: bytes, request: IRequest) -> IResource:
+        name = path.decode("utf-8", "replace")
+        if self.chain_script is not None and bootfiles.wants_chain_script(
+                name, bootfiles.is_ipxe_http(request.getHeader(b"user-agent"))):
+            return ScriptResource(self.chain_script)
         for root in self.roots:
-            candidate = AssetFile(root)
-            child = candidate.getChild(path, request)
-            if isinstance(child, File) and child.exists():
-                return child
+            for alias in bootfiles.candidates(name):
+                candidate = AssetFile(root)
+                child = candidate.getChild(alias.encode("utf-8"), request)
+                if isinstance(child, File) and child.exists():
+                    return child
         return NotFoundResource()
 
     def render(self, request: IRequest) -> bytes:
@@ -165,6 +188,8 @@ class BootSite:
         )
         self._timeline(request, query, decision=response.decision, status=response.status,
                        environment=response.environment)
+        if response.event is not None and self.events is not None:
+            self.events.warning(response.event.obj, response.event.reason, response.event.message)
         request.setResponseCode(response.status)
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return response.body
@@ -193,7 +218,7 @@ class BootSite:
     @app.route("/tftp/", branch=True)
     def tftp(self, request: IRequest) -> IResource:
         self._log_request(request)
-        return StaticRoots(self.tftp_roots)
+        return StaticRoots(self.tftp_roots, chain_script=self.script)
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: IRequest) -> bytes:

@@ -39,7 +39,7 @@ import stat
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, Interface, implementer
 
@@ -48,9 +48,11 @@ __all__ = [
     "AssetError",
     "AssetNotFound",
     "BackendError",
+    "BytesReader",
     "FilesystemAssets",
     "IAssetReader",
     "IBootAssets",
+    "OverrideAssets",
     "clean_path",
 ]
 
@@ -170,15 +172,19 @@ class FilesystemAssets:
         service logs missing roots once at start rather than on every request).
     @param run: runs a blocking callable off the reactor thread, returning a Deferred
         that fires on the reactor thread.
+    @param aliases: the file names to look for, in order, in each root when a name is
+        requested (L{sidero.protocols.bootfiles.candidates}); by default the name itself.
     """
 
     log = Logger()
 
-    def __init__(self, roots: Sequence[str], run: Runner) -> None:
+    def __init__(self, roots: Sequence[str], run: Runner,
+                 aliases: Callable[[str], Sequence[str]] | None = None) -> None:
         if not roots:
             raise ValueError("at least one root directory is needed")
         self.roots = [os.path.abspath(r) for r in roots]
         self._run = run
+        self._aliases = aliases
 
     def open(self, name: str) -> Deferred[IAssetReader]:
         return self._run(self._open_blocking, name)
@@ -187,21 +193,25 @@ class FilesystemAssets:
         relative = clean_path(name)
         if not relative:
             raise AccessViolation(f"{name!r}: not a file")
+        names = [relative]
+        if self._aliases is not None:
+            names = [clean_path(n) for n in self._aliases(relative)] or names
         for root in self.roots:
             try:
                 real_root = os.path.realpath(root, strict=True)
             except OSError:
                 continue
-            candidate = os.path.join(real_root, relative)
-            try:
-                os.lstat(candidate)
-            except FileNotFoundError:
-                continue
-            except NotADirectoryError:
-                continue
-            except OSError as e:
-                raise BackendError(f"{name!r}: {e.strerror}") from None
-            return self._open_in_root(name, real_root, candidate)
+            for alias in names:
+                candidate = os.path.join(real_root, alias)
+                try:
+                    os.lstat(candidate)
+                except FileNotFoundError:
+                    continue
+                except NotADirectoryError:
+                    continue
+                except OSError as e:
+                    raise BackendError(f"{name!r}: {e.strerror}") from None
+                return self._open_in_root(name, real_root, candidate)
         raise AssetNotFound(f"{name!r}: file not found")
 
     def _open_in_root(self, name: str, real_root: str, candidate: str) -> IAssetReader:
@@ -235,3 +245,41 @@ class FilesystemAssets:
             os.close(fd)
             raise
         return _FileReader(fd, st.st_size, self._run, name)
+
+
+@implementer(IAssetReader)
+class BytesReader:
+    """An in-memory asset (the chain script); reads need no thread."""
+
+    def __init__(self, data: bytes, name: str = "") -> None:
+        self._data = data
+        self.size = len(data)
+        self.name = name
+        self._closed = False
+
+    def read(self, offset: int, length: int) -> Deferred[bytes]:
+        if self._closed:
+            return fail(BackendError(f"{self.name}: read after close"))
+        return succeed(self._data[offset:offset + length])
+
+    def close(self) -> None:
+        self._closed = True
+
+
+@implementer(IBootAssets)
+class OverrideAssets:
+    """C{data} for the names C{wanted} picks, C{fallback} for everything else.
+
+    How an iPXE client asking for a boot binary gets the chain script instead
+    (L{sidero.protocols.bootfiles}).
+    """
+
+    def __init__(self, fallback: IBootAssets, data: bytes, wanted: Callable[[str], bool]) -> None:
+        self.fallback = fallback
+        self.data = data
+        self.wanted = wanted
+
+    def open(self, name: str) -> Deferred[IAssetReader]:
+        if self.wanted(clean_path(name)):
+            return succeed(BytesReader(self.data, name))
+        return self.fallback.open(name)

@@ -131,6 +131,8 @@ class TFTPProtocol(DatagramProtocol):
 
     @param listen_transfer: standard mode only: binds a new ephemeral port for a
         transfer's protocol and returns it (e.g. C{lambda p: reactor.listenUDP(0, p)}).
+    @param assets_for: picks the assets for one request (by its options: iPXE gets the
+        chain script for boot binaries); by default every request reads C{assets}.
     """
 
     log = Logger()
@@ -147,12 +149,14 @@ class TFTPProtocol(DatagramProtocol):
         listen_transfer: ListenTransfer | None = None,
         max_sessions: int = 1000,
         config: SessionConfig | None = None,
+        assets_for: Callable[[codec.Request], IBootAssets] | None = None,
     ) -> None:
         if not single_port and listen_transfer is None:
             raise ValueError("standard mode needs listen_transfer")
         if max_sessions < 1:
             raise ValueError("max_sessions must be positive")
         self.assets = assets
+        self.assets_for = assets_for
         self.clock = clock
         self.single_port = single_port
         self.listen_transfer = listen_transfer
@@ -338,8 +342,9 @@ class TFTPProtocol(DatagramProtocol):
         self, request: codec.Request, datagram: bytes, addr: Address,
         send: Callable[[bytes], None],
     ) -> ReadSession:
+        assets = self.assets_for(request) if self.assets_for is not None else self.assets
         return ReadSession(
-            clock=self.clock, assets=self.assets, request=request, peer=addr, send=send,
+            clock=self.clock, assets=assets, request=request, peer=addr, send=send,
             on_done=self._session_done, config=self.config, raw_request=datagram,
         )
 

@@ -2,10 +2,13 @@
 """The C{tftp} service: a disk thread pool plus the UDP listener.
 
 Binding happens in C{privilegedStartService} (before twistd drops privileges, as
-L{twisted.application.internet.UDPServer} does).  A failure to bind (port 69 without
-root, address in use) is one clear error line and the service stays down; the rest of
-the process keeps running, because a TFTP outage must not take the HTTP/iPXE endpoint
-or the controllers with it.
+L{twisted.application.internet.UDPServer} does).  As root (C{fatal_bind}), a failure to bind
+(address in use, no such address) stops the process with one clear line: a half-started
+sidero that serves HTTP but not TFTP hides an outage.  As a normal user (port 69 is not
+ours to bind) it is one error line and the service stays down while the rest runs.
+
+Requests for the iPXE binaries go through L{sidero.protocols.bootfiles}: Sidero's names
+find Debian's files, and iPXE itself gets the chain script (C{chain_script}).
 """
 
 from __future__ import annotations
@@ -21,30 +24,38 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from sidero.protocols.tftp.backend import FilesystemAssets
+from sidero.protocols import bootfiles
+from sidero.protocols.tftp import codec
+from sidero.protocols.tftp.backend import FilesystemAssets, IBootAssets, OverrideAssets
 from sidero.protocols.tftp.protocol import TFTPProtocol
 from sidero.protocols.tftp.session import SessionConfig
 from sidero.threads import ThreadPoolService
 
-__all__ = ["TFTPListener", "make_tftp_service"]
+__all__ = ["TFTPBindError", "TFTPListener", "make_tftp_service"]
 
 # Bursts of a window per peer times hundreds of peers overflow the default ~200 KiB
 # socket buffers; the kernel caps these at net.core.[rw]mem_max without complaint.
 SOCKET_BUFFER = 4 << 20
 
 
+class TFTPBindError(Exception):
+    """The TFTP port cannot be bound and that is fatal (root); the message is the one line."""
+
+
 class TFTPListener(Service):
-    """Binds the TFTP protocol's UDP port; never raises out of start-up."""
+    """Binds the TFTP protocol's UDP port; raises out of start-up only with C{fatal_bind}."""
 
     log = Logger()
 
     def __init__(
-        self, reactor: Any, protocol: TFTPProtocol, port: int, interface: str
+        self, reactor: Any, protocol: TFTPProtocol, port: int, interface: str,
+        fatal_bind: bool = False,
     ) -> None:
         self.reactor = reactor
         self.protocol = protocol
         self.port = port
         self.interface = interface
+        self.fatal_bind = fatal_bind
         self.listening: IListeningPort | None = None
         self.bind_error: str | None = None
         self.setName("tftp-udp")
@@ -65,6 +76,10 @@ class TFTPListener(Service):
             )
         except CannotListenError as e:
             self.bind_error = str(e.socketError)
+            if self.fatal_bind:
+                raise TFTPBindError(
+                    f"cannot listen on UDP {self.interface or '*'}:{self.port}: {self.bind_error}"
+                    " (pass --disable-tftp to run without TFTP)") from e
             self.log.error(
                 "TFTP disabled: cannot listen on UDP {interface}:{port}: {error}",
                 interface=self.interface or "*", port=self.port, error=self.bind_error,
@@ -72,6 +87,9 @@ class TFTPListener(Service):
             return
         except Exception as e:  # never take the process down with us
             self.bind_error = repr(e)
+            if self.fatal_bind:
+                raise TFTPBindError(
+                    f"cannot listen on UDP {self.interface or '*'}:{self.port}: {e!r}") from e
             self.log.error(
                 "TFTP disabled: cannot listen on UDP {interface}:{port}: {error}",
                 interface=self.interface or "*", port=self.port, error=self.bind_error,
@@ -115,6 +133,8 @@ def make_tftp_service(
     max_sessions: int = 1000,
     config: SessionConfig | None = None,
     io_threads: int = 4,
+    chain_script: bytes | None = None,
+    fatal_bind: bool = False,
 ) -> IService:
     """The read-only TFTP server as a service named C{tftp}.
 
@@ -123,6 +143,9 @@ def make_tftp_service(
         ephemeral transfer ports.
     @param io_threads: size of the dedicated disk pool (reads are chunked and read ahead,
         so a few threads serve hundreds of transfers).
+    @param chain_script: what an iPXE client asking for an iPXE binary gets instead
+        (L{sidero.protocols.bootfiles}); None serves the files to everyone.
+    @param fatal_bind: a failure to bind the port stops start-up (L{TFTPBindError}).
     """
     log = Logger(namespace=__name__)
     for root in roots:
@@ -132,7 +155,19 @@ def make_tftp_service(
     top.setName("tftp")
     pool = ThreadPoolService(reactor, "tftp-io", max_threads=io_threads)
     pool.setServiceParent(top)
-    assets = FilesystemAssets(roots, pool.run)
+    assets = FilesystemAssets(roots, pool.run, aliases=bootfiles.candidates)
+    assets_for = None
+    if chain_script is not None:
+        script_assets = OverrideAssets(
+            assets, chain_script, lambda name: bootfiles.wants_chain_script(name, True))
+
+        def assets_for(request: codec.Request) -> IBootAssets:
+            if bootfiles.is_ipxe_tftp(request.options) and bootfiles.wants_chain_script(
+                    request.filename, True):
+                log.info("TFTP: iPXE asked for {filename!r}: sending the chain script",
+                         filename=request.filename)
+                return script_assets
+            return assets
 
     def listen_transfer(protocol: DatagramProtocol) -> IListeningPort:
         listening: IListeningPort = reactor.listenUDP(0, protocol, interface=interface)
@@ -145,6 +180,7 @@ def make_tftp_service(
         listen_transfer=None if single_port else listen_transfer,
         max_sessions=max_sessions,
         config=config,
+        assets_for=assets_for,
     )
-    TFTPListener(reactor, protocol, port, interface).setServiceParent(top)
+    TFTPListener(reactor, protocol, port, interface, fatal_bind).setServiceParent(top)
     return top

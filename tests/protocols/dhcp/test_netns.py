@@ -197,6 +197,6 @@ class NamespaceTests(SynchronousTestCase):
                            timeout=20)
         ack = codec.decode(bytes.fromhex(out.strip()))
         self.assertEqual(ack.message_type, codec.DHCPACK)
-        self.assertEqual(ack.get(codec.OPT_BOOTFILE), b"snponly.efi")
+        self.assertEqual(ack.get(codec.OPT_BOOTFILE), b"snp.efi")
         self.assertEqual(ack.get(codec.OPT_VENDOR_SPECIFIC), b"\x47\x04\x80\x00\x00\x00\xff")
         self.assertEqual(self.proxy_counters()["acks"], 1)

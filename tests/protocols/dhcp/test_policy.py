@@ -47,7 +47,7 @@ class FirmwareTests(SynchronousTestCase):
         """EDK2 UEFI x64 PXE gets the x86-64 EFI iPXE over TFTP."""
         r = offer(p.EDK2_UEFI_DISCOVER)
         self.assertEqual(r.firmware, Firmware.X86_EFI)
-        self.assertEqual(r.message.get(codec.OPT_BOOTFILE), b"snponly.efi")
+        self.assertEqual(r.message.get(codec.OPT_BOOTFILE), b"snp.efi")
         self.assertEqual(r.message.get(codec.OPT_VENDOR_CLASS), b"PXEClient")
 
     def test_boot_files_configurable(self) -> None:
@@ -60,7 +60,7 @@ class FirmwareTests(SynchronousTestCase):
         """Arch 16 gets an HTTP URL under /tftp/ and option 60 HTTPClient, no 43/66."""
         r = offer(p.UEFI_HTTP_DISCOVER)
         self.assertEqual(r.firmware, Firmware.X86_HTTP)
-        self.assertEqual(r.message.get(codec.OPT_BOOTFILE), b"http://10.213.0.2:8081/tftp/snponly.efi")
+        self.assertEqual(r.message.get(codec.OPT_BOOTFILE), b"http://10.213.0.2:8081/tftp/snp.efi")
         self.assertEqual(r.message.get(codec.OPT_VENDOR_CLASS), b"HTTPClient")
         self.assertIsNone(r.message.get(codec.OPT_VENDOR_SPECIFIC))
         self.assertIsNone(r.message.get(codec.OPT_TFTP_SERVER))
@@ -70,13 +70,13 @@ class FirmwareTests(SynchronousTestCase):
         cfg = ProxyConfig(server_ip="10.213.0.2", endpoint="sidero.lab", api_port=9000)
         raw = p.bootp(p.discover_common(b"HTTPClient:Arch:00019:UNDI:003000", 19, b"\x01\x03\x00"))
         r = offer(raw, cfg)
-        self.assertEqual(r.message.get(67), b"http://sidero.lab:9000/tftp/snponly-arm64.efi")
+        self.assertEqual(r.message.get(67), b"http://sidero.lab:9000/tftp/snp-arm64.efi")
 
     def test_arm64_pxe(self) -> None:
         """Arch 11 gets the arm64 EFI binary over TFTP."""
         r = offer(p.ARM64_DISCOVER)
         self.assertEqual(r.firmware, Firmware.ARM_EFI)
-        self.assertEqual(r.message.get(67), b"snponly-arm64.efi")
+        self.assertEqual(r.message.get(67), b"snp-arm64.efi")
 
     def test_ipxe_efi_gets_script(self) -> None:
         """iPXE running as an EFI app (arch 7 + iPXE) is chained to /boot.ipxe too."""
@@ -158,6 +158,21 @@ class ScopeTests(SynchronousTestCase):
         d = policy.decide(codec.decode(p.PLAIN_DISCOVER), CFG, proxy_port=False)
         self.assertEqual(d, Ignore(policy.NOT_PXE))
 
+    def test_option_93_without_option_60_answered(self) -> None:
+        """As the Go proxy: option 93 is enough, whatever option 60 says (or without it)."""
+        import struct
+
+        base = (p.opt(53, b"\x01") + p.opt(93, struct.pack("!H", 7)) + p.opt(97, p.GUID))
+        for vendor in (b"", b"pxeclient", b"Broadcom-ROM"):
+            raw = p.bootp(base + (p.opt(60, vendor) if vendor else b""))
+            r = offer(raw)
+            self.assertEqual((r.firmware, r.message.get(codec.OPT_BOOTFILE)),
+                             (Firmware.X86_EFI, b"snp.efi"), vendor)
+            self.assertEqual(r.message.get(codec.OPT_VENDOR_CLASS), b"PXEClient")
+        http = p.bootp(p.opt(53, b"\x01") + p.opt(93, struct.pack("!H", 16)))
+        self.assertEqual(offer(http).message.get(codec.OPT_BOOTFILE),
+                         b"http://10.213.0.2:8081/tftp/snp.efi")
+
     def test_site_request_ignored(self) -> None:
         """The REQUEST on :67 for the site server's lease is not ours."""
         d = policy.decide(codec.decode(p.EDK2_SITE_REQUEST), CFG, proxy_port=False)
@@ -202,7 +217,7 @@ class ProxyPortTests(SynchronousTestCase):
                           source=("10.213.0.120", 4011))
         assert isinstance(d, Reply)
         self.assertEqual(d.message.message_type, codec.DHCPACK)
-        self.assertEqual(d.message.get(67), b"snponly.efi")
+        self.assertEqual(d.message.get(67), b"snp.efi")
         self.assertEqual(d.message.get(43), b"\x47\x04\x80\x00\x00\x00\xff")
         self.assertEqual(d.address, ("10.213.0.120", 4011))
 

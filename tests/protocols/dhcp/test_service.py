@@ -74,6 +74,20 @@ class SelectionTests(SynchronousTestCase):
         """A given interface wins, even if it does not own the endpoint IP."""
         self.assertEqual(select_interface("10.213.0.2", "eth1", lambda: ADDRS), "eth1")
 
+    def test_several_interfaces_each_with_its_address(self) -> None:
+        """A multi-homed host answers each network with its own address (the endpoint's
+        where the interface owns it)."""
+        from sidero.protocols.dhcp.interfaces import select_interfaces
+
+        self.assertEqual(select_interfaces("10.213.0.2", None, lambda: ADDRS),
+                         [("eth0", "10.213.0.2")])
+        self.assertEqual(select_interfaces("10.213.0.2", "eth0,eth1", lambda: ADDRS),
+                         [("eth0", "10.213.0.2"), ("eth1", "10.99.0.1")])
+        self.assertEqual(select_interfaces("10.213.0.2", "*", lambda: ADDRS),
+                         [("eth0", "10.213.0.2"), ("eth1", "10.99.0.1")])
+        self.assertRaises(InterfaceSelectionError, select_interfaces, "10.213.0.2", "eth0,eth9",
+                          lambda: ADDRS)
+
     def test_no_owner(self) -> None:
         """No owner: the error says what to pass."""
         e = self.assertRaises(InterfaceSelectionError, select_interface, "192.0.2.9", None,
@@ -123,6 +137,41 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(svc.running)
         self.assertEqual(opener.calls, [("eth0", 67), ("eth0", 4011)])  # not bound twice
         self.assertEqual(svc.interface, "eth0")
+
+    def test_each_interface_answers_with_its_address(self) -> None:
+        """Sockets per interface; each protocol's siaddr and HTTP-boot URLs are its own address."""
+        svc, reactor, opener = make(interface="eth0,eth1")
+        svc.privilegedStartService()
+        self.assertEqual(opener.calls, [("eth0", 67), ("eth0", 4011), ("eth1", 67), ("eth1", 4011)])
+        protos = [entry[2] for entry in reactor.adoptedPorts]
+        self.assertEqual([x.config.server_ip for x in protos],
+                         ["10.213.0.2", "10.213.0.2", "10.99.0.1", "10.99.0.1"])
+        self.assertEqual(svc.configs["eth1"].http_url("tftp/snp.efi"),
+                         "http://10.99.0.1:8081/tftp/snp.efi")
+        # The endpoint may be a name: URLs carry the address, as Go's serverIP.
+        named = DHCPProxyService(MemoryReactorClock(), endpoint="sidero.lab", api_port=8081,
+                                 interface=None, read_addresses=lambda: ADDRS,
+                                 open_socket=SocketRecorder(), resolve=lambda _: "10.213.0.2")
+        named.startService()
+        self.assertEqual(named.configs["eth0"].http_url("boot.ipxe"), "http://10.213.0.2:8081/boot.ipxe")
+
+    def test_fatal_failures_as_root(self) -> None:
+        """With fatal (root), no interface or a port that cannot be bound stops start-up with
+        one line, and nothing stays bound."""
+        from sidero.protocols.dhcp.service import DHCPProxyStartError
+
+        for kwargs in ({"endpoint": "192.0.2.9"}, {"opener": SocketRecorder(fail_port=4011)}):
+            reactor = MemoryReactorClock()
+            svc = make_dhcp_proxy_service(
+                reactor, endpoint=kwargs.get("endpoint", "10.213.0.2"), api_port=8081,  # type: ignore[arg-type]
+                interface=None, read_addresses=lambda: ADDRS,
+                open_socket=kwargs.get("opener", SocketRecorder()), fatal=True)
+            with self.assertRaises(DHCPProxyStartError) as caught:
+                svc.privilegedStartService()
+            self.assertNotIn("\n", str(caught.exception))
+            self.assertIn("--disable-dhcp-proxy", str(caught.exception))
+            self.assertFalse(svc.running)
+            self.assertEqual(svc._ports, [])  # type: ignore[attr-defined]
 
     def test_start_without_privileged_start(self) -> None:
         """startService alone binds too (service added to a running parent)."""

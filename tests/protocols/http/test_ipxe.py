@@ -210,6 +210,43 @@ class DecisionTests(SynchronousTestCase):
         self.lookup.kinds["servers"][UUID] = server(conditions=PXE_BOOTED, bootFromDiskMethod="bogus")
         self.assertEqual(self.ask().body, b"#!ipxe\nexit\n")
 
+    def test_boot_from_disk_with_missing_class_is_500(self) -> None:
+        """Spec 3.2 step 2.3: a missing ServerClass is a 500 with the reason and an Event on
+        the Server, not a silent fall-back to the default method."""
+        self.lookup.kinds["bindings"][UUID] = binding("gone")
+        self.lookup.kinds["servers"][UUID] = server(conditions=PXE_BOOTED)
+        r = self.ask()
+        self.assertEqual(r.status, 500)
+        self.assertEqual(r.body, f'serverclass "gone" of server {UUID} not found: cannot choose'
+                                 " its boot-from-disk method\n".encode())
+        assert r.event is not None
+        self.assertEqual((r.event.obj["metadata"]["name"], r.event.reason),
+                         (UUID, "BootFromDiskFailed"))
+        self.assertEqual(r.event.message + "\n", r.body.decode())
+        # The Server's own method needs no class: no error then.
+        self.lookup.kinds["servers"][UUID] = server(conditions=PXE_BOOTED,
+                                                    bootFromDiskMethod="ipxe-sanboot")
+        self.assertEqual(self.ask().status, 200)
+
+    def test_sha512_mismatch_is_412_with_both_digests(self) -> None:
+        """A Ready=False condition with a message (the Environment controller's sha512
+        mismatch) is named in the 412 and recorded on the Server."""
+        env = ready_env("default", [])
+        env["status"]["conditions"][0] = {
+            "type": "Ready", "status": "False", "url": env["spec"]["kernel"]["url"],
+            "sha512": "aa", "reason": "Sha512Mismatch",
+            "message": "kernel: sha512 mismatch for http://assets/default/vmlinuz: expected aa, got bb"}
+        self.lookup.kinds["environments"]["default"] = env
+        self.lookup.kinds["servers"][UUID] = server()
+        self.lookup.kinds["bindings"][UUID] = binding()
+        r = self.ask()
+        self.assertEqual(r.status, 412)
+        self.assertEqual(r.body, b'environment "default" is not ready: kernel: sha512 mismatch for'
+                                 b" http://assets/default/vmlinuz: expected aa, got bb\n")
+        assert r.event is not None
+        self.assertEqual(r.event.reason, "EnvironmentNotReady")
+        self.assertIn("expected aa, got bb", r.event.message)
+
     def test_pxe_boot_always(self) -> None:
         """pxeBootAlways keeps serving the OS environment after installation."""
         self.lookup.kinds["bindings"][UUID] = binding()

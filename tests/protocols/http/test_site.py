@@ -17,6 +17,14 @@ from tests.protocols.http.test_ipxe import UUID, DictLookup, binding, ready_env,
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 
 
+class RecordedEvents:
+    def __init__(self) -> None:
+        self.recorded: list[tuple[dict[str, Any], str, str]] = []
+
+    def warning(self, obj: dict[str, Any], reason: str, message: str) -> None:
+        self.recorded.append((obj, reason, message))
+
+
 class SiteTests(TestCase):
     def setUp(self) -> None:
         self.tmp = self.mktemp()
@@ -33,9 +41,10 @@ class SiteTests(TestCase):
             f.write(b"debian-kpxe")
         self.lookup = DictLookup(servers={}, bindings={}, classes={},
                                  environments={"default": ready_env("default", [])})
+        self.events = RecordedEvents()
         site = BootSite(
             self.lookup, BootSettings("127.0.0.1", 8081, siderolink_server_address="fdae::1"), os.path.join(self.tmp, "env"),
-            [os.path.join(self.tmp, "own"), os.path.join(self.tmp, "debian")],
+            [os.path.join(self.tmp, "own"), os.path.join(self.tmp, "debian")], events=self.events,
         )
         self.port = reactor.listenTCP(0, Site(site.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(self.port.stopListening)
@@ -60,6 +69,17 @@ class SiteTests(TestCase):
         self.lookup.kinds["bindings"][UUID] = binding(None)
         response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}")
         self.assertIn(b"kernel /env/default/vmlinuz", body)
+
+    async def test_ipxe_error_events_recorded(self) -> None:
+        """An /ipxe answer that needs the operator is recorded as a Warning Event on the Server."""
+        self.lookup.kinds["servers"][UUID] = server(
+            conditions=[{"type": "PXEBooted", "status": "True"}])
+        self.lookup.kinds["bindings"][UUID] = binding("gone")
+        response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}")
+        self.assertEqual(response.code, 500)
+        self.assertIn(b'serverclass "gone"', body)
+        self.assertEqual([(o["metadata"]["name"], r) for o, r, _ in self.events.recorded],
+                         [(UUID, "BootFromDiskFailed")])
 
     async def test_ipxe_lookup_failure_is_500(self) -> None:
         """A failing lookup answers 500 with an empty body."""
@@ -92,6 +112,23 @@ class SiteTests(TestCase):
         self.assertNotEqual(response.code, 200)
         response, _ = await self.fetch("GET", "/tftp/%2e%2e/env/default/vmlinuz")
         self.assertEqual(response.code, 404)
+
+    async def test_tftp_sidero_names_and_ipxe_script(self) -> None:
+        """/tftp/ answers Sidero's names from Debian's files; iPXE asking for one gets the
+        chain script (UEFI HTTP boot whose iPXE is handed the same URL again)."""
+        with open(os.path.join(self.tmp, "debian", "snponly.efi"), "wb") as f:
+            f.write(b"debian-snp")
+        _, body = await self.fetch("GET", "/tftp/snp.efi")
+        self.assertEqual(body, b"debian-snp")
+        _, body = await self.fetch("GET", "/tftp/undionly.kpxe.0")
+        self.assertEqual(body, b"debian-kpxe")
+        response, body = await self.fetch(
+            "GET", "/tftp/snp.efi", headers={"User-Agent": "iPXE/1.21.1+ (g8b4e)"})
+        self.assertEqual(response.code, 200)
+        self.assertTrue(body.startswith(b"#!ipxe\n"))
+        self.assertIn(b"http://127.0.0.1:8081/ipxe?uuid=${uuid}", body)
+        _, body = await self.fetch("GET", "/tftp/ipxe.efi", headers={"User-Agent": "UefiHttpBoot/1.0"})
+        self.assertEqual(body, b"operator")
 
     async def test_unknown_path_is_go_404(self) -> None:
         """Unknown paths answer Go's `404 page not found`."""
