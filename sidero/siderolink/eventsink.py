@@ -228,7 +228,7 @@ class EventSinkAPI:
     @param negative_filter: C{--events-negative-address-filter}.
     """
 
-    log = Logger(namespace="sidero.siderolink.events")
+    log = Logger()
 
     def __init__(self, store: IResourceStore, clock: IReactorTime,
                  annotation_for: Callable[[str], Annotation | None],
@@ -287,7 +287,7 @@ class EventSinkAPI:
 class EventSinkServicer(events_pb2_grpc.EventSinkServiceServicer):
     """grpcio's side of the sink; the peer address names the node."""
 
-    log = Logger(namespace="sidero.siderolink.events")
+    log = Logger()
 
     def __init__(self, reactor: Any, api: EventSinkAPI, call_timeout: float = 30.0) -> None:
         self.reactor = reactor

@@ -212,7 +212,7 @@ class KmsgFactory(Factory):
         dropped.
     """
 
-    log = Logger(namespace="sidero.siderolink.logreceiver")
+    log = Logger()
 
     def __init__(self, writer: LineWriter,
                  annotation_for: Callable[[str], Annotation | None]) -> None:

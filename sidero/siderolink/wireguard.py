@@ -360,7 +360,7 @@ class KernelDevice:
 class _WireGuardGo(ProcessProtocol):
     """wireguard-go's output goes to our log; its exit is reported."""
 
-    log = Logger(namespace="sidero.siderolink.wireguard-go")
+    log = Logger()
 
     def __init__(self, name: str) -> None:
         self.name = name
