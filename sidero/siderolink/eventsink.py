@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import socket
 import urllib.parse
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
@@ -44,6 +46,7 @@ from sidero.controllers.patch import patch_changes
 from sidero.proto import common_pb2, events_pb2, events_pb2_grpc, machine_pb2
 from sidero.protocols.grpc.server import ReactorUnavailable, call_on_reactor
 from sidero.siderolink.annotator import Annotation, normalise_ip
+from sidero.siderolink.listen import TunnelListenerService
 from sidero.store.errors import Conflict, NotFound, StoreError
 from sidero.store.interfaces import IResourceStore, Object
 from sidero.threads import CallTimeout
@@ -332,3 +335,53 @@ def make_event_sink_server(servicer: EventSinkServicer, max_workers: int = 4) ->
     )
     events_pb2_grpc.add_EventSinkServiceServicer_to_server(servicer, server)
     return server
+
+
+#: The Go Sidero's EventsSinkPort (spec §0.3).
+EVENT_SINK_PORT = 4002
+
+
+def make_event_sink_service(
+    reactor: Any, servicer: EventSinkServicer, host: Callable[[], Awaitable[str]],
+    port: int = EVENT_SINK_PORT, stop_grace: float = 5.0, retry: float | None = None,
+) -> TunnelListenerService:
+    """The C{event-sink} service: a grpcio server for C{servicer} on C{[host()]:port}."""
+    servers: list[grpc.Server] = []
+
+    def bind(address: str) -> None:
+        # Probe first: grpcio would print its own error line on every retry.
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((address, port))
+        server = make_event_sink_server(servicer)
+        try:
+            bound = server.add_insecure_port(f"[{address}]:{port}" if ":" in address
+                                             else f"{address}:{port}")
+        except RuntimeError as e:  # grpcio's "Failed to bind to address"
+            raise OSError(str(e)) from None
+        if bound == 0:
+            raise OSError(f"cannot bind {address}:{port}")
+        server.start()
+        servers.append(server)
+        service.port_bound = bound  # type: ignore[attr-defined]
+
+    def unbind() -> Deferred[None] | None:
+        if not servers:
+            return None
+        stopped = servers.pop().stop(stop_grace)
+        done: Deferred[None] = Deferred()
+        deadline = reactor.seconds() + stop_grace + 5.0
+
+        def poll() -> None:  # never wait on the reactor thread: in-flight calls need it
+            if stopped.is_set() or reactor.seconds() >= deadline:
+                done.callback(None)
+            else:
+                reactor.callLater(0.02, poll)
+
+        poll()
+        return done
+
+    kwargs = {} if retry is None else {"retry": retry}
+    service = TunnelListenerService(reactor, "event-sink", host, bind, unbind, "event sink",
+                                    port, **kwargs)
+    return service
