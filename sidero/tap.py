@@ -399,6 +399,16 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
 # --- SideroLink: the tunnel, Provision, the log receiver, the event sink, syslog -----------------
 
 
+def _waiting_group(context: AppContext) -> OrderedMultiService:
+    """A group whose start the root waits for (the tunnel must be up before the sinks bind)."""
+    from sidero.protocols.http.service import PreparedService
+
+    async def nothing() -> None:
+        return None
+
+    return PreparedService(context.reactor, nothing)
+
+
 def _own_informer(context: AppContext, kind: Any, parent: OrderedMultiService) -> Any:
     """The controller manager's shared informer of C{kind}, or (controllers disabled) one of
     our own, made once and run by the first SideroLink service that asks for it."""
@@ -470,7 +480,7 @@ def _make_siderolink(settings: Settings, context: AppContext) -> IService | None
     from sidero.siderolink.provision import ProvisionAPI, ProvisionServicer, add_to_server
     from sidero.siderolink.service import DEFAULT_INTERFACE, SideroLinkService
 
-    group = OrderedMultiService(context.reactor)
+    group = _waiting_group(context)
     # A test may hand in its own device opener through the context.
     opener = context.extra.get("siderolink_opener")
     link = SideroLinkService(
@@ -493,7 +503,7 @@ def _make_log_receiver(settings: Settings, context: AppContext) -> IService | No
     """Talos kernel logs on [tunnel address]:4001 (spec 3.10), to --server-log."""
     from sidero.siderolink.logreceiver import KmsgFactory, make_log_receiver_service
 
-    group = OrderedMultiService(context.reactor)
+    group = _waiting_group(context)
     factory = KmsgFactory(_server_log_writer(settings, context),
                           _annotator(context, group).for_tunnel_ip)
     make_log_receiver_service(context.reactor, factory, _tunnel_host(context)).setServiceParent(group)
@@ -509,7 +519,7 @@ def _make_event_sink(settings: Settings, context: AppContext) -> IService | None
         make_event_sink_service,
     )
 
-    group = OrderedMultiService(context.reactor)
+    group = _waiting_group(context)
     api = EventSinkAPI(context.store, context.reactor, _annotator(context, group).for_tunnel_ip,
                        settings.events_negative_address_filter)
     context.extra["event_sink"] = api
