@@ -528,6 +528,22 @@ def _make_event_sink(settings: Settings, context: AppContext) -> IService | None
     return group
 
 
+def _make_syslog(settings: Settings, context: AppContext) -> IService | None:
+    """Syslog from agents, iPXE and BMCs (UDP 514, TCP 601; beyond Sidero), to --server-log."""
+    from sidero.protocols.syslog.protocol import SyslogSink
+    from sidero.protocols.syslog.service import SyslogService
+
+    group = _waiting_group(context)
+    writer = _server_log_writer(settings, context)
+    sink = SyslogSink(writer.write, _annotator(context, group).for_source_ip,
+                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water)
+    context.extra["syslog_sink"] = sink
+    SyslogService(context.reactor, sink, udp_port=settings.syslog_port,
+                  tcp_port=settings.syslog_tcp_port, interface=settings.listen_address,
+                  register=writer.register, unregister=writer.unregister).setServiceParent(group)
+    return group
+
+
 def _make_management(settings: Settings, context: AppContext) -> IService | None:
     """The C{sidero} CLI's API on a local unix socket (embedded store only: with Kubernetes,
     kubectl is the management tool). The socket's permissions are the access control."""
@@ -549,6 +565,7 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("siderolink", _make_siderolink),
     ("log-receiver", _make_log_receiver),
     ("event-sink", _make_event_sink),
+    ("syslog", _make_syslog),
     ("management", _make_management),
 ]
 

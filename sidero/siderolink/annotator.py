@@ -9,8 +9,9 @@ API Machine.  Lookups read the caches at the moment of the lookup, so a renamed 
 binding is never answered from a stale map (the Go annotator's delete-by-prefixed-key quirk
 cannot happen), and nothing waits on the store.
 
-The syslog receiver also maps LAN addresses: a Server's reported C{status.addresses} and its
-BMC endpoint.
+The syslog receiver also maps LAN addresses: the node addresses Talos reported into the
+binding (C{spec.addresses}), a Server's C{status.addresses} (from its agent) and its BMC
+endpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ Object = dict[str, Any]
 CLUSTER_LABEL = "cluster.x-k8s.io/cluster-name"
 CAPI_GROUP = "cluster.x-k8s.io"
 TUNNEL_INDEX = "siderolink-address"
+BINDING_ADDRESS_INDEX = "binding-address"
 ADDRESS_INDEX = "server-address"
 
 
@@ -46,18 +48,32 @@ class Annotation:
 
 
 def normalise_ip(text: str) -> str | None:
-    """An address (optionally with a prefix length, or bracketed) in its canonical form."""
+    """An address (optionally with a prefix length, or bracketed) in its canonical form;
+    an IPv4-mapped IPv6 address is its IPv4 address."""
     text = text.strip().strip("[]")
     try:
-        return ipaddress.ip_interface(text).ip.compressed
+        ip = ipaddress.ip_interface(text).ip
     except ValueError:
         return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.compressed  # an IPv4 peer of a dual-stack socket
+    return ip.compressed
 
 
 def tunnel_ips(binding: Object) -> list[str]:
     address = ((binding.get("spec") or {}).get("siderolink") or {}).get("address")
     ip = normalise_ip(str(address)) if address else None
     return [ip] if ip else []
+
+
+def binding_ips(binding: Object) -> list[str]:
+    """The node addresses Talos reported (C{spec.addresses}, from the event sink)."""
+    out = []
+    for text in (binding.get("spec") or {}).get("addresses") or []:
+        ip = normalise_ip(str(text))
+        if ip:
+            out.append(ip)
+    return out
 
 
 def server_ips(server: Object) -> list[str]:
@@ -111,6 +127,7 @@ class Annotator:
         self.servers = servers
         bindings.add_index(TUNNEL_INDEX, tunnel_ips)
         if servers is not None:
+            bindings.add_index(BINDING_ADDRESS_INDEX, binding_ips)
             servers.add_index(ADDRESS_INDEX, server_ips)
 
     def binding_for_tunnel_ip(self, ip: str) -> Object | None:
@@ -131,12 +148,18 @@ class Annotator:
         return self._annotate(binding) if binding is not None else None
 
     def for_source_ip(self, ip: str) -> Annotation | None:
-        """A tunnel address, else a Server's reported or BMC address (syslog sources)."""
+        """A tunnel address, else a node address Talos reported, else a Server's address as its
+        agent reported it or its BMC endpoint (syslog sources)."""
         found = self.for_tunnel_ip(ip)
         if found is not None or self.servers is None:
             return found
         key = normalise_ip(ip)
-        servers = self.servers.by_index(ADDRESS_INDEX, key) if key else []
+        if key is None:
+            return None
+        bound = self.bindings.by_index(BINDING_ADDRESS_INDEX, key)
+        if bound:
+            return self._annotate(bound[0])
+        servers = self.servers.by_index(ADDRESS_INDEX, key)
         if not servers:
             return None
         name = str((servers[0].get("metadata") or {}).get("name") or "")

@@ -23,7 +23,7 @@ from sidero.app import AppContext, OrderedMultiService
 from sidero.config import Host, Settings, resolve
 
 FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "siderolink",
-             "log-receiver", "event-sink", "management"]
+             "log-receiver", "event-sink", "syslog", "management"]
 
 
 def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
@@ -154,7 +154,7 @@ class BuildServiceTests(SynchronousTestCase):
     def test_disable_removes_service(self) -> None:
         """--disable-<name> leaves that child out and keeps the rest."""
         for name in ["controllers", "dhcp-proxy", "tftp", "http", "siderolink", "log-receiver",
-                     "event-sink"]:
+                     "event-sink", "syslog"]:
             with self.subTest(name=name):
                 flag = "disable_" + name.replace("-", "_")
                 root = tap.build_service(settings_for(self.state_dir, flag), MemoryReactorClock())
@@ -262,7 +262,8 @@ class ServiceTreeLifecycleTests(TestCase):
         # No WireGuard interface in the test's own network namespace (tests/siderolink has
         # the tunnel tests, in namespaces of their own).
         settings = settings_for(
-            state_dir, "disable_dhcp_proxy", "disable_siderolink", api_port=str(api_port),
+            state_dir, "disable_dhcp_proxy", "disable_siderolink", "disable_syslog",
+            api_port=str(api_port),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
         )
         root = tap.build_service(settings, global_reactor)

@@ -53,3 +53,7 @@ class AnnotatorTests(StoreTestCase):
         self.create(binding())
         self.assertEqual(self.annotator.for_source_ip("192.0.2.10").metal_machine, "mm-0")  # type: ignore[union-attr]
         self.assertEqual(self.annotator.for_source_ip(TUNNEL).server_uuid, UUID)  # type: ignore[union-attr]
+        # What Talos reported through the event sink maps too.
+        self.ok(self.store.patch(SERVER_BINDING, UUID, {"spec": {"addresses": ["172.20.0.9"]}}))
+        self.assertEqual(self.annotator.for_source_ip("172.20.0.9").cluster, "cluster-a")  # type: ignore[union-attr]
+        self.assertIsNone(self.annotator.for_source_ip("not an address"))

@@ -160,7 +160,7 @@ class SideroLinkNetnsTests(TestCase):
             "--store", "kubernetes", "--kubeconfig", str(self.api.kubeconfig),
             "--state-dir", str(self.work / "state"), "--api-endpoint", self.lab.ip(1),
             "--api-port", "8081", "--disable-dhcp-proxy", "--disable-tftp", "--disable-webhook",
-            "--disable-syslog", "--no-enable-leader-election", "--talos-assets-url",
+            "--no-enable-leader-election", "--talos-assets-url",
             "http://127.0.0.1:1", "--siderolink-interface", self.ifaces["srv"],
             "--server-log", str(self.server_log), "--events-negative-address-filter", FILTERED,
             "--log-format", "json"])
@@ -349,8 +349,9 @@ class SideroLinkNetnsTests(TestCase):
                           "namespace": "default", "metal_machine": MM, "cluster": CLUSTER,
                           "error": "yaml: line 3: bad indentation"})
 
+        await self.syslog_from_the_node()
         await self.stranger_gets_nothing(server_key, server_ip, subnet)
-        await self.restart_keeps_the_peer(node_key, server_ip, len(expected))
+        await self.restart_keeps_the_peer(node_key, server_ip)
         await self.second_installation(subnet, node_key)
 
     async def eventually_async(self, what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
@@ -362,6 +363,27 @@ class SideroLinkNetnsTests(TestCase):
                 return last
             await deferLater(reactor, 0.25, lambda: None)
         raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+    async def syslog_from_the_node(self) -> None:
+        """util-linux logger on the node's LAN address (the one Talos reported) to sidero's
+        syslog, UDP and TCP: the same annotation as its kernel logs, into the same file."""
+        before = len(self.server_lines())
+        self.sh(self.node, "logger", "-n", self.lab.ip(1), "-P", "514", "-d", "--rfc3164", "-t", "ipxe",
+                "net0: 52:54:00:12:34:56 using e1000")
+        self.sh(self.node, "logger", "-n", self.lab.ip(1), "-P", "601", "-T", "--octet-count",
+                "--rfc5424", "-t", "sidero-agent", "--msgid", "WIPE", "wiping /dev/vda")
+        await eventually("two syslog lines", lambda: len(self.server_lines()) >= before + 2)
+        records = [json.loads(line) for line in self.server_lines()[before:]]
+        by_app = {r["app_name"]: r for r in records}
+        self.assertEqual(set(by_app), {"ipxe", "sidero-agent"})
+        for record in records:
+            self.assertEqual({k: record.get(k) for k in ("source", "server_uuid", "namespace",
+                                                         "metal_machine", "cluster")},
+                             {"source": self.lab.ip(2), "server_uuid": UUID, "namespace": "default",
+                              "metal_machine": MM, "cluster": CLUSTER})
+        self.assertEqual((by_app["ipxe"]["transport"], by_app["ipxe"]["protocol"]), ("udp", "rfc3164"))
+        self.assertEqual((by_app["sidero-agent"]["transport"], by_app["sidero-agent"]["msgid"]),
+                         ("tcp", "WIPE"))
 
     async def stranger_gets_nothing(self, server_key: str, server_ip: str,
                                     subnet: ipaddress.IPv6Network) -> None:
@@ -392,9 +414,10 @@ class SideroLinkNetnsTests(TestCase):
         self.assertEqual(refused.get("code"), "NOT_FOUND", refused)
         self.assertEqual((await self.binding())["spec"]["hostname"], "talos-e2e")
 
-    async def restart_keeps_the_peer(self, node_key: str, server_ip: str, lines: int) -> None:
+    async def restart_keeps_the_peer(self, node_key: str, server_ip: str) -> None:
         """SIGTERM: sidero removes its interface; started again, it rebuilds the peer from
         the ServerBinding and the node's tunnel carries logs and events again."""
+        lines = len(self.server_lines())
         await deferToThread(self.sidero.stop)
         gone = self.lab.run("ip", "-n", self.srv, "link", "show", self.ifaces["srv"], check=False)
         self.assertEqual(gone, "", "the interface went with the process")

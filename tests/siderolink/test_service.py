@@ -133,7 +133,7 @@ class TreeTests(TestCase):
     async def start_tree(self, *flags: str, **settings: str) -> Any:
         state_dir = os.path.abspath(self.mktemp())
         self.api_port = free_tcp_port()
-        config = settings_for(state_dir, "disable_dhcp_proxy", "disable_tftp", *flags,
+        config = settings_for(state_dir, "disable_dhcp_proxy", "disable_tftp", "disable_syslog", *flags,
                               api_port=str(self.api_port), listen_address="127.0.0.1", **settings)
         self.opener = Opener()
 
