@@ -418,6 +418,7 @@ class SideroLinkNetnsTests(TestCase):
         """SIGTERM: sidero removes its interface; started again, it rebuilds the peer from
         the ServerBinding and the node's tunnel carries logs and events again."""
         lines = len(self.server_lines())
+        secret = await self.store.get(SECRET, "siderolink", "default")
         await deferToThread(self.sidero.stop)
         gone = self.lab.run("ip", "-n", self.srv, "link", "show", self.ifaces["srv"], check=False)
         self.assertEqual(gone, "", "the interface went with the process")
@@ -427,6 +428,10 @@ class SideroLinkNetnsTests(TestCase):
                                "event sink listening")
         await eventually("the peer rebuilt from the store", lambda: public_key(node_key) in self.wg_peers(
             self.srv, self.ifaces["srv"]))
+        kept = await self.store.get(SECRET, "siderolink", "default")
+        self.assertEqual((kept["data"], kept["metadata"]["resourceVersion"]),
+                         (secret["data"], secret["metadata"]["resourceVersion"]),
+                         "the identity is read back, never rewritten")
         again = self.work / "again.jsonl"
         again.write_bytes(b'{"clock":9,"msg":"after restart","seq":2000}\n')
         await eventually("kernel logs through the tunnel after the restart", lambda: (
