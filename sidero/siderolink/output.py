@@ -28,9 +28,13 @@ class Runner(Protocol):
 
 
 def open_output(target: str) -> IO[str]:
-    """stdout for C{-} or empty, else the file C{target} opened for appending (blocking)."""
+    """stdout for C{-} or empty, else the file C{target} opened for appending (blocking).
+
+    stdout is the process's own (C{sys.__stdout__}): twistd replaces C{sys.stdout} with a
+    file that turns writes into log events, which would wrap every line in a log record.
+    """
     if target in ("", "-"):
-        return sys.stdout
+        return sys.__stdout__ or sys.stdout
     directory = os.path.dirname(target)
     if directory:
         os.makedirs(directory, exist_ok=True)
@@ -140,7 +144,7 @@ class LineWriter:
         """Write what is queued, then close a file we opened (never stdout)."""
         def close_blocking() -> None:
             stream, self._stream = self._stream, None
-            if stream is not None and stream is not sys.stdout:
+            if stream is not None and stream not in (sys.stdout, sys.__stdout__):
                 stream.close()
 
         return self.drained().addCallback(lambda _: self.runner.run(close_blocking))

@@ -139,3 +139,66 @@ class LoggerTests(TestCase):
             self.addCleanup(service.stopService)
             self.assertIn("TCP", service.failure or "")
             self.assertEqual(len(service.ports), 1)
+
+
+class ProcessStdoutTests(TestCase):
+    """The real C{twistd sidero}: server logs on its stdout are bare JSON lines (twistd's own
+    stdout redirection must not wrap them into log records), between its own log lines."""
+
+    timeout = 90
+
+    async def test_lines_on_stdout(self) -> None:
+        if shutil.which("logger") is None:
+            raise SkipTest("LOUD SKIP: util-linux logger is not installed")
+        import os
+        import sys
+        import tempfile
+
+        from tests.paths import RUN_SIDERO, tree_env
+
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        sock_dir = tempfile.mkdtemp(prefix="sds-")
+        self.addCleanup(shutil.rmtree, sock_dir, True)
+        api, udp, tcp = (free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM),
+                         free_port(socket.SOCK_STREAM))
+        out_path = os.path.join(work, "stdout")
+        with open(out_path, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, str(RUN_SIDERO), "--state-dir", os.path.join(work, "state"),
+                 "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1", "--api-port", str(api),
+                 "--disable-dhcp-proxy", "--disable-tftp", "--disable-siderolink",
+                 "--syslog-port", str(udp), "--syslog-tcp-port", str(tcp),
+                 "--talos-assets-url", "http://127.0.0.1:1", "--log-format", "json",
+                 "--management-socket", os.path.join(sock_dir, "m.sock")],
+                stdout=out, stderr=subprocess.DEVNULL, env=tree_env(), cwd=work,
+                start_new_session=True)
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(20)
+
+        self.addCleanup(stop)
+
+        def read() -> list[dict[str, Any]]:
+            with open(out_path, errors="replace") as f:
+                return [json.loads(line) for line in f if line.startswith("{")]
+
+        for _ in range(200):
+            if any("syslog listening" in str(r.get("msg")) for r in read()):
+                break
+            self.assertIsNone(proc.poll(), open(out_path).read()[-3000:])
+            await deferLater(global_reactor, 0.1, lambda: None)
+        await deferToThread(subprocess.run, ["logger", "-n", "127.0.0.1", "-P", str(udp), "-d",
+                                             "--rfc5424", "-t", "agent", "straight to stdout"],
+                            check=True, timeout=10)
+        for _ in range(100):
+            mine = [r for r in read() if r.get("msg") == "straight to stdout"]
+            if mine:
+                break
+            await deferLater(global_reactor, 0.05, lambda: None)
+        self.assertEqual(len(mine), 1)
+        self.assertEqual((mine[0]["app_name"], mine[0]["transport"], mine[0]["source"]),
+                         ("agent", "udp", "127.0.0.1"))
+        self.assertNotIn("level", mine[0], "a bare server-log line, not a log record around it")
