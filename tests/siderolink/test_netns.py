@@ -250,8 +250,9 @@ class SideroLinkNetnsTests(TestCase):
 
     async def test_provision_tunnel_logs_events_restart(self) -> None:
         """Provision with a real key, the tunnel up to the given address, annotated kernel
-        logs and Publish events through it into the API server; a stranger gets nothing
-        through; a restart keeps the peer; a second installation hands out other addresses."""
+        logs and Publish events through it into the API server, syslog from the node; a
+        stranger gets nothing through; a restart keeps the peer; a second installation hands
+        out other addresses; a deleted binding takes its peer away."""
         await self.create_objects()
         self.sidero.start()
         await self.wait_sidero(self.sidero, "SideroLink up", "kernel log receiver listening",
@@ -353,6 +354,11 @@ class SideroLinkNetnsTests(TestCase):
         await self.stranger_gets_nothing(server_key, server_ip, subnet)
         await self.restart_keeps_the_peer(node_key, server_ip)
         await self.second_installation(subnet, node_key)
+
+        # A binding that goes takes its peer with it.
+        await self.store.delete(SERVER_BINDING, UUID)
+        await eventually("the peer removed with its binding", lambda: public_key(node_key) not in
+                         self.wg_peers(self.srv, self.ifaces["srv"]))
 
     async def eventually_async(self, what: str, check: Callable[[], Any], timeout: float = 30.0) -> Any:
         deadline = time.monotonic() + timeout

@@ -243,3 +243,30 @@ class ResolveTests(SynchronousTestCase):
         self.assertEqual(resolve_host("192.0.2.1"), "192.0.2.1")
         self.assertIn(resolve_host("localhost"), ("127.0.0.1", "::1"))
         self.assertRaises(OSError, resolve_host, "no-such-host.invalid")
+
+
+class SettingsTests(SynchronousTestCase):
+    def resolve(self, **flags: str) -> Any:
+        from sidero.config import Host, resolve
+
+        host = Host(is_root=True, home="/nonexistent", addresses=lambda: [])
+        return resolve({"api_endpoint": "192.0.2.9", **flags}, {}, host).settings
+
+    def test_defaults(self) -> None:
+        """auto WireGuard on "siderolink", logs to stdout, syslog on 514/601, the API
+        endpoint as WireGuard endpoint on 51821."""
+        s = self.resolve()
+        self.assertEqual((s.siderolink_wireguard, s.siderolink_interface, s.server_log,
+                          s.syslog_port, s.syslog_tcp_port, s.siderolink_endpoint, s.siderolink_port),
+                         ("auto", "siderolink", "-", 514, 601, "192.0.2.9", 51821))
+
+    def test_values_and_errors(self) -> None:
+        """Choices are checked, paths made absolute, interface names limited to 15 bytes."""
+        from sidero.config import ConfigError
+
+        s = self.resolve(siderolink_wireguard="USERSPACE", server_log="logs/servers.jsonl")
+        self.assertEqual(s.siderolink_wireguard, "userspace")
+        self.assertEqual(s.server_log, os.path.abspath("logs/servers.jsonl"))
+        self.assertRaises(ConfigError, self.resolve, siderolink_wireguard="boringtun")
+        self.assertRaises(ConfigError, self.resolve, siderolink_interface="x" * 16)
+        self.assertRaises(ConfigError, self.resolve, syslog_port="0")
