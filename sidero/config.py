@@ -43,6 +43,7 @@ SERVICES: tuple[str, ...] = (
     "siderolink",
     "log-receiver",
     "event-sink",
+    "syslog",
     "controllers",
     "webhook",
     "management",
@@ -190,6 +191,11 @@ def parse_path(text: str) -> str:
     if "\0" in text:
         raise ValueError(text)
     return os.path.abspath(text) if text else ""
+
+
+def parse_output(text: str) -> str:
+    """C{-} (standard output) or a file path."""
+    return "-" if text in ("", "-") else parse_path(text)
 
 
 def parse_required_path(text: str) -> str:
@@ -368,6 +374,27 @@ SETTINGS: tuple[Setting, ...] = (
         default_doc="the API endpoint", dash_empty=True,
     ),
     _port("siderolink_port", (CM + "SIDEROLINK_PORT",), "51821", "WireGuard UDP port."),
+    Setting(
+        "siderolink_wireguard", (_own("siderolink_wireguard"),), "auto",
+        choice("auto", "kernel", "userspace"), "one of auto, kernel, userspace",
+        "WireGuard implementation of the SideroLink interface: kernel WireGuard over netlink, or"
+        " the wireguard-go program; auto = the kernel's when it has the module, else wireguard-go.",
+    ),
+    Setting(
+        "siderolink_interface", (_own("siderolink_interface"),), "siderolink", parse_interface,
+        "an interface name",
+        "Name of the SideroLink WireGuard interface (wireguard-go's UAPI sockets are shared by"
+        " every network namespace of the host, so two instances need two names).",
+    ),
+    Setting(
+        "server_log", (_own("server_log"),), "-", parse_output, "- for standard output, or a file path",
+        "Where servers' logs go (the kernel log receiver's and syslog's annotated lines), one JSON"
+        " object per line.",
+    ),
+    _port("syslog_port", (_own("syslog_port"),), "514",
+          "Syslog UDP port (RFC 3164 and 5424; agents, iPXE, BMCs)."),
+    _port("syslog_tcp_port", (_own("syslog_tcp_port"),), "601",
+          "Syslog TCP port (RFC 6587 octet counting or newline framing)."),
     Setting(
         "extra_agent_kernel_args", (CM + "EXTRA_AGENT_KERNEL_ARGS",), "", parse_text,
         "kernel arguments separated by spaces, or - for none",
@@ -631,6 +658,11 @@ class Settings:
     http_port: int = 8081
     siderolink_endpoint: str = "127.0.0.1"
     siderolink_port: int = 51821
+    siderolink_wireguard: str = "auto"
+    siderolink_interface: str = "siderolink"
+    server_log: str = "-"
+    syslog_port: int = 514
+    syslog_tcp_port: int = 601
     extra_agent_kernel_args: str = ""
     boot_from_disk_method: str = "ipxe-exit"
     enable_leader_election: bool = True

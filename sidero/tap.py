@@ -448,9 +448,16 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             context.reactor.callFromThread(timeline.record, step, **fields)
 
         interceptor = metrics.grpc_interceptor(record_from_thread)
+
+        def grpc_server() -> Any:
+            server = make_grpc_server(servicer, interceptors=[interceptor])
+            # Later factories add theirs (SideroLink's Provision); called when the port starts.
+            for register in context.extra.get("grpc_services", ()):
+                register(server)
+            return server
+
         listener = make_api_port_service(
-            context.reactor, metrics.instrument_resource(site.resource(), timeline),
-            lambda: make_grpc_server(servicer, interceptors=[interceptor]),
+            context.reactor, metrics.instrument_resource(site.resource(), timeline), grpc_server,
             settings.http_port, interface=settings.listen_address,
         )
         factory = getattr(listener, "factory", None)
@@ -462,6 +469,154 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             interface=settings.listen_address,
         )
     listener.setServiceParent(group)
+    return group
+
+
+# --- SideroLink: the tunnel, Provision, the log receiver, the event sink, syslog -----------------
+
+
+def _waiting_group(context: AppContext) -> OrderedMultiService:
+    """A group whose start the root waits for (the tunnel must be up before the sinks bind)."""
+    from sidero.protocols.http.service import PreparedService
+
+    async def nothing() -> None:
+        return None
+
+    return PreparedService(context.reactor, nothing)
+
+
+def _own_informer(context: AppContext, kind: Any, parent: OrderedMultiService) -> Any:
+    """The controller manager's shared informer of C{kind}, or (controllers disabled) one of
+    our own, made once and run by the first SideroLink service that asks for it."""
+    manager = context.extra.get("controller_manager")
+    if manager is not None:
+        return manager.informer(kind)
+    from sidero.controllers.informer import Informer
+
+    own: dict[str, Any] = context.extra.setdefault("siderolink_informers", {})
+    if kind.kind not in own:
+        own[kind.kind] = Informer(context.store, kind, clock=context.reactor)
+        own[kind.kind].setServiceParent(parent)
+    return own[kind.kind]
+
+
+def _siderolink_identity(context: AppContext) -> Callable[[], Any]:
+    """Loads or creates the installation identity (the HTTP service's prepare does too; it
+    is create-if-absent, so whichever runs first creates the Secret and the other reads it)."""
+    async def identity() -> Any:
+        from sidero.siderolink.config import SideroLinkConfigError, load_or_create
+
+        config = context.extra.get("siderolink_config")
+        if config is None:
+            try:
+                config = await load_or_create(context.store)
+            except (SideroLinkConfigError, ValueError) as e:
+                raise StartupError(f"SideroLink identity (Secret default/siderolink): {e}") from e
+            context.extra["siderolink_config"] = config
+        return config
+
+    return identity
+
+
+def _tunnel_host(context: AppContext) -> Callable[[], Any]:
+    identity = _siderolink_identity(context)
+
+    async def host() -> str:
+        return str((await identity()).server_address)
+
+    return host
+
+
+def _annotator(context: AppContext, parent: OrderedMultiService) -> Any:
+    """One annotator for the log receiver, the event sink and syslog."""
+    if "siderolink_annotator" not in context.extra:
+        from sidero.api.registry import METAL_MACHINE, SERVER, SERVER_BINDING
+        from sidero.siderolink.annotator import Annotator
+
+        context.extra["siderolink_annotator"] = Annotator(
+            _own_informer(context, SERVER_BINDING, parent),
+            _own_informer(context, METAL_MACHINE, parent),
+            _own_informer(context, SERVER, parent),
+        )
+    return context.extra["siderolink_annotator"]
+
+
+def _server_log_writer(settings: Settings, context: AppContext) -> Any:
+    """The writer of servers' log lines (C{--server-log}), shared by log receiver and syslog."""
+    if "server_log_writer" not in context.extra:
+        from sidero.siderolink.output import LineWriter
+
+        context.extra["server_log_writer"] = LineWriter(context.pools["disk"], settings.server_log)
+    return context.extra["server_log_writer"]
+
+
+def _make_siderolink(settings: Settings, context: AppContext) -> IService | None:
+    """The WireGuard server of the tunnel (spec 3.8) and Provision on the API port's gRPC."""
+    from sidero.api.registry import SERVER_BINDING
+    from sidero.siderolink.provision import ProvisionAPI, ProvisionServicer, add_to_server
+    from sidero.siderolink.service import DEFAULT_INTERFACE, SideroLinkService
+
+    group = _waiting_group(context)
+    # A test may hand in its own device opener through the context.
+    opener = context.extra.get("siderolink_opener")
+    link = SideroLinkService(
+        context.reactor, _siderolink_identity(context),
+        _own_informer(context, SERVER_BINDING, group),
+        endpoint=settings.siderolink_endpoint, port=settings.siderolink_port,
+        mode=settings.siderolink_wireguard,
+        interface=settings.siderolink_interface or DEFAULT_INTERFACE,
+        **({"opener": opener} if opener is not None else {}),
+    )
+    link.setServiceParent(group)
+    context.extra["siderolink"] = link
+    servicer = ProvisionServicer(context.reactor, ProvisionAPI(context.store, link))
+    context.extra.setdefault("grpc_services", []).append(
+        lambda server: add_to_server(servicer, server))
+    return group
+
+
+def _make_log_receiver(settings: Settings, context: AppContext) -> IService | None:
+    """Talos kernel logs on [tunnel address]:4001 (spec 3.10), to --server-log."""
+    from sidero.siderolink.logreceiver import KmsgFactory, make_log_receiver_service
+
+    group = _waiting_group(context)
+    factory = KmsgFactory(_server_log_writer(settings, context),
+                          _annotator(context, group).for_tunnel_ip)
+    make_log_receiver_service(context.reactor, factory, _tunnel_host(context)).setServiceParent(group)
+    context.extra["log_receiver_factory"] = factory
+    return group
+
+
+def _make_event_sink(settings: Settings, context: AppContext) -> IService | None:
+    """Talos events on [tunnel address]:4002 (spec 3.11) into ServerBindings."""
+    from sidero.siderolink.eventsink import (
+        EventSinkAPI,
+        EventSinkServicer,
+        make_event_sink_service,
+    )
+
+    group = _waiting_group(context)
+    api = EventSinkAPI(context.store, context.reactor, _annotator(context, group).for_tunnel_ip,
+                       settings.events_negative_address_filter)
+    context.extra["event_sink"] = api
+    make_event_sink_service(context.reactor, EventSinkServicer(context.reactor, api),
+                            _tunnel_host(context)).setServiceParent(group)
+    return group
+
+
+def _make_syslog(settings: Settings, context: AppContext) -> IService | None:
+    """Syslog from agents, iPXE and BMCs (UDP 514, TCP 601; beyond Sidero), to --server-log."""
+    from sidero.protocols.syslog.protocol import SyslogSink
+    from sidero.protocols.syslog.service import SyslogService
+
+    group = _waiting_group(context)
+    writer = _server_log_writer(settings, context)
+    sink = SyslogSink(writer.write, _annotator(context, group).for_source_ip,
+                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water)
+    context.extra["syslog_sink"] = sink
+    SyslogService(context.reactor, sink, udp_port=settings.syslog_port,
+                  tcp_port=settings.syslog_tcp_port, interface=settings.listen_address,
+                  register=writer.register, unregister=writer.unregister).setServiceParent(group)
     return group
 
 
@@ -584,6 +739,10 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("dhcp-proxy", _make_dhcp_proxy),
     ("tftp", _make_tftp),
     ("http", _make_http),
+    ("siderolink", _make_siderolink),
+    ("log-receiver", _make_log_receiver),
+    ("event-sink", _make_event_sink),
+    ("syslog", _make_syslog),
     ("management", _make_management),
     ("metrics", _make_metrics),
     ("health", _make_health),

@@ -62,7 +62,8 @@ def main() -> None:
             [sys.executable, str(RUN_SIDERO),
              "--state-dir", os.path.join(work, "state"), "--api-endpoint", "127.0.0.1",
              "--api-port", str(ours), "--listen-address", "127.0.0.1",
-             "--disable-dhcp-proxy", "--disable-tftp", "--log-level", "warn",
+             "--disable-dhcp-proxy", "--disable-tftp", "--disable-siderolink", "--disable-syslog",
+             "--log-level", "warn",
              "--management-socket", os.path.join(work, "m.sock")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         conf = os.path.join(work, "nginx.conf")

@@ -7,8 +7,11 @@ the tunnel addresses stay the same across restarts and across hosts sharing one 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import ipaddress
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +52,35 @@ def public_key(private_key: str) -> str:
     return base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
 
 
+class InvalidKey(ValueError):
+    """A WireGuard key that is not 32 bytes of standard base64."""
+
+
+def parse_key(text: str) -> str:
+    """A WireGuard key (base64 of 32 bytes) in its canonical spelling, as Go's C{wgtypes.ParseKey}
+    accepts it; the messages say what is wrong without echoing the key.
+
+    @raise InvalidKey: not standard base64, or not 32 bytes.
+    """
+    try:
+        raw = base64.b64decode(text.encode("ascii", "strict"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise InvalidKey("wgtypes: failed to parse base64-encoded key: illegal base64 data") from None
+    if len(raw) != 32:
+        raise InvalidKey(f"wgtypes: incorrect key size: {len(raw)}")
+    return base64.b64encode(raw).decode()
+
+
+def key_hex(key: str) -> str:
+    """The hex spelling of a base64 WireGuard key (what the UAPI protocol speaks)."""
+    return base64.b64decode(parse_key(key)).hex()
+
+
+def key_from_hex(text: str) -> str:
+    """The base64 spelling of a hex WireGuard key."""
+    return base64.b64encode(bytes.fromhex(text)).decode()
+
+
 @dataclass(frozen=True)
 class SideroLinkConfig:
     installation_id: str
@@ -70,6 +102,18 @@ class SideroLinkConfig:
     def server_address(self) -> ipaddress.IPv6Address:
         """The tunnel address of this host: the subnet's C{::1}."""
         return self.subnet.network_address + 1
+
+    @property
+    def server_interface(self) -> ipaddress.IPv6Interface:
+        """The server address with the subnet's prefix (what the tunnel interface carries)."""
+        return ipaddress.IPv6Interface((self.server_address, self.subnet.prefixlen))
+
+    def new_node_address(
+        self, random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> ipaddress.IPv6Interface:
+        """A fresh node address: the subnet's first 8 bytes, then 8 random ones, /64 (§3.8)."""
+        raw = self.subnet.network_address.packed[:8] + random_bytes(8)
+        return ipaddress.IPv6Interface((raw, self.subnet.prefixlen))
 
 
 def config_from_secret(secret: dict[str, Any]) -> SideroLinkConfig:

@@ -78,7 +78,7 @@ class SideroProcess:
             "--store", "embedded", "--state-dir", self.state,
             "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
             "--api-port", str(self.port), "--http-port", str(self.port),
-            "--disable-dhcp-proxy", "--disable-tftp",
+            "--disable-dhcp-proxy", "--disable-tftp", "--disable-siderolink", "--disable-syslog",
             "--metrics-port", str(free_tcp_port()), "--health-port", str(free_tcp_port()),
             "--talos-assets-url", "http://127.0.0.1:1",
             "--no-enable-leader-election", "--server-reboot-timeout", reboot_timeout,

@@ -84,7 +84,7 @@ class AgentNetnsTests(TestCase):
             "--api-endpoint", self.server_ip, "--api-port", "8081", "--http-port", "8081",
             "--state-dir", os.path.join(self.work, "state"), "--store", "embedded",
             "--talos-assets-url", "http://127.0.0.1:1", "--disable-dhcp-proxy",
-            "--disable-tftp", "--disable-siderolink", "--no-enable-leader-election",
+            "--disable-tftp", "--disable-siderolink", "--disable-syslog", "--no-enable-leader-election",
             "--management-socket", self.socket, "--insecure-wipe",
             "--server-reboot-timeout", "30s",
         ], self.sidero_log, env=tree_env())

@@ -86,6 +86,8 @@ class PXEBootTests(TestCase):
             "--talos-assets-url", "http://127.0.0.1:1",
             "--dhcp-interface", "eth0", "--log-format", "json", "--no-enable-leader-election",
             "--management-socket", os.path.join(socket_dir, "m.sock"), *self.sidero_args,
+            # wireguard-go's sockets are shared by every namespace: no tunnel named "siderolink".
+            "--disable-siderolink", "--disable-syslog",
         ), self.sidero_log, env=tree_env())
 
     async def wait_for(self, what: str, predicate: Any, timeout: float) -> None:

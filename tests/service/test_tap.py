@@ -22,8 +22,8 @@ from sidero import tap
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import Host, Settings, resolve
 
-FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "management", "metrics",
-             "health"]
+FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "siderolink",
+             "log-receiver", "event-sink", "syslog", "management", "metrics", "health"]
 
 
 def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
@@ -155,7 +155,8 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_disable_removes_service(self) -> None:
         """--disable-<name> leaves that child out and keeps the rest."""
-        for name in ["controllers", "dhcp-proxy", "tftp", "http"]:
+        for name in ["controllers", "dhcp-proxy", "tftp", "http", "siderolink", "log-receiver",
+                     "event-sink", "syslog"]:
             with self.subTest(name=name):
                 flag = "disable_" + name.replace("-", "_")
                 root = tap.build_service(settings_for(self.state_dir, flag), MemoryReactorClock())
@@ -260,8 +261,11 @@ class ServiceTreeLifecycleTests(TestCase):
 
         state_dir = os.path.abspath(self.mktemp())
         api_port = free_tcp_port()
+        # No WireGuard interface in the test's own network namespace (tests/siderolink has
+        # the tunnel tests, in namespaces of their own).
         settings = settings_for(
-            state_dir, "disable_dhcp_proxy", api_port=str(api_port), http_port=str(api_port),
+            state_dir, "disable_dhcp_proxy", "disable_siderolink", "disable_syslog",
+            api_port=str(api_port), http_port=str(api_port),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
             metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
         )

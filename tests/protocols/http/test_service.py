@@ -142,6 +142,7 @@ class TreeTests(TestCase):
         for _ in range(2):
             port = free_port()
             settings = settings_for(state_dir, "disable_dhcp_proxy", "disable_tftp", "disable_controllers",
+                                    "disable_siderolink", "disable_syslog",
                                     api_port=str(port), http_port=str(port), listen_address="127.0.0.1")
             root = tap.build_service(settings, global_reactor)
             root.exit_on_start_failure = False
