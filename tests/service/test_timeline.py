@@ -131,8 +131,8 @@ class ServiceTreeTimelineTests(TestCase):
     async def setUp(self) -> None:  # type: ignore[override]
         self.api_port = free_tcp_port()
         self.settings = settings_for(
-            os.path.abspath(self.mktemp()), "disable_dhcp_proxy", api_port=str(self.api_port),
-            metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
+            os.path.abspath(self.mktemp()), "disable_dhcp_proxy", "disable_siderolink", "disable_syslog",
+            api_port=str(self.api_port), http_port=str(self.api_port), metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1")
         self.root = tap.build_service(self.settings, global_reactor)
         self.root.exit_on_start_failure = False
