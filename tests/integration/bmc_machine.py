@@ -105,6 +105,11 @@ class BMCMachine:
         with open(self.console, errors="replace") as f:
             return f.read()
 
+    def console_of_last_boot(self) -> str:
+        """The console since the last power on (the chassis control marks each one)."""
+        text = self.console_text()
+        return text[text.rfind("=== power on #"):]
+
     def disk_regions(self, name: str) -> tuple[bytes, bytes, bytes]:
         """The first MiB, the middle and the last MiB of a disk image."""
         with open(self.disks[name], "rb") as f:
