@@ -163,8 +163,9 @@ class AgentImageBootTests(PXELabTestCase):
         with self.step("registration"):
             await self.ipmitool(machine, "admin", "secret", "chassis", "power", "on")
             server = await self.wait_for(
-                "the agent to register the machine", lambda: self.server(uuid), BOOT_TIMEOUT,
-                interval=1, thread=True)
+                "the agent to register the machine and its addresses",
+                lambda: (s := self.server(uuid)) and (s.get("status") or {}).get("addresses")
+                and s, BOOT_TIMEOUT, interval=1, thread=True)
             self.assert_inventory(server, uuid, firmware, disks)
             self.assertIs(server["spec"]["accepted"], False)
             for name in disks:
