@@ -26,23 +26,31 @@ from __future__ import annotations
 
 import base64
 import os
+import re
+import shutil
+import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, TestCase
 
 from sidero.api.registry import SECRET, SERVER, SERVER_BINDING
 from sidero.management.client import ManagementClient, resource_path
 from tests.integration.bmc_machine import MIB, OLD_DATA, BMCMachine, Disk
+from tests.integration.lifecycle_support import SideroProcess
 from tests.integration.pxe_support import (
     OVMF_CODE,
     PXELabTestCase,
     agent_images,
     bios_nic,
     qemu_base,
+    tail,
     uefi_firmware,
     uefi_nic,
 )
@@ -307,3 +315,84 @@ class AgentImageBootTests(PXELabTestCase):
         if not os.path.exists(OVMF_CODE):
             raise SkipTest(f"LOUD SKIP: no {OVMF_CODE} (apt-get install ovmf)")
         await self.lifecycle("uefi", "e2e00000-0000-4000-8000-0000000efe01", ["ipxe-exit"])
+
+
+AAVMF = "/usr/share/qemu-efi-aarch64/QEMU_EFI.fd"
+ARM64_UUID = "e2e00000-0000-4000-8000-0000000a4064"
+ARM64_MAC = "52:54:00:e2:a6:40"
+
+
+class Arm64AgentImageTests(TestCase):
+    """The arm64 image on an emulated arm64 machine: one boot with what sidero's /ipxe tells an
+    arm64 client (UEFI firmware for the SMBIOS tables, QEMU's user network reaching sidero on
+    loopback), auto-accepted, so it registers and wipes at once."""
+
+    timeout = 600
+
+    def setUp(self) -> None:
+        missing = [t for t in ("qemu-system-aarch64",) if shutil.which(t) is None]
+        if missing or not os.path.exists(AAVMF):
+            raise SkipTest("LOUD SKIP: the arm64 boot needs qemu-system-aarch64 and "
+                           f"{AAVMF} (apt-get install qemu-system-arm qemu-efi-aarch64)")
+        self.images = agent_images("arm64")
+
+    async def test_register_and_wipe(self) -> None:
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        sidero = SideroProcess(work, "--api-endpoint", "10.0.2.2", "--auto-accept-servers",
+                               "--extra-agent-kernel-args", "console=ttyAMA0")
+        agent_env = os.path.join(sidero.state, "env", "agent-arm64")
+        os.makedirs(agent_env)
+        for name in ("vmlinuz", "initramfs.xz"):
+            shutil.copy(os.path.join(self.images, name), os.path.join(agent_env, name))
+        self.addCleanup(sidero.stop)
+        sidero.start()
+        deadline = time.monotonic() + 60
+        while not await deferToThread(sidero.ready):
+            self.assertLess(time.monotonic(), deadline, "sidero did not start:\n"
+                            + tail(sidero.log_path))
+            await deferLater(reactor, 0.25, lambda: None)
+        base = f"http://127.0.0.1:{sidero.port}"
+        script = await deferToThread(fetch, f"{base}/ipxe?uuid={ARM64_UUID}&mac="
+                                     f"{ARM64_MAC.replace(':', '-')}&arch=arm64")
+        kernel = re.search(r"^kernel /env/agent-arm64/vmlinuz (.*)$", script, re.M)
+        self.assertIsNotNone(kernel, script)
+        args = kernel[1].split() if kernel else []
+        self.assertIn(f"sidero.endpoint=10.0.2.2:{sidero.port}", args)
+        self.assertIn("console=ttyAMA0", args)
+        disk = os.path.join(work, "vda.img")
+        with open(disk, "wb") as f:
+            f.write(bytes([OLD_DATA]) * DISK_SIZE)
+        console = os.path.join(work, "console.log")
+        begun = time.monotonic()
+        qemu = await deferToThread(subprocess.run, [
+            "timeout", "420", "qemu-system-aarch64", "-M", "virt", "-cpu", "max", "-m", "1024",
+            "-nographic", "-nodefaults", "-no-reboot", "-bios", AAVMF,
+            "-chardev", f"file,id=console,path={console}", "-serial", "chardev:console",
+            "-kernel", os.path.join(agent_env, "vmlinuz"),
+            "-initrd", os.path.join(agent_env, "initramfs.xz"), "-append", " ".join(args),
+            "-netdev", "user,id=n0", "-device", f"virtio-net-pci,netdev=n0,mac={ARM64_MAC},romfile=",
+            "-smbios", f"type=1,manufacturer=Sidero E2E,product=Arm VM,serial=E2E-ARM-1,"
+                       f"uuid={ARM64_UUID}",
+            "-drive", f"file={disk},format=raw,if=virtio",
+        ], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        output = tail(console, 60)
+        with open(os.path.join(work, "timings.txt"), "w") as f:
+            f.write(f"arm64 boot to reboot: {time.monotonic() - begun:.1f} s\n")
+        self.assertEqual(qemu.returncode, 0, f"QEMU: {qemu.stderr}\n--- console:\n{output}")
+        self.assertIn("[sidero] disks wiped: {'vda': 'insecure'}", output)
+        server = sidero.get(SERVER, ARM64_UUID)
+        self.assertEqual(server["spec"]["hardware"]["system"]["productName"], "Arm VM")
+        self.assertEqual([d["deviceName"] for d in server["spec"]["hardware"]["storage"]["devices"]],
+                         ["/dev/vda"])
+        self.assertIs(server["status"]["isClean"], True, output)
+        with open(disk, "rb") as f:
+            data = f.read()
+        self.assertEqual(data[:MIB], bytes(MIB))
+        self.assertEqual(data[-MIB:], bytes(MIB))
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body: bytes = response.read()
+        return body.decode()
