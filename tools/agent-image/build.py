@@ -18,7 +18,7 @@ on a fresh Debian 12 before anything else is installed.  For each architecture:
 5. Kernel modules: those matching L{MODULE_PATTERNS} (disks, NICs, IPMI) and what they depend
    on, with a fresh C{depmod}.  They stay signed as Debian ships them (C{module.sig_enforce=1}).
 6. Everything is byte-compiled (unchecked-hash .pyc, so no source mtimes are involved), written
-   as a newc cpio in sorted order with one owner and one mtime, and xz-compressed.
+   as a newc cpio in sorted order with one owner and one mtime, and zstd-compressed.
 
 Same inputs (the .debs, the wheels, this tree), same bytes: nothing depends on the build time,
 the build directory or the order a file system lists files in.  C{manifest.txt} records every
@@ -724,10 +724,10 @@ def build_arch(arch: Arch, cache: Path, out: Path, pip: list[str]) -> None:
             install_wheel(wheel, site)
             manifest.append(f"wheel {wheel.name} {sha256(wheel)}")
         for source in agent_sources():
-            rel = source.relative_to(REPO)
-            (site / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, site / rel)
-            manifest.append(f"source {rel} {sha256(source)}")
+            in_tree = source.relative_to(REPO)
+            (site / in_tree).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, site / in_tree)
+            manifest.append(f"source {in_tree} {sha256(source)}")
         tree.write("init", INIT, 0o755)
         tree.write("etc/passwd", PASSWD)
         tree.write("etc/group", GROUP)
