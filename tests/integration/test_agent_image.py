@@ -20,6 +20,9 @@ then iPXE over TFTP):
    for the next method.  Between them the two machines see ipxe-exit, http-404, ipxe-sanboot.
 
 A failure shows the serial console, the chassis calls, sidero's and dnsmasq's logs.
+
+L{Arm64AgentImageTests} boots the arm64 image once on an emulated arm64 machine.  Measured here
+(2 cores, TCG, nothing else running): BIOS 2 min, UEFI 2 min 10 s, arm64 1.5 min.
 """
 
 from __future__ import annotations
