@@ -91,8 +91,11 @@ class PXELabTestCase(TestCase):
     #: Where a failure message looks for more to show (set by tests: a serial console...).
     extra_logs: list[tuple[str, str, int]]
 
-    def start_lab(self, agent_dir: str, prefix: str, *sidero_args: str) -> None:
-        """Build the lab and start sidero; C{agent_dir} is served as C{agent-amd64}."""
+    def start_lab(self, agent_dir: str, prefix: str, *sidero_args: str,
+                  site_options: Sequence[str] = ()) -> None:
+        """Build the lab and start sidero; C{agent_dir} is served as C{agent-amd64}.
+        C{site_options} are more dnsmasq lines for the site DHCP server (C{{sidero}} stands
+        for sidero's address)."""
         self.extra_logs = []
         self.work = os.path.abspath(self.mktemp())
         os.makedirs(self.work)
@@ -108,7 +111,8 @@ class PXELabTestCase(TestCase):
         self.boot = self.net.add_host("boot", 2)
         self.boot_ip = self.net.ip(2)
         self.dnsmasq_log = os.path.join(self.work, "dnsmasq.log")
-        self.net.site_dnsmasq(site, ipv6_ra=True, log=self.dnsmasq_log)
+        self.net.site_dnsmasq(site, ipv6_ra=True, log=self.dnsmasq_log,
+                              options=[o.format(sidero=self.net.ip(2)) for o in site_options])
         self.sidero_log = os.path.join(self.work, "sidero.log")
         # trial's temp paths can exceed the 107-byte limit of a unix socket path.
         socket_dir = tempfile.mkdtemp(prefix="sd-")
