@@ -77,6 +77,13 @@ class SideroService(OrderedMultiService):
 EXIT_GRACE_SECONDS = 10.0
 
 
+def missing_agent_images(env_dir: str) -> list[str]:
+    """Architectures whose agent environment (served from disk, never downloaded) lacks a file."""
+    return [arch for arch in ("amd64", "arm64")
+            if not all(os.path.isfile(os.path.join(env_dir, f"agent-{arch}", name))
+                       for name in ("vmlinuz", "initramfs.xz"))]
+
+
 def _exit_failure() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -414,6 +421,10 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
 
     env_dir = os.path.join(settings.state_dir, "env")
     os.makedirs(env_dir, exist_ok=True)
+    for arch in missing_agent_images(env_dir):
+        log.warn("no agent image in {dir}: unknown {arch} machines cannot boot the agent "
+                 "(scripts/build-agent-image --install {state} builds and installs it)",
+                 dir=os.path.join(env_dir, f"agent-{arch}"), arch=arch, state=settings.state_dir)
     metrics = _metrics(context)
     site = BootSite(
         lookup,

@@ -174,6 +174,37 @@ def start_udev() -> None:
     subprocess.run(["udevadm", "settle", "--timeout=50"], check=False)
 
 
+def read_module_list(path: str = "/etc/modules") -> list[str]:
+    """Module names of a Debian C{/etc/modules} file (one per line, C{#} comments)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    names = []
+    for line in lines:
+        words = line.split("#", 1)[0].split()
+        if words:
+            names.append(words[0])
+    return names
+
+
+def load_modules(path: str = "/etc/modules",
+                 run: Callable[..., Any] = subprocess.run) -> list[str]:
+    """Load the modules no device asks for (the agent image lists C{ipmi_devintf}, which
+    makes C{/dev/ipmi0} for the BMC set-up); a module that does not load is only logged.
+    Returns the names tried."""
+    names = read_module_list(path)
+    if not names or shutil.which("modprobe") is None:
+        return []
+    for name in names:
+        result = run(["modprobe", "-q", name], check=False)
+        if result.returncode != 0:
+            log.info("module {name} not loaded (modprobe exit {code})", name=name,
+                     code=result.returncode)
+    return names
+
+
 # --- the flow -----------------------------------------------------------------------------------
 
 @dataclass
@@ -388,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      redirectStandardIO=False, discardBuffer=True)
     if early and pid1:
         start_udev()
+        load_modules()
     config: Config | None = None
     error: str | None = None
     try:

@@ -108,6 +108,36 @@ class CommandLineTests(SynchronousTestCase):
         self.assertIn("[sidero] registering 11223344-5566-7788-99aa-bbccddeeff00", result.stderr)
 
 
+class ModuleListTests(SynchronousTestCase):
+    """/etc/modules: what the agent image loads after udev (ipmi_devintf for /dev/ipmi0)."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_names_comments_and_blank_lines(self) -> None:
+        path = self.write("# loaded at boot\nipmi_devintf\n\n  ipmi_si  # KCS\nipmi_ssif opt=1\n")
+        self.assertEqual(main.read_module_list(path), ["ipmi_devintf", "ipmi_si", "ipmi_ssif"])
+
+    def test_missing_file_is_empty(self) -> None:
+        self.assertEqual(main.read_module_list(self.mktemp()), [])
+
+    def test_each_module_is_tried_and_failures_do_not_stop(self) -> None:
+        path = self.write("ipmi_devintf\nipmi_si\n")
+        calls: list[list[str]] = []
+
+        def run(argv: list[str], check: bool) -> subprocess.CompletedProcess[str]:
+            calls.append(argv)
+            return subprocess.CompletedProcess(argv, 1 if argv[-1] == "ipmi_devintf" else 0)
+
+        if main.shutil.which("modprobe") is None:
+            self.patch(main.shutil, "which", lambda name: "/sbin/" + name)
+        self.assertEqual(main.load_modules(path, run=run), ["ipmi_devintf", "ipmi_si"])
+        self.assertEqual(calls, [["modprobe", "-q", "ipmi_devintf"], ["modprobe", "-q", "ipmi_si"]])
+
+
 class FlowTests(SynchronousTestCase):
     def agent(self, response: pb.CreateServerResponse, dmi: str | None = "qemu-pc",
               fail: str | None = None) -> tuple[main.Agent, FakeClient, str]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import reactor as global_reactor
@@ -68,9 +70,9 @@ set_working_mc 0x20
     allowed_auths_operator none md2 md5 straight
     allowed_auths_admin none md2 md5 straight
     guid a123456789abcdefa123456789abcdef
-  endlan
+{lan_extra}  endlan
   chassis_control "{script} 0x20"
-  user 2 true  "{user}" "{password}" admin  10 none md2 md5 straight
+{mc_extra}  user 2 true  "{user}" "{password}" admin  10 none md2 md5 straight
 """
 
 BMC_EMU = """mc_setbmc 0x20
@@ -92,10 +94,20 @@ class SimulatedBMC:
 
     @param host: the loopback address it listens on.
     @param port: its UDP port; 0 picks a free one (retried if taken before ipmi_sim binds).
+    @param chassis_control: a command to run for chassis requests instead of the state-file
+        script (it gets C{0x20 get|set ...} appended).
+    @param lan_extra: more lines of the C{startlan} section; C{mc_extra}: of the MC.
+    @param netns: run ipmi_sim (and L{ipmitool}) in this network namespace.
     """
 
     def __init__(self, directory: str, user: str = "admin", password: str = "secret",
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, *, chassis_control: str | None = None,
+                 lan_extra: Sequence[str] = (), mc_extra: Sequence[str] = (),
+                 netns: str | None = None) -> None:
+        self.chassis_control = chassis_control
+        self.lan_extra = "".join(f"    {line}\n" for line in lan_extra)
+        self.mc_extra = "".join(f"  {line}\n" for line in mc_extra)
+        self.prefix = ["ip", "netns", "exec", netns] if netns else []
         self.dir = os.path.abspath(directory)
         self.state = os.path.join(self.dir, "chassis")
         self.user = user
@@ -113,16 +125,18 @@ class SimulatedBMC:
         with open(script, "w") as f:
             f.write(CHASSIS_CONTROL.format(state=self.state))
         os.chmod(script, 0o755)
+        script = self.chassis_control or script
         with open(os.path.join(self.dir, "bmc.emu"), "w") as f:
             f.write(BMC_EMU)
         for _attempt in range(1 if self.fixed_port else 3):  # a free port may be taken before the bind
             self.port = self.fixed_port or free_udp_port()
             with open(os.path.join(self.dir, "lan.conf"), "w") as f:
                 f.write(LAN_CONF.format(host=self.host, port=self.port, script=script, user=self.user,
-                                        password=self.password))
+                                        password=self.password, lan_extra=self.lan_extra,
+                                        mc_extra=self.mc_extra))
             log = open(os.path.join(self.dir, "ipmi_sim.log"), "ab")
             self.process = subprocess.Popen(
-                ["ipmi_sim", "-c", "lan.conf", "-f", "bmc.emu", "-s", "simstate", "-n"],
+                [*self.prefix, "ipmi_sim", "-c", "lan.conf", "-f", "bmc.emu", "-s", "simstate", "-n"],
                 cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -137,19 +151,26 @@ class SimulatedBMC:
                            f"see {self.dir}/ipmi_sim.log")
 
     def stop(self) -> None:
+        """Stop ipmi_sim and whatever its chassis control started in its process group."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
             try:
+                os.killpg(self.process.pid, signal.SIGTERM)
                 self.process.wait(5)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
+            except ProcessLookupError:
+                pass
         self.process = None
 
     def ipmitool(self, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
+        return self.ipmitool_as(self.user, self.password, *args, timeout=timeout)
+
+    def ipmitool_as(self, user: str, password: str, *args: str,
+                    timeout: float = 15) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["ipmitool", "-I", "lanplus", "-C", "3", "-H", self.host, "-p", str(self.port),
-             "-U", self.user, "-P", self.password, *args],
+            [*self.prefix, "ipmitool", "-I", "lanplus", "-C", "3", "-H", self.host, "-p",
+             str(self.port), "-U", user, "-P", password, *args],
             capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
         )
 

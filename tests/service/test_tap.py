@@ -63,6 +63,23 @@ class Recorder(Service):
         return self.stop_d
 
 
+class AgentImageTests(SynchronousTestCase):
+    """The start-up check that the agent environments have their image (issue 11)."""
+
+    def test_missing_files_name_the_architecture(self) -> None:
+        env = self.mktemp()
+        os.makedirs(os.path.join(env, "agent-amd64"))
+        self.assertEqual(tap.missing_agent_images(env), ["amd64", "arm64"])
+        for name in ("vmlinuz", "initramfs.xz"):
+            with open(os.path.join(env, "agent-amd64", name), "wb") as f:
+                f.write(b"x")
+        self.assertEqual(tap.missing_agent_images(env), ["arm64"])
+        os.makedirs(os.path.join(env, "agent-arm64"))
+        with open(os.path.join(env, "agent-arm64", "vmlinuz"), "wb") as f:
+            f.write(b"x")
+        self.assertEqual(tap.missing_agent_images(env), ["arm64"])
+
+
 class OrderedMultiServiceTests(SynchronousTestCase):
     """Start in order waiting for async starts; stop in reverse waiting for each."""
 
