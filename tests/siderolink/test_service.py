@@ -134,7 +134,7 @@ class TreeTests(TestCase):
         state_dir = os.path.abspath(self.mktemp())
         self.api_port = free_tcp_port()
         config = settings_for(state_dir, "disable_dhcp_proxy", "disable_tftp", "disable_syslog", *flags,
-                              api_port=str(self.api_port), listen_address="127.0.0.1", **settings)
+                              api_port=str(self.api_port), http_port=str(self.api_port), listen_address="127.0.0.1", **settings)
         self.opener = Opener()
 
         def siderolink(s: Any, context: Any) -> Any:
