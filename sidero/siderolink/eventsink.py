@@ -44,7 +44,7 @@ from sidero.api import conditions
 from sidero.api.registry import SERVER_BINDING
 from sidero.controllers.patch import patch_changes
 from sidero.proto import common_pb2, events_pb2, events_pb2_grpc, machine_pb2
-from sidero.protocols.grpc.server import ReactorUnavailable, call_on_reactor
+from sidero.protocols.grpc.server import ReactorUnavailable, call_on_reactor, call_timeout
 from sidero.siderolink.annotator import Annotation, normalise_ip
 from sidero.siderolink.listen import TunnelListenerService
 from sidero.store.errors import Conflict, NotFound, StoreError
@@ -299,10 +299,7 @@ class EventSinkServicer(events_pb2_grpc.EventSinkServiceServicer):
 
     def _call(self, context: grpc.ServicerContext,
               f: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        timeout = self.call_timeout
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = max(0.0, min(timeout, remaining))
+        timeout = call_timeout(context, self.call_timeout)
         code: grpc.StatusCode
         try:
             return call_on_reactor(self.reactor, f, timeout)

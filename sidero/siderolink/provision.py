@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from sidero.api.registry import SERVER_BINDING
 from sidero.proto import provision_pb2 as pb
 from sidero.proto import provision_pb2_grpc as pb_grpc
-from sidero.protocols.grpc.server import ReactorUnavailable, call_on_reactor
+from sidero.protocols.grpc.server import ReactorUnavailable, call_on_reactor, call_timeout
 from sidero.siderolink.config import InvalidKey, SideroLinkConfig, parse_key
 from sidero.store.errors import BadRequest, Conflict, NotFound, StoreError
 from sidero.store.interfaces import IResourceStore, Object
@@ -168,10 +168,7 @@ class ProvisionServicer(pb_grpc.ProvisionServiceServicer):
 
     def _call(self, context: grpc.ServicerContext,
               f: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        timeout = self.call_timeout
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = max(0.0, min(timeout, remaining))
+        timeout = call_timeout(context, self.call_timeout)
         code: grpc.StatusCode
         try:
             return call_on_reactor(self.reactor, f, timeout)

@@ -377,6 +377,13 @@ class ReactorUnavailable(Exception):
     """The reactor did not run a bridged call in time (stopped, or wedged)."""
 
 
+def call_timeout(context: grpc.ServicerContext, limit: float) -> float:
+    """How long a call may run on the reactor: C{limit}, or less when the client's deadline is
+    nearer."""
+    remaining = context.time_remaining()
+    return limit if remaining is None else max(0.0, min(limit, remaining))
+
+
 def call_on_reactor(
     reactor: Any, f: Callable[[], Coroutine[Any, Any, T]], timeout: float,
     grace: float = 5.0,
@@ -446,10 +453,7 @@ class AgentServicer(pb_grpc.AgentServicer):
               f: Callable[[], Coroutine[Any, Any, T]]) -> T:
         if self.closed:
             context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        timeout = self.call_timeout
-        remaining = context.time_remaining()
-        if remaining is not None:
-            timeout = max(0.0, min(timeout, remaining))
+        timeout = call_timeout(context, self.call_timeout)
         code: grpc.StatusCode
         try:
             return call_on_reactor(self.reactor, f, timeout)
