@@ -18,6 +18,11 @@ class DecodeError(ValueError):
     """The text is not a JSON/YAML object (or stream of objects)."""
 
 
+#: Both parsers recurse per nesting level; brackets nested past the interpreter's limit end
+#: in RecursionError, which is bad input like any other.
+_TOO_DEEP = "nested too deeply"
+
+
 class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -44,12 +49,16 @@ def load_documents(text: str, source: str = "<input>") -> list[dict[str, Any]]:
             parsed = json.loads(text)
         except ValueError as e:
             raise DecodeError(f"error parsing {source}: {e}") from None
+        except RecursionError:
+            raise DecodeError(f"error parsing {source}: {_TOO_DEEP}") from None
         docs = parsed if isinstance(parsed, list) else [parsed]
     else:
         try:
             docs = list(yaml.load_all(text, Loader=_NoAliasLoader))
         except yaml.YAMLError as e:
             raise DecodeError(f"error parsing {source}: {e}") from None
+        except RecursionError:
+            raise DecodeError(f"error parsing {source}: {_TOO_DEEP}") from None
     out: list[dict[str, Any]] = []
     for i, doc in enumerate(docs):
         if doc is None:
@@ -74,6 +83,8 @@ def load_body(body: bytes, content_type: str = "application/json") -> dict[str, 
             docs = [d for d in yaml.load_all(text, Loader=_NoAliasLoader) if d is not None]
         except yaml.YAMLError as e:
             raise DecodeError(f"error decoding YAML: {e}") from None
+        except RecursionError:
+            raise DecodeError(f"error decoding YAML: {_TOO_DEEP}") from None
         if len(docs) != 1:
             raise DecodeError(f"expected exactly one YAML document, got {len(docs)}")
         return _check_object(docs[0], "request body")
@@ -81,4 +92,6 @@ def load_body(body: bytes, content_type: str = "application/json") -> dict[str, 
         parsed = json.loads(text)
     except ValueError as e:
         raise DecodeError(f"error decoding JSON: {e}") from None
+    except RecursionError:
+        raise DecodeError(f"error decoding JSON: {_TOO_DEEP}") from None
     return _check_object(parsed, "request body")

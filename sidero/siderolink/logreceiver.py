@@ -36,6 +36,9 @@ from sidero.siderolink.output import LineWriter
 LOG_RECEIVER_PORT = 4001
 #: Longest line accepted (Talos' kernel messages are a few hundred bytes).
 MAX_LINE = 64 * 1024
+#: Deepest nesting of arrays and objects accepted in a line (kernel messages are flat); a
+#: 64 KiB line of brackets would otherwise exhaust the decoder's and encoder's recursion.
+MAX_DEPTH = 100
 
 
 class MalformedLog(ValueError):
@@ -127,9 +130,27 @@ def decode_line(line: bytes) -> list[dict[str, Any]]:
             value, pos = _DECODER.raw_decode(text, pos)
         except ValueError as e:
             raise MalformedLog(str(e)) from None
+        except RecursionError:
+            raise MalformedLog(f"json: nested deeper than {MAX_DEPTH} levels") from None
         if not isinstance(value, dict):
             raise MalformedLog(f"json: cannot unmarshal {type(value).__name__} into a map")
+        if _too_deep(value):
+            raise MalformedLog(f"json: nested deeper than {MAX_DEPTH} levels")
         out.append(value)
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether arrays and objects nest deeper than L{MAX_DEPTH} (checked without recursing)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth >= MAX_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def annotate(message: dict[str, Any], annotation: Annotation | None) -> dict[str, Any]:

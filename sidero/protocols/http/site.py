@@ -109,6 +109,27 @@ class StaticRoots(Resource):
         return NotFoundResource().render(request)
 
 
+class HostChecked(Resource):
+    """The Klein resource, answering 400 to a Host header werkzeug cannot bind (Go's
+    C{malformed Host header}) instead of letting C{BadHost} escape as a logged 500."""
+
+    isLeaf = True
+
+    def __init__(self, inner: IResource) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def render(self, request: IRequest) -> Any:
+        from werkzeug.exceptions import BadHost
+
+        try:
+            return self.inner.render(request)
+        except BadHost:
+            request.setResponseCode(400)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"400 Bad Request: malformed Host header\n"
+
+
 class WarningRecorder(Protocol):
     """Where Warning Events go (L{sidero.controllers.events.EventRecorder}); never fails."""
 
@@ -144,7 +165,7 @@ class BootSite:
         self.script = boot_script(settings.api_endpoint, settings.api_port)
 
     def resource(self) -> IResource:
-        return self.app.resource()
+        return HostChecked(self.app.resource())
 
     def set_siderolink_server_address(self, address: str) -> None:
         """The tunnel address Talos' kernel args and config documents point at (§3.2, §3.6)."""
