@@ -28,6 +28,15 @@ class LoadDocumentsTests(SynchronousTestCase):
         for text in ("a: [1", '{"a": ', "- just\n- a list\n", "a: &x 1\nb: *x\n", "42\n"):
             self.assertRaises(DecodeError, load_documents, text)
 
+    def test_deep_nesting_is_a_decode_error(self) -> None:
+        """JSON or YAML nested past the parsers' recursion is a DecodeError, not a
+        RecursionError (found by bench/fuzz; the inputs are in its management corpus)."""
+        for text in ("[" * 5000, "a: " + "[" * 5000, "- " * 3000 + "x", '{"a":' * 5000):
+            with self.subTest(text=text[:10]):
+                self.assertRaises(DecodeError, load_documents, text)
+        self.assertRaises(DecodeError, load_body, b"[" * 5000)
+        self.assertRaises(DecodeError, load_body, b"a: " + b"[" * 5000, "application/yaml")
+
     def test_python_tags_are_not_executed(self) -> None:
         """The safe loader refuses Python object tags."""
         self.assertRaises(DecodeError, load_documents, "a: !!python/object/apply:os.system ['true']\n")

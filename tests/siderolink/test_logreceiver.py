@@ -186,6 +186,23 @@ class ProtocolTests(SynchronousTestCase):
         bad.dataReceived(b'{"msg":"ignored after close"}\n')
         self.assertEqual(len(self.lines()), 2)
 
+    def test_deep_nesting_is_malformed(self) -> None:
+        """Brackets nested past the interpreter's recursion limit (a line the fuzzer's corpus
+        keeps, bench/fuzz/corpus/kmsg/crash-deep-*), or just past MAX_DEPTH (which the encoder
+        could not write back), are a malformed line: counted, connection closed, nothing
+        written and nothing raised out of dataReceived."""
+        from sidero.siderolink.logreceiver import MAX_DEPTH
+
+        for line in (b'{"a":' + b"[" * 5000 + b"\n",
+                     b'{"a":' + b"[" * MAX_DEPTH + b"]" * MAX_DEPTH + b"}\n"):
+            proto, transport = self.connect()
+            proto.dataReceived(line)
+            self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.factory.counters["malformed"], 2)
+        self.assertEqual(self.sink.text, "")
+        ok = b'{"a":' + b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1) + b"}"
+        self.assertEqual(len(decode_line(ok)), 1)
+
     def test_endless_line(self) -> None:
         """A line that never ends (or ends too late) is dropped, counted, and closes."""
         proto, transport = self.connect()

@@ -256,7 +256,8 @@ class BootSite:
 
     @app.handle_errors(Exception)
     def not_found(self, request: IRequest, failure: Any) -> bytes:
-        from werkzeug.exceptions import MethodNotAllowed, NotFound
+        from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+        from werkzeug.routing import RequestRedirect
 
         if failure.check(NotFound):
             request.setResponseCode(404)
@@ -265,6 +266,21 @@ class BootSite:
         if failure.check(MethodNotAllowed):
             request.setResponseCode(405)
             return b"method not allowed\n"
+        if failure.check(RequestRedirect):
+            # /tftp or /env without the slash: Go's ServeMux redirects (301) to the subtree,
+            # with a relative Location (werkzeug's absolute one repeats the client's Host).
+            target = request.path + b"/"
+            query = request.uri.partition(b"?")[2]
+            if query:
+                target += b"?" + query
+            request.setResponseCode(301)
+            request.setHeader(b"location", target)
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            return b'<a href="' + target.replace(b'"', b"%22") + b'">Moved Permanently</a>.\n\n'
+        if failure.check(HTTPException):  # any other routing answer is the client's error
+            code = failure.value.code or 400
+            request.setResponseCode(code)
+            return f"{code} {failure.value.name}\n".encode()
         self.log.failure("HTTP handler failed for {uri}", failure, uri=request.uri)
         request.setResponseCode(500)
         return b""

@@ -54,6 +54,61 @@ class SiteTests(TestCase):
         response = await treq.request(method, self.base + path, persistent=False, **kwargs)
         return response, await response.content()
 
+    async def raw(self, request: bytes) -> bytes:
+        """Send C{request} as it is on a fresh connection; everything the server answers."""
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        class Collect(Protocol):
+            def __init__(self) -> None:
+                self.data = b""
+                self.done: Deferred[bytes] = Deferred()
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+            def connectionLost(self, reason: Any = None) -> None:
+                self.done.callback(self.data)
+
+        collect = Collect()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port)
+        await connectProtocol(endpoint, collect)
+        assert collect.transport is not None
+        collect.transport.write(request)
+        return await collect.done
+
+    async def test_malformed_host_is_400(self) -> None:
+        """A Host header werkzeug cannot IDNA-encode (found by bench/fuzz, kept as
+        corpus/http/crash-bad-host-idna) is a 400, as Go's malformed Host header, not a 500
+        with a logged traceback; the next request on another connection is served."""
+        failures: list[Any] = []
+        from twisted.logger import globalLogPublisher
+
+        def observe(event: dict[str, Any]) -> None:
+            if "log_failure" in event:
+                failures.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        answer = await self.raw(b"GET /ipxe?uuid=x HTTP/1.1\r\nHost: 1..9202.1:80\x19\x1981\r\n"
+                                b"Connection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+        self.assertIn(b"malformed Host header", answer)
+        self.assertEqual(failures, [])
+        response, _ = await self.fetch("GET", "/boot.ipxe")
+        self.assertEqual(response.code, 200)
+
+    async def test_subtree_without_slash_redirects(self) -> None:
+        """C{/tftp} and C{/env} without their slash are a 301 to the subtree (Go's ServeMux),
+        keeping the query, not a 500 (found by bench/fuzz: corpus/http/crash-tftp-without-slash)."""
+        for path, location in (("/tftp", b"/tftp/"), ("/env?x=1", b"/env/?x=1")):
+            with self.subTest(path=path):
+                response, body = await self.fetch("GET", path, allow_redirects=False)
+                self.assertEqual(response.code, 301)
+                self.assertEqual(response.headers.getRawHeaders(b"location"), [location])
+                self.assertIn(b"Moved Permanently", body)
+
     async def test_boot_script(self) -> None:
         """/boot.ipxe serves the chain script pointing at the configured endpoint."""
         response, body = await self.fetch("GET", "/boot.ipxe")
