@@ -91,9 +91,8 @@ def http() -> dict[str, bytes]:
 
 
 def agent() -> dict[str, bytes]:
-    from tests.protocols.grpc.test_server import hardware
-
     from sidero.proto import agent_pb2 as pb
+    from tests.protocols.grpc.test_server import hardware
 
     def seed(index: int, message: object) -> bytes:
         return bytes((index | 0xC0,)) + message.SerializeToString()  # type: ignore[attr-defined]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
@@ -52,20 +53,24 @@ _ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\b
             "\u2028": "\\u2028", "\u2029": "\\u2029"}
 
 
+#: The characters Go escapes or replaces; everything else is copied as it is.
+_NEEDS_ESCAPE = re.compile('[\x00-\x1f"\\\\<>&\u2028\u2029\ud800-\udfff]')
+
+
+def _escape(match: re.Match[str]) -> str:
+    ch = match.group()
+    esc = _ESCAPES.get(ch)
+    if esc is not None:
+        return esc
+    if ch < " ":
+        return f"\\u00{ord(ch):02x}"
+    return "\ufffd"  # a lone surrogate: Go writes U+FFFD
+
+
 def _go_string(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        esc = _ESCAPES.get(ch)
-        if esc is not None:
-            out.append(esc)
-        elif ch < " ":
-            out.append(f"\\u00{ord(ch):02x}")
-        elif "\ud800" <= ch <= "\udfff":  # a lone surrogate: Go writes U+FFFD
-            out.append("\ufffd")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
+    # One regex pass instead of a Python loop per character (bench/fuzz found the per-character
+    # loop was most of the syslog and kmsg receivers' time).
+    return '"' + _NEEDS_ESCAPE.sub(_escape, s) + '"'
 
 
 def _go_float(f: float) -> str:
