@@ -37,6 +37,7 @@ class Result:
     target: str
     inputs: int
     seconds: float
+    cpu_seconds: float
     peak_rss_mb: float
     baseline_rss_mb: float | None
     corpus_added: int
@@ -86,6 +87,7 @@ def run_target(name: str, runs: int, scratch: Path, extra: list[str],
     crash_files = sorted(str(p) for p in crashes.glob(f"{name}-*"))
     return Result(
         target=name, inputs=stat("number_of_executed_units"), seconds=seconds,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
         peak_rss_mb=usage.ru_maxrss / 1024,
         baseline_rss_mb=int(baseline.group(1)) / 1024 if baseline else None,
         corpus_added=stat("new_units_added"),
@@ -108,11 +110,12 @@ def merge(name: str, scratch: Path, python: str = sys.executable) -> int:
 
 
 def table(results: list[Result]) -> str:
-    rows = [("target", "inputs", "seconds", "inputs/s", "peak RSS MB", "RSS growth MB",
-             "new corpus", "crash")]
+    rows = [("target", "inputs", "seconds", "CPU seconds", "inputs/s", "peak RSS MB",
+             "RSS growth MB", "new corpus", "crash")]
     for r in results:
         growth = "-" if r.growth_mb is None else f"{r.growth_mb:.1f}"
-        rows.append((r.target, str(r.inputs), f"{r.seconds:.0f}", f"{r.rate:.0f}",
+        rows.append((r.target, str(r.inputs), f"{r.seconds:.0f}", f"{r.cpu_seconds:.0f}",
+                     f"{r.rate:.0f}",
                      f"{r.peak_rss_mb:.0f}", growth, str(r.corpus_added), "CRASH" if r.crashed else "0"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
