@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.static import File, NoRangeStaticProducer, StaticProducer
+from twisted.web.static import DirectoryLister, File, NoRangeStaticProducer, StaticProducer
 
 from sidero.protocols import bootfiles
 from sidero.protocols.http.ipxe import (
@@ -53,8 +54,26 @@ class _WholeFileProducer(NoRangeStaticProducer):
     bufferSize = 1 << 20
 
 
+class _Listing(DirectoryLister):
+    """Twisted's directory listing, for a URI with non-ASCII bytes too (it decodes the URI as
+    ASCII for the page title and would fail with a logged 500; bench/fuzz found it)."""
+
+    def render(self, request: IRequest) -> bytes:
+        uri = request.uri
+        if not uri.isascii():
+            request.uri = urllib.parse.quote_from_bytes(uri, safe="/?&=%;:@+$,!~*'()[]").encode()
+        try:
+            return bytes(super().render(request))
+        finally:
+            request.uri = uri
+
+
 class AssetFile(File):
     """L{File} for boot assets: HEAD, Range, If-Modified-Since, and large whole-file reads."""
+
+    def directoryListing(self) -> _Listing:
+        return _Listing(self.path, self.listNames(), self.contentTypes, self.contentEncodings,
+                        self.defaultType)
 
     def makeProducer(self, request: IRequest, fileForReading: Any) -> StaticProducer:
         if request.getHeader(b"range") is None:

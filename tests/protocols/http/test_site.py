@@ -99,6 +99,26 @@ class SiteTests(TestCase):
         response, _ = await self.fetch("GET", "/boot.ipxe")
         self.assertEqual(response.code, 200)
 
+    async def test_listing_with_non_ascii_uri(self) -> None:
+        """A directory listing for a URI with raw non-ASCII bytes is served (the title shows
+        U+FFFD for the byte), not a logged 500 (found by bench/fuzz:
+        corpus/http/crash-listing-non-ascii-uri)."""
+        failures: list[Any] = []
+        from twisted.logger import globalLogPublisher
+
+        def observe(event: dict[str, Any]) -> None:
+            if "log_failure" in event:
+                failures.append(event)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        answer = await self.raw(b"GET /env/?v\x81linuz HTTP/1.1\r\nHost: h\r\n"
+                                b"Connection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:80])
+        self.assertIn("Directory listing for /env/?v\ufffdlinuz".encode(), answer)
+        self.assertIn(b"default/", answer)
+        self.assertEqual(failures, [])
+
     async def test_subtree_without_slash_redirects(self) -> None:
         """C{/tftp} and C{/env} without their slash are a 301 to the subtree (Go's ServeMux),
         keeping the query, not a 500 (found by bench/fuzz: corpus/http/crash-tftp-without-slash)."""
