@@ -106,6 +106,9 @@ def merge(name: str, scratch: Path, python: str = sys.executable) -> int:
     subprocess.run([python, "-m", "bench.fuzz.run", name, "-merge=1", str(seeds),
                     str(scratch / "new" / name)], cwd=REPO, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for path in seeds.iterdir():  # libFuzzer names them by SHA-1
+        if not path.name.startswith(("real-", "seed-", "crash-", "found-")):
+            path.rename(path.with_name("found-" + path.name[:16]))
     return len(list(seeds.iterdir())) - before
 
 
