@@ -23,14 +23,35 @@ class DecodeError(ValueError):
 _TOO_DEEP = "nested too deeply"
 
 
+#: Deepest YAML nesting accepted (manifests nest a dozen levels). The pure-Python scanner
+#: re-checks every open flow level per token, so 5 000 "[" cost seconds (bench/fuzz found it).
+MAX_YAML_DEPTH = 100
+
+
 class _NoAliasLoader(yaml.SafeLoader):
+    _depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
                 None, None, "YAML aliases are not allowed", event.start_mark,
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _check_object(doc: Any, where: str) -> dict[str, Any]:
