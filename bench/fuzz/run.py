@@ -53,6 +53,27 @@ class Guard:
                                f"after {self.count} inputs")
 
 
+def _self_command(name: str) -> str:
+    """An executable that runs this target again: libFuzzer's merge (and fork) modes start
+    copies of argv[0] with its own flags, and this module is not executable by itself.
+    One per target and user under the temp directory, rewritten (same text) on each start."""
+    import shlex
+    import tempfile
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    folder = os.path.join(tempfile.gettempdir(), f"sidero-fuzz-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    path = os.path.join(folder, f"{name}.sh")
+    script = (f"#!/bin/sh\ncd {shlex.quote(repo)} && exec {shlex.quote(sys.executable)} "
+              f"-m bench.fuzz.run {shlex.quote(name)} \"$@\"\n")
+    partial = f"{path}.{os.getpid()}"
+    with open(partial, "w") as f:
+        f.write(script)
+    os.chmod(partial, 0o700)
+    os.replace(partial, path)
+    return path
+
+
 def main(argv: list[str]) -> None:
     import atheris
 
@@ -73,7 +94,7 @@ def main(argv: list[str]) -> None:
     guard = Guard(one, growth)
     if not any(a.startswith("-max_len=") for a in rest):
         rest.insert(0, f"-max_len={target.max_len}")
-    atheris.Setup([argv[0], *rest], guard)
+    atheris.Setup([_self_command(target.name), *rest], guard)
     os.environ.setdefault("PYTHONHASHSEED", "0")
     atheris.Fuzz()
 
