@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from enum import Enum
 from ipaddress import IPv4Address
 
@@ -79,6 +80,11 @@ class ProxyConfig:
 
     def http_url(self, path: str) -> str:
         return f"http://{self.endpoint}:{self.api_port}/{path}"
+
+    @cached_property
+    def _parts(self) -> dict[tuple[int, Firmware, bool], _ReplyParts]:
+        # Filled lazily by _reply_parts: at most 2 x 5 x 2 entries per configuration.
+        return {}
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,39 @@ def _bootfile(fw: Firmware, ipxe: bool, cfg: ProxyConfig) -> tuple[str, bool]:
     return cfg.http_url(f"tftp/{files.arm64_efi}"), False
 
 
+@dataclass(frozen=True)
+class _ReplyParts:
+    """What a reply of one kind (message type, firmware, iPXE or not) always carries, worked
+    out once per configuration instead of once per packet (the boot file, option 66...)."""
+
+    head: tuple[tuple[int, bytes], ...]  # the options before 97 (the client's GUID)
+    bootfile: str
+    file: bytes  # the header's file field
+    pxe: bool  # a PXE ROM (option 43 follows 97), not an HTTP-boot client
+
+
+#: PXE ROMs: discovery control 8 = "boot the file we name, no boot-server discovery".
+_DISCOVERY_CONTROL = (
+    (codec.OPT_VENDOR_SPECIFIC, codec.encode_suboptions([(codec.PXE_DISCOVERY_CONTROL, b"\x08")])),
+)
+
+
+def _reply_parts(reply_type: int, fw: Firmware, ipxe: bool, cfg: ProxyConfig) -> _ReplyParts:
+    bootfile, via_tftp = _bootfile(fw, ipxe, cfg)
+    http_client = fw in _HTTP_FIRMWARE
+    head: list[tuple[int, bytes]] = [
+        (codec.OPT_MESSAGE_TYPE, bytes((reply_type,))),
+        (codec.OPT_SERVER_ID, IPv4Address(cfg.server_ip).packed),
+        (codec.OPT_VENDOR_CLASS, b"HTTPClient" if http_client else b"PXEClient"),
+    ]
+    if via_tftp:
+        head.append((codec.OPT_TFTP_SERVER, cfg.server_ip.encode()))
+    raw_file = bootfile.encode()
+    head.append((codec.OPT_BOOTFILE, raw_file))
+    return _ReplyParts(head=tuple(head), bootfile=bootfile,
+                       file=raw_file if len(raw_file) < 128 else b"", pxe=not http_client)
+
+
 def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
            source: tuple[str, int] | None = None) -> Decision:
     """Decide the reply to C{msg}, received on :67 (C{proxy_port=False}) or :4011.
@@ -218,36 +257,26 @@ def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
     if fw is None:
         return Ignore(UNSUPPORTED_ARCH)
 
-    bootfile, via_tftp = _bootfile(fw, ipxe, cfg)
-    http_client = fw in _HTTP_FIRMWARE
-    server = IPv4Address(cfg.server_ip).packed
-    options: list[tuple[int, bytes]] = [
-        (codec.OPT_MESSAGE_TYPE, bytes((reply_type,))),
-        (codec.OPT_SERVER_ID, server),
-        (codec.OPT_VENDOR_CLASS, b"HTTPClient" if http_client else b"PXEClient"),
-    ]
-    if via_tftp:
-        options.append((codec.OPT_TFTP_SERVER, cfg.server_ip.encode()))
-    options.append((codec.OPT_BOOTFILE, bootfile.encode()))
+    parts = cfg._parts.get((reply_type, fw, ipxe))
+    if parts is None:
+        parts = cfg._parts[(reply_type, fw, ipxe)] = _reply_parts(reply_type, fw, ipxe, cfg)
+    options = parts.head
     if guid is not None:
-        options.append((codec.OPT_CLIENT_UUID, guid))
-    if not http_client:
-        # PXE ROMs: discovery control 8 = "boot the file we name, no boot-server discovery".
+        options += ((codec.OPT_CLIENT_UUID, guid),)
+    if parts.pxe:
         # On :4011 the ROM asked for a boot item; echo it so it accepts the ACK.
-        sub: list[tuple[int, bytes]] = [(codec.PXE_DISCOVERY_CONTROL, b"\x08")]
-        item = dict(sub43).get(codec.PXE_BOOT_ITEM)
-        if proxy_port and item is not None and len(item) == 4:
-            sub = [(codec.PXE_BOOT_ITEM, item)]
-        options.append((codec.OPT_VENDOR_SPECIFIC, codec.encode_suboptions(sub)))
-
-    raw_file = bootfile.encode()
+        item = dict(sub43).get(codec.PXE_BOOT_ITEM) if proxy_port else None
+        if item is not None and len(item) == 4:
+            options += ((codec.OPT_VENDOR_SPECIFIC,
+                         codec.encode_suboptions([(codec.PXE_BOOT_ITEM, item)])),)
+        else:
+            options += _DISCOVERY_CONTROL
     reply = DHCPMessage(
         op=codec.BOOTREPLY, htype=msg.htype, hlen=msg.hlen, hops=0, xid=msg.xid, secs=0,
         flags=msg.flags, ciaddr="0.0.0.0", yiaddr="0.0.0.0", siaddr=cfg.server_ip,
-        giaddr=msg.giaddr, chaddr=msg.chaddr,
-        file=raw_file if len(raw_file) < 128 else b"",
-        options=tuple(options),
+        giaddr=msg.giaddr, chaddr=msg.chaddr, file=parts.file, options=options,
     )
+    bootfile = parts.bootfile
     if proxy_port and source is not None and source[0] != "0.0.0.0":
         address = source
     elif proxy_port:
