@@ -11,6 +11,7 @@ protocol can count it; nothing here does I/O.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from enum import Enum
@@ -89,13 +90,32 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class Reply:
-    """A reply to send: the message and where to send it."""
+    """A reply to send: its bytes (C{data}) and where to send them.
 
-    message: DHCPMessage
+    C{data} is built from the reply's precomputed parts with the client's fields patched in
+    (L{_ReplyParts}); C{message} is the same reply as a L{DHCPMessage}, built only when asked
+    for (tests, tools), and C{codec.encode(message) == data} always (a property test checks).
+    """
+
+    data: bytes
     address: tuple[str, int]
     firmware: Firmware
     ipxe: bool
     bootfile: str
+    ack: bool
+    _request: DHCPMessage = field(repr=False, compare=False)
+    _options: tuple[tuple[int, bytes], ...] = field(repr=False, compare=False)
+    _file: bytes = field(repr=False, compare=False)
+    _siaddr: str = field(repr=False, compare=False)
+
+    @cached_property
+    def message(self) -> DHCPMessage:
+        msg = self._request
+        return DHCPMessage(
+            op=codec.BOOTREPLY, htype=msg.htype, hlen=msg.hlen, hops=0, xid=msg.xid, secs=0,
+            flags=msg.flags, ciaddr="0.0.0.0", yiaddr="0.0.0.0", siaddr=self._siaddr,
+            giaddr=msg.giaddr, chaddr=msg.chaddr, file=self._file, options=self._options,
+        )
 
 
 @dataclass(frozen=True)
@@ -197,6 +217,9 @@ class _ReplyParts:
     bootfile: str
     file: bytes  # the header's file field
     pxe: bool  # a PXE ROM (option 43 follows 97), not an HTTP-boot client
+    siaddr: bytes
+    #: the wire from sname on: sname, file, magic cookie, the head options encoded
+    tail: bytes
 
 
 #: PXE ROMs: discovery control 8 = "boot the file we name, no boot-server discovery".
@@ -217,8 +240,19 @@ def _reply_parts(reply_type: int, fw: Firmware, ipxe: bool, cfg: ProxyConfig) ->
         head.append((codec.OPT_TFTP_SERVER, cfg.server_ip.encode()))
     raw_file = bootfile.encode()
     head.append((codec.OPT_BOOTFILE, raw_file))
-    return _ReplyParts(head=tuple(head), bootfile=bootfile,
-                       file=raw_file if len(raw_file) < 128 else b"", pxe=not http_client)
+    file = raw_file if len(raw_file) < 128 else b""
+    tail = (bytes(64) + file.ljust(128, b"\x00") + codec.MAGIC_COOKIE
+            + codec.encode_tlv(head, end=False))
+    return _ReplyParts(head=tuple(head), bootfile=bootfile, file=file, pxe=not http_client,
+                       siaddr=IPv4Address(cfg.server_ip).packed, tail=tail)
+
+
+#: op .. chaddr of a reply: BOOTREPLY, the client's htype/hlen/xid/flags, secs 0, ciaddr and
+#: yiaddr 0, our siaddr, the relay's giaddr, the client's chaddr (the fields patched per packet).
+_REPLY_HEAD = struct.Struct("!BBBBIHH8s4s4s16s")
+_ZERO8 = bytes(8)
+_DISCOVERY_CONTROL_WIRE = codec.encode_tlv(_DISCOVERY_CONTROL, end=False)
+_END = bytes((codec.OPT_END,))
 
 
 def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
@@ -261,21 +295,29 @@ def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
     if parts is None:
         parts = cfg._parts[(reply_type, fw, ipxe)] = _reply_parts(reply_type, fw, ipxe, cfg)
     options = parts.head
+    wire = parts.tail
     if guid is not None:
         options += ((codec.OPT_CLIENT_UUID, guid),)
+        wire += b"\x61\x11" + guid
     if parts.pxe:
         # On :4011 the ROM asked for a boot item; echo it so it accepts the ACK.
         item = dict(sub43).get(codec.PXE_BOOT_ITEM) if proxy_port else None
         if item is not None and len(item) == 4:
-            options += ((codec.OPT_VENDOR_SPECIFIC,
-                         codec.encode_suboptions([(codec.PXE_BOOT_ITEM, item)])),)
+            echo = ((codec.OPT_VENDOR_SPECIFIC,
+                     codec.encode_suboptions([(codec.PXE_BOOT_ITEM, item)])),)
+            options += echo
+            wire += codec.encode_tlv(echo, end=False)
         else:
             options += _DISCOVERY_CONTROL
-    reply = DHCPMessage(
-        op=codec.BOOTREPLY, htype=msg.htype, hlen=msg.hlen, hops=0, xid=msg.xid, secs=0,
-        flags=msg.flags, ciaddr="0.0.0.0", yiaddr="0.0.0.0", siaddr=cfg.server_ip,
-        giaddr=msg.giaddr, chaddr=msg.chaddr, file=parts.file, options=options,
-    )
+            wire += _DISCOVERY_CONTROL_WIRE
+    chaddr = msg.chaddr
+    if len(chaddr) > 16:
+        raise ValueError("chaddr longer than 16 bytes")  # as codec.encode (never from decode)
+    data = _REPLY_HEAD.pack(codec.BOOTREPLY, msg.htype, msg.hlen, 0, msg.xid, 0, msg.flags,
+                            _ZERO8, parts.siaddr, codec._ip_bytes(msg.giaddr), chaddr)
+    data += wire + _END
+    if len(data) < codec.BOOTP_MIN_LEN:
+        data += bytes(codec.BOOTP_MIN_LEN - len(data))
     bootfile = parts.bootfile
     if proxy_port and source is not None and source[0] != "0.0.0.0":
         address = source
@@ -283,4 +325,6 @@ def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
         address = (BROADCAST, source[1] if source else CLIENT_PORT)
     else:
         address = reply_address(msg)
-    return Reply(message=reply, address=address, firmware=fw, ipxe=ipxe, bootfile=bootfile)
+    return Reply(data=data, address=address, firmware=fw, ipxe=ipxe, bootfile=bootfile,
+                 ack=proxy_port, _request=msg, _options=options, _file=parts.file,
+                 _siaddr=cfg.server_ip)

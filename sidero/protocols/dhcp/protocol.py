@@ -8,6 +8,7 @@ packets are dropped, counted and logged at a bounded rate.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,19 @@ class DHCPProxyProtocol(DatagramProtocol):
         self.rate_limit = rate_limit if rate_limit is not None else RateLimitedLog(clock)
         self.port_name = "4011" if proxy_port else "67"
 
+    def makeConnection(self, transport: Any) -> None:
+        # On a real UDP port, send with the socket's own sendto: Twisted's Port.write
+        # re-validates the address as IPv4 and IPv6 text on every datagram (a tenth of the
+        # reply's cost); ours are a relay's giaddr, the client's source or the broadcast
+        # address, all valid. Errors still raise into _handle, which counts them.
+        sock = getattr(transport, "socket", None)
+        self._send = sock.sendto if isinstance(sock, socket.socket) else transport.write
+        super().makeConnection(transport)
+
+    def _send(self, data: bytes, address: tuple[str, int]) -> None:
+        assert self.transport is not None
+        self.transport.write(data, address)
+
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
             self._handle(datagram, addr)
@@ -154,16 +168,14 @@ class DHCPProxyProtocol(DatagramProtocol):
                     self.log.debug("DHCP proxy :{port} ignored packet from {peer} ({reason})",
                                    port=self.port_name, peer=addr, reason=decision.reason)
             return
-        data = codec.encode(decision.message)
         try:
-            assert self.transport is not None
-            self.transport.write(data, decision.address)
+            self._send(decision.data, decision.address)
         except Exception as e:
             self.counters.send_errors += 1
             self._drop("could not send reply to {dest}: {error}", addr,
                        dest=decision.address, error=str(e))
             return
-        if decision.message.message_type == codec.DHCPACK:
+        if decision.ack:
             self.counters.acks += 1
             reply = "ack"
         else:
