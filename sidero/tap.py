@@ -274,6 +274,7 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         dhcp_port=settings.dhcp_port,
         proxy_port=settings.dhcp_proxy_port,
         fatal=_is_root(),
+        trace=settings.log_level == "debug",
     )
     counters = getattr(service, "counters", None)
     if counters is not None:

@@ -12,7 +12,7 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from ipaddress import IPv4Address
 
 MAGIC_COOKIE = b"\x63\x82\x53\x63"
@@ -99,14 +99,15 @@ class DHCPMessage:
     sname: bytes = b""
     file: bytes = b""
     options: tuple[tuple[int, bytes], ...] = field(default_factory=tuple)
+    # code -> value (the first, for a message built by hand with a repeat): C{get} is called
+    # a dozen times per packet. Not a cached_property: that takes a lock on every access.
+    _by_code: dict[int, bytes] = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def _by_code(self) -> dict[int, bytes]:
-        # Codes are unique once merged; a message built by hand with a repeat keeps the first.
+    def __post_init__(self) -> None:
         index: dict[int, bytes] = {}
         for code, value in self.options:
             index.setdefault(code, value)
-        return index
+        object.__setattr__(self, "_by_code", index)
 
     def get(self, code: int) -> bytes | None:
         """The value of option C{code}, or None when absent."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass, field
-from functools import cached_property
 from enum import Enum
+from functools import cached_property
 from ipaddress import IPv4Address
 
 from sidero.protocols.dhcp import codec
@@ -75,6 +75,9 @@ class ProxyConfig:
     endpoint: str
     api_port: int
     boot_files: BootFiles = field(default_factory=BootFiles)
+    #: the reply parts, filled lazily by L{decide}: at most 2 x 5 x 2 entries.
+    _parts: dict[tuple[int, Firmware, bool], _ReplyParts] = field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         IPv4Address(self.server_ip)  # raises ValueError early, not per packet
@@ -82,10 +85,6 @@ class ProxyConfig:
     def http_url(self, path: str) -> str:
         return f"http://{self.endpoint}:{self.api_port}/{path}"
 
-    @cached_property
-    def _parts(self) -> dict[tuple[int, Firmware, bool], _ReplyParts]:
-        # Filled lazily by _reply_parts: at most 2 x 5 x 2 entries per configuration.
-        return {}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ packets are dropped, counted and logged at a bounded rate.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,11 @@ class DHCPProxyProtocol(DatagramProtocol):
         self.counters = counters if counters is not None else DHCPCounters()
         self.rate_limit = rate_limit if rate_limit is not None else RateLimitedLog(clock)
         self.port_name = "4011" if proxy_port else "67"
+        self._send: Callable[[bytes, tuple[str, int]], object] = self._not_connected
+
+    @staticmethod
+    def _not_connected(data: bytes, address: tuple[str, int]) -> None:
+        raise OSError("not connected to a transport")
 
     def makeConnection(self, transport: Any) -> None:
         # On a real UDP port, send with the socket's own sendto: Twisted's Port.write
@@ -133,10 +138,6 @@ class DHCPProxyProtocol(DatagramProtocol):
         sock = getattr(transport, "socket", None)
         self._send = sock.sendto if isinstance(sock, socket.socket) else transport.write
         super().makeConnection(transport)
-
-    def _send(self, data: bytes, address: tuple[str, int]) -> None:
-        assert self.transport is not None
-        self.transport.write(data, address)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         try:
