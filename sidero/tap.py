@@ -297,6 +297,7 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
         interface=settings.listen_address,
         chain_script=script,
         fatal_bind=_is_root(),
+        workers=settings.tftp_workers,
     )
     for child in service:  # type: ignore[attr-defined]
         protocol = getattr(child, "protocol", None)

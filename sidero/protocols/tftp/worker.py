@@ -43,9 +43,14 @@ def forward_log(event: dict[str, Any]) -> None:
 
 
 class ForwardTimeline:
-    """The protocol's timeline: each finished transfer goes to the parent's recorder."""
+    """The protocol's timeline: each finished transfer goes to the parent's recorder, after
+    the counters it changed (so the parent's metrics agree with its timeline)."""
+
+    def __init__(self, flush: Any) -> None:
+        self.flush = flush
 
     def record(self, step: str, **fields: Any) -> None:
+        self.flush()
         emit({"t": "timeline", "step": step, "fields": fields})
 
 
@@ -65,7 +70,6 @@ def main() -> int:
         config=SessionConfig(**config["session"]),
         chain_script=config["chain_script"].encode("latin-1")
         if config.get("chain_script") is not None else None)
-    protocol.timeline = ForwardTimeline()
     sock = socket.socket(fileno=SOCKET_FD)
     port = cast(Any, reactor).adoptDatagramPort(sock.fileno(), sock.family, protocol)
     sock.close()  # the reactor holds its own duplicate
@@ -81,6 +85,7 @@ def main() -> int:
             before = snapshot(protocol.stats)
             emit({"t": "stats", "delta": delta})
 
+    protocol.timeline = ForwardTimeline(flush)
     parent = os.getppid()
 
     def tick() -> None:

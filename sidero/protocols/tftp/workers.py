@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, fields
 from typing import Any
@@ -145,6 +146,8 @@ class WorkerPool(Service):
         self.stop_timeout = stop_timeout
         self.argv = argv or [sys.executable, "-m", "sidero.protocols.tftp.worker"]
         self.children: dict[int, _Child] = {}
+        #: transfers reported, by worker index (children are 1..n-1; this process is 0)
+        self.reported: Counter[int] = Counter()
         self._restarts: dict[int, IDelayedCall] = {}
 
     def startService(self) -> None:
@@ -172,7 +175,10 @@ class WorkerPool(Service):
             kind = message.get("t") if isinstance(message, dict) else None
             if kind == "stats":
                 apply_delta(self.server.stats, message.get("delta") or {})
-            elif kind == "timeline" and self.server.timeline is not None:
+            elif kind == "timeline":
+                self.reported[index] += 1
+                if self.server.timeline is None:
+                    return
                 fields = message.get("fields") or {}
                 step = str(message.get("step", "tftp"))
                 self.server.timeline.record(step, **{str(k): v for k, v in fields.items()})
