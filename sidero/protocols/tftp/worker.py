@@ -36,6 +36,8 @@ def forward_log(event: dict[str, Any]) -> None:
     level = event.get("log_level")
     if level is None or level < LogLevel.info:
         return
+    if level < LogLevel.warn and not str(event.get("log_namespace", "")).startswith("sidero"):
+        return  # the child reactor's own start/stop lines: the parent logs the workers' state
     text = formatEvent(event)
     if event.get("log_failure") is not None:
         text += "\n" + event["log_failure"].getTraceback()
