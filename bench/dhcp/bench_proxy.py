@@ -10,6 +10,8 @@ peer, the peers interleaved so a burst of load from elsewhere does not land on o
 * latency: C{--latency-rate} offered (1000/s), every exchange's time from perfdhcp's own
   timers (C{-x t}): median and 99th percentile.
 
+The same two for REQUEST→ACK on :4011, driven by L{bench.dhcp.ack_load} (perfdhcp cannot).
+
 dnsmasq is configured as an operator would run a PXE proxy: C{dhcp-range=<net>,proxy}, two
 C{pxe-service} lines, C{quiet-dhcp} (neither side logs a line per packet; ours logs none at
 info). Prints one table: medians over C{--rounds} with the spread (min-max).
@@ -22,6 +24,7 @@ Run: ``sudo python -m bench.dhcp.bench_proxy [--rounds 3] [--seconds 10]``
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -31,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 from tests.netlab import NetLab, missing_requirements
+from tests.paths import REPO, tree_env
 
 PXE_VENDOR = b"PXEClient:Arch:00000:UNDI:002001"
 PEERS = ("sidero", "dnsmasq")
@@ -94,6 +98,30 @@ def spread(values: list[float], fmt: str) -> str:
     return f"{format(med, fmt)} [{format(min(values), fmt)}-{format(max(values), fmt)}]"
 
 
+def run_ack_load(lab: NetLab, ns: str, src: str, server: str, rate: int, seconds: int,
+                 clients: int) -> dict[str, float]:
+    """bench.dhcp.ack_load in C{ns}: its JSON result (empty if it failed)."""
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", "bench.dhcp.ack_load", server,
+         "--source", src, "--rate", str(rate), "--seconds", str(seconds),
+         "--clients", str(clients)],
+        capture_output=True, timeout=seconds + 30, cwd=REPO, env=tree_env())
+    try:
+        result: dict[str, float] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {}
+    return result
+
+
+def unanswered(sent: list[float], received: list[float]) -> list[float]:
+    return [100 * (1 - r / s) for s, r in zip(sent, received, strict=False) if s]
+
+
+def ratios(ours: list[float], ref: list[float]) -> list[float]:
+    """Round by round (the peers ran back to back in each round)."""
+    return [a / b for a, b in zip(ours, ref, strict=False) if b and a == a and b == b]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -129,29 +157,37 @@ def main(argv: list[str] | None = None) -> int:
                     (work / f"perfdhcp-{name}-{kind}-{rnd}.txt").write_text(out)
                     for key, value in parse(out).items():
                         results[name].setdefault(f"{kind}_{key}", []).append(value)
+                for kind, rate in (("ackmax", 0), ("acklat", args.latency_rate)):
+                    got = run_ack_load(lab, load_ns, lab.ip(9), server, rate, seconds,
+                                       args.clients)
+                    for key, value in got.items():
+                        results[name].setdefault(f"{kind}_{key}", []).append(value)
         lab.stop(proxy)
     finally:
         lab.teardown()
-    print(f"DHCP proxy, perfdhcp -i (DISCOVER->OFFER) via a relay, {args.clients} clients, "
-          f"{seconds}s per measurement, median [min-max] of {args.rounds} rounds; logs in {work}")
-    header = (f"{'peer':<8} | {'offers/s at max':>24} | {'unanswered %':>20} | "
-              f"{'p50 ms @' + str(args.latency_rate) + '/s':>20} | "
+    print(f"DHCP proxy vs dnsmasq proxy mode, {args.clients} clients, {seconds}s per "
+          f"measurement, median [min-max] of {args.rounds} rounds; logs in {work}")
+    print(":67 DISCOVER->OFFER: perfdhcp -i via a relay, max = -r "
+          f"{args.max_rate}; :4011 REQUEST->ACK: bench.dhcp.ack_load, max = 64 outstanding")
+    header = (f"{'exchange':<14} {'peer':<8} | {'answered/s at max':>22} | "
+              f"{'unanswered %':>18} | {'p50 ms @' + str(args.latency_rate) + '/s':>20} | "
               f"{'p99 ms @' + str(args.latency_rate) + '/s':>20}")
     print(header)
     print("-" * len(header))
-    for name in PEERS:
-        r = results[name]
-        print(f"{name:<8} | {spread(r.get('max_rate', []), '.0f'):>24} | "
-              f"{spread(r.get('max_drop_pct', []), '.1f'):>20} | "
-              f"{spread(r.get('lat_p50_ms', []), '.3f'):>20} | "
-              f"{spread(r.get('lat_p99_ms', []), '.3f'):>20}")
-    ours, ref = results["sidero"], results["dnsmasq"]
-    ratios = [a / b for a, b in zip(ours.get("max_rate", []), ref.get("max_rate", []), strict=False)
-              if b]
-    p99 = [a / b for a, b in zip(ours.get("lat_p99_ms", []), ref.get("lat_p99_ms", []),
-                                 strict=False) if b]
-    print(f"{'ratio':<8} | {spread(ratios, '.2f') + 'x':>24} | {'':>20} | {'':>20} | "
-          f"{spread(p99, '.2f') + 'x':>20}")
+    for label, mx, lat in ((":67 offer", "max", "lat"), (":4011 ack", "ackmax", "acklat")):
+        for name in PEERS:
+            r = results[name]
+            drops = unanswered(r.get(f"{mx}_sent", []), r.get(f"{mx}_received", []))
+            print(f"{label:<14} {name:<8} | {spread(r.get(f'{mx}_rate', []), '.0f'):>22} | "
+                  f"{spread(drops, '.1f'):>18} | "
+                  f"{spread(r.get(f'{lat}_p50_ms', []), '.3f'):>20} | "
+                  f"{spread(r.get(f'{lat}_p99_ms', []), '.3f'):>20}")
+        ours, ref = results["sidero"], results["dnsmasq"]
+        print(f"{label:<14} {'ratio':<8} | "
+              f"{spread(ratios(ours.get(f'{mx}_rate', []), ref.get(f'{mx}_rate', [])), '.2f') + 'x':>22} | "
+              f"{'':>18} | "
+              f"{spread(ratios(ours.get(f'{lat}_p50_ms', []), ref.get(f'{lat}_p50_ms', [])), '.2f') + 'x':>20} | "
+              f"{spread(ratios(ours.get(f'{lat}_p99_ms', []), ref.get(f'{lat}_p99_ms', [])), '.2f') + 'x':>20}")
     return 0
 
 

@@ -11,14 +11,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 from tests.netlab import missing_requirements
 from tests.paths import REPO, tree_env
 
-ROW = re.compile(r"^(sidero|dnsmasq)\s+\|\s+(\d+)\s*(?:\[[\d-]+\])?\s+\|\s+([\d.]+)", re.M)
+ROW = re.compile(r"^(:67 offer|:4011 ack)\s+(sidero|dnsmasq)\s+\|\s+(\d+)", re.M)
 
 
 class DHCPBenchTests(TestCase):
     timeout = 120
 
     def test_tiny_run_has_both_peers(self) -> None:
-        """One round of one second at a low rate: a row per peer with a rate, and the ratio."""
+        """One round of one second at a low rate: a row per exchange and peer with a rate,
+        and the ratios."""
         reason = missing_requirements(("dnsmasq", "perfdhcp"))
         if reason:
             raise SkipTest(reason)
@@ -27,8 +28,10 @@ class DHCPBenchTests(TestCase):
              "--max-rate", "2000", "--latency-rate", "200", "--clients", "100"],
             cwd=REPO, env=tree_env(), capture_output=True, text=True, timeout=110)
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
-        rows = {m.group(1): int(m.group(2)) for m in ROW.finditer(done.stdout)}
-        self.assertEqual(set(rows), {"sidero", "dnsmasq"}, done.stdout)
-        for peer, rate in rows.items():
-            self.assertGreater(rate, 0, f"{peer} answered nothing:\n{done.stdout}")
-        self.assertRegex(done.stdout, r"(?m)^ratio\s+\|\s+[\d.]+x")
+        rows = {(m.group(1), m.group(2)): int(m.group(3)) for m in ROW.finditer(done.stdout)}
+        self.assertEqual(set(rows), {(x, p) for x in (":67 offer", ":4011 ack")
+                                     for p in ("sidero", "dnsmasq")}, done.stdout)
+        for row, rate in rows.items():
+            self.assertGreater(rate, 0, f"{row} answered nothing:\n{done.stdout}")
+        self.assertRegex(done.stdout, r"(?m)^:67 offer\s+ratio\s+\|\s+[\d.]+x")
+        self.assertRegex(done.stdout, r"(?m)^:4011 ack\s+ratio\s+\|\s+[\d.]+x")

@@ -161,6 +161,26 @@ class WorkersRealClientTests(TestCase):
         self.addCleanup(s.close)
         s.bind(("127.0.0.1", self.port))  # no SO_REUSEPORT: fails if any socket is left
 
+    async def test_atftp_windowsize_in_workers(self) -> None:
+        """atftp asking for windowsize 8 gets it in every worker (the child negotiates as
+        this process does) and the bytes are right."""
+        await self.wait_children(1)
+        argv = [_tool("atftp"), "--option", "blksize 1428", "--option", "windowsize 8", "-g",
+                "-r", "boot.bin"]
+        results = await gatherResults([
+            getProcessOutputAndValue("/usr/bin/timeout", [
+                "60", *argv, "-l", os.path.join(self.dir, f"w{i}"), "127.0.0.1", str(self.port)])
+            for i in range(12)])
+        self.assertEqual([code for _, _, code in results], [0] * 12, results)
+        for i in range(12):
+            with open(os.path.join(self.dir, f"w{i}"), "rb") as f:
+                self.assertTrue(f.read() == self.data)
+        await self.settled(12)
+        steps = list(self.timeline._buckets.get("ip:127.0.0.1", ()))
+        self.assertEqual([(e.details["blksize"], e.details["windowsize"]) for e in steps],
+                         [(1428, 8)] * 12)
+        self.assertGreater(self.pool.reported.get(1, 0), 0)
+
     async def test_dead_child_restarted(self) -> None:
         """A child killed while the service runs is started again and serves."""
         await self.wait_children(1)
