@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dhcp-bench-"))
     lab = NetLab(f"sdb{os.getpid() % 100000}", 72, work)
     results: dict[str, dict[str, list[float]]] = {p: {} for p in PEERS}
+    load_start = os.getloadavg()[0]
     try:
         lab.setup_switch()
         ours_ns = lab.add_host("ours", 2)
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         lab.teardown()
     print(f"DHCP proxy vs dnsmasq proxy mode, {args.clients} clients, {seconds}s per "
           f"measurement, median [min-max] of {args.rounds} rounds; logs in {work}")
+    print(f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end, on "
+          f"{os.cpu_count()} CPUs (other work on the machine skews every figure)")
     print(":67 DISCOVER->OFFER: perfdhcp -i via a relay, max = -r "
           f"{args.max_rate}; :4011 REQUEST->ACK: bench.dhcp.ack_load, max = 64 outstanding")
     header = (f"{'exchange':<14} {'peer':<8} | {'answered/s at max':>22} | "

@@ -173,7 +173,8 @@ def main() -> None:
     print(
         f"TFTP {args.scenario}: {args.clients} concurrent curl clients x {args.size} bytes, "
         f"blksize {args.blksize}, median [min-max] of {args.rounds} rounds, "
-        f"loopback{' (private netns)' if in_netns else ''}"
+        f"loopback{' (private netns)' if in_netns else ''}, load average "
+        f"{os.getloadavg()[0]:.1f} at start on {os.cpu_count()} CPUs"
     )
     # All servers run at once and the rounds interleave them, so a burst of load from
     # elsewhere on the machine does not land on one server only.
@@ -187,6 +188,8 @@ def main() -> None:
             for name, (_, port) in servers.items():
                 times[name].append(fetch_all(port, args.clients, args.blksize, args.size,
                                              timeout))
+    print(f"load average {os.getloadavg()[0]:.1f} at the end (other work on the machine "
+          "skews every figure; the rounds interleave the servers to share it out)")
     rates = {name: [total / t / 1e6 for t in runs] for name, runs in times.items()}
     print(f"{'server':<12} | {'MB/s':>24} | rounds (s)")
     print("-" * 64)
