@@ -41,19 +41,24 @@ def forward_log(event: dict[str, Any]) -> None:
     text = formatEvent(event)
     if event.get("log_failure") is not None:
         text += "\n" + event["log_failure"].getTraceback()
-    emit({"t": "log", "level": level.name, "text": text})
+    # The structured fields too (scalars only), so the parent's line is the one this process
+    # would have written (tests and log pipelines read e.g. filename and size).
+    fields = {k: v for k, v in event.items() if not k.startswith("log_")
+              and isinstance(v, str | int | float | bool) and k not in ("worker", "text")}
+    emit({"t": "log", "level": level.name, "text": text,
+          "namespace": str(event.get("log_namespace", "")), "fields": fields})
 
 
 class ForwardTimeline:
     """The protocol's timeline: each finished transfer goes to the parent's recorder, after
     the counters it changed (so the parent's metrics agree with its timeline)."""
 
-    def __init__(self, flush: Any) -> None:
-        self.flush = flush
+    def __init__(self, take_delta: Any) -> None:
+        self.take_delta = take_delta
 
     def record(self, step: str, **fields: Any) -> None:
-        self.flush()
-        emit({"t": "timeline", "step": step, "fields": fields})
+        # One line for both, so the parent never sees the transfer without its counters.
+        emit({"t": "timeline", "step": step, "fields": fields, "delta": self.take_delta()})
 
 
 def main() -> int:
@@ -80,14 +85,19 @@ def main() -> int:
 
     before = snapshot(protocol.stats)
 
-    def flush() -> None:
+    def take_delta() -> dict[str, Any]:
         nonlocal before
         delta = stats_delta(protocol.stats, before)
         if delta:
             before = snapshot(protocol.stats)
+        return delta
+
+    def flush() -> None:
+        delta = take_delta()
+        if delta:
             emit({"t": "stats", "delta": delta})
 
-    protocol.timeline = ForwardTimeline(flush)
+    protocol.timeline = ForwardTimeline(take_delta)
     parent = os.getppid()
 
     def tick() -> None:

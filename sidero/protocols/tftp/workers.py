@@ -10,7 +10,7 @@ process by the ordinary L{TFTPProtocol}; each other one by a child process
 bound (port 69 is bound as root before twistd drops privileges, children never need it).
 
 Children report on their stdout, one JSON object per line: each finished transfer (for the
-boot timeline), counter deltas (added to this process's L{TFTPStats}, so metrics stay one
+boot timeline, with the counters it changed in the same line), counter deltas (added to this process's L{TFTPStats}, so metrics stay one
 set of counters) and log events at info and above (re-emitted here with C{worker=n}). A
 child that exits while the service runs is started again after a second on the same socket
 (this process keeps every socket open, so the kernel's spreading does not change); on stop
@@ -176,6 +176,7 @@ class WorkerPool(Service):
             if kind == "stats":
                 apply_delta(self.server.stats, message.get("delta") or {})
             elif kind == "timeline":
+                apply_delta(self.server.stats, message.get("delta") or {})
                 self.reported[index] += 1
                 if self.server.timeline is None:
                     return
@@ -183,10 +184,22 @@ class WorkerPool(Service):
                 step = str(message.get("step", "tftp"))
                 self.server.timeline.record(step, **{str(k): v for k, v in fields.items()})
             elif kind == "log":
-                level = LogLevel.levelWithName(str(message.get("level", "info")))
-                self.log.emit(level, "{text}", text=str(message.get("text", "")), worker=index)
+                self._relay_log(index, message)
         except Exception:
             self.server.stats.internal_errors += 1  # a garbled line from a child; counted, not fatal
+
+    def _relay_log(self, index: int, message: dict[str, Any]) -> None:
+        """Re-emit a child's log event under its own namespace, with the same text and
+        fields, plus C{worker}."""
+        level = LogLevel.levelWithName(str(message.get("level", "info")))
+        text = str(message.get("text", ""))
+        fields = message.get("fields")
+        fields = {str(k): v for k, v in fields.items()} if isinstance(fields, dict) else {}
+        for reserved in ("worker", "level", "format", "namespace"):
+            fields.pop(reserved, None)
+        namespace = str(message.get("namespace") or self.log.namespace)
+        Logger(namespace=namespace).emit(
+            level, text.replace("{", "{{").replace("}", "}}"), worker=index, **fields)
 
     def child_ended(self, child: _Child, reason: Failure) -> None:
         if self.children.get(child.index) is not child:

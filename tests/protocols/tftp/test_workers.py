@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from sidero.protocols.tftp.protocol import TFTPStats
@@ -132,6 +133,9 @@ class WorkersRealClientTests(TestCase):
         """16 clients (each its own source port) all get the file byte for byte; the child
         served some; every transfer is in the counters and the timeline, once."""
         await self.wait_children(1)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         results = await gatherResults([self.fetch(i) for i in range(16)])
         for i, (stdout, stderr, code) in enumerate(results):
             self.assertEqual(code, 0, (stdout, stderr))
@@ -148,6 +152,13 @@ class WorkersRealClientTests(TestCase):
         in_child = self.pool.reported.get(1, 0)
         self.assertGreater(in_child, 0)
         self.assertLess(in_child, 16)
+        # The child's "TFTP sent" lines come out here with their fields, marked worker=1.
+        relayed = [e for e in events if e.get("worker") == 1
+                   and formatEvent(e).startswith("TFTP sent 'boot.bin'")]
+        self.assertEqual(len(relayed), in_child)
+        for e in relayed:
+            self.assertEqual((e["filename"], e["size"]), ("boot.bin", len(self.data)))
+            self.assertEqual(e["log_namespace"], "sidero.protocols.tftp.protocol.TFTPProtocol")
 
     async def test_stop_ends_children_and_frees_port(self) -> None:
         """stopService ends every child and closes every socket: the port binds again."""
