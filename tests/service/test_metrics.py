@@ -318,7 +318,7 @@ class ServiceTreeMetricsTests(TestCase):
         await root.when_started()
         response = await treq.get(f"http://127.0.0.1:{api_port}/boot.ipxe", persistent=False)
         await response.content()
-        metrics = root.context.extra["metrics"]
+        metrics = root.context.metrics
 
         async def reconciled() -> bool:
             return bool(value(metrics, "controller_runtime_reconcile_total",

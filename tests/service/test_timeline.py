@@ -187,7 +187,7 @@ class ServiceTreeTimelineTests(TestCase):
         store = self.root.context.store
         await store.create({"apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server",
                             "metadata": {"name": UUID}, "spec": {}})
-        logs = self.root.context.extra["server_logs"]
+        logs = self.root.context.server_logs
         logs.append(UUID, "[    0.000000] Linux version 6.1.0")
         proc = self.cli("logs", UUID, "-f")
         self.addCleanup(proc.kill)

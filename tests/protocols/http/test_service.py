@@ -151,7 +151,7 @@ class TreeTests(TestCase):
                 await root.when_started()
                 secret = await root.context.store.get(SECRET, "siderolink", "default")
                 identity = config_from_secret(secret)
-                self.assertEqual(root.context.extra["siderolink_config"], identity)
+                self.assertEqual(root.context.siderolink_config, identity)
                 response = await treq.get(f"http://127.0.0.1:{port}/configdata?uuid=nope", persistent=False)
                 self.assertEqual(response.code, 404)
                 self.assertIn(b"missing serverbinding", await response.content())
