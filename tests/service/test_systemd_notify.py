@@ -24,7 +24,8 @@ from sidero.systemd import (
     watchdog_interval,
 )
 from tests.paths import RUN_SIDERO
-from tests.service.test_tap import free_tcp_port, free_udp_port, settings_for
+from tests.ports import free_tcp_port, free_udp_port
+from tests.service.test_tap import settings_for
 
 
 def _api_ports(port: int) -> dict[str, str]:

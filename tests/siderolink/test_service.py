@@ -27,7 +27,8 @@ from sidero.proto import provision_pb2_grpc as pb_grpc
 from sidero.siderolink.config import SideroLinkConfig, generate_private_key, public_key
 from sidero.siderolink.service import SideroLinkService
 from sidero.siderolink.wireguard import WireGuardError
-from tests.service.test_tap import free_tcp_port, settings_for
+from tests.ports import free_tcp_port
+from tests.service.test_tap import settings_for
 from tests.siderolink.fakes import FakeDevice
 from tests.siderolink.support import StoreTestCase, binding
 from tests.siderolink.test_eventsink import request

@@ -4,7 +4,6 @@ the twistd tree's HTTP service loading the SideroLink identity before it starts.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import treq
@@ -22,6 +21,7 @@ from sidero.protocols.http.ipxe import LookupFailed
 from sidero.protocols.http.service import InformerBootLookup, PreparedService, store_serves
 from sidero.siderolink.config import config_from_secret
 from sidero.store.errors import Forbidden, NotFound, Unavailable
+from tests.ports import free_port
 from tests.service.test_tap import Recorder, settings_for
 from tests.store.test_embedded import inline_store, result_of
 
@@ -120,13 +120,6 @@ class StoreServesTests(SynchronousTestCase):
         self.assertFalse(served(Forbidden("machines is forbidden")))
         d = Deferred.fromCoroutine(store_serves(self.Listing(Unavailable("down")), CAPI_MACHINE))
         self.failureResultOf(d, Unavailable)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class TreeTests(TestCase):
