@@ -7,6 +7,8 @@ peer, the peers interleaved so a burst of load from elsewhere does not land on o
 
 * throughput: C{--max-rate} offered (far above what either answers): OFFERs received per
   second and the share of DISCOVERs left unanswered (perfdhcp's "drops");
+* server CPU: the proxy's CPU seconds during the throughput run per answer (what it would
+  sustain on a core of its own; far less skewed by other work on the machine than the rate);
 * latency: C{--latency-rate} offered (1000/s), every exchange's time from perfdhcp's own
   timers (C{-x t}): median and 99th percentile.
 
@@ -31,8 +33,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from math import nan
 from pathlib import Path
 
+from bench.cpu import tree_cpu
 from tests.netlab import NetLab, missing_requirements
 from tests.paths import REPO, tree_env
 
@@ -147,20 +151,28 @@ def main(argv: list[str] | None = None) -> int:
         log = work / "proxy.log"
         proxy = lab.spawn_proxy(ours_ns, log, "--endpoint", lab.ip(2))
         lab.wait_for(log, "DHCP proxy listening", 20, proxy)
-        dnsmasq_proxy(lab, ref_ns)
+        dnsmasq = dnsmasq_proxy(lab, ref_ns)
         servers = {"sidero": lab.ip(2), "dnsmasq": lab.ip(3)}
+        pids = {"sidero": proxy.pid, "dnsmasq": dnsmasq.pid}
         for rnd in range(args.rounds):
             for name, server in servers.items():
                 for kind, rate, timers in (("max", args.max_rate, False),
                                            ("lat", args.latency_rate, True)):
+                    before = tree_cpu(pids[name])
                     out = run_perfdhcp(lab, load_ns, lab.ip(9), server, rate, seconds,
                                        args.clients, timers)
+                    used = tree_cpu(pids[name]) - before
                     (work / f"perfdhcp-{name}-{kind}-{rnd}.txt").write_text(out)
-                    for key, value in parse(out).items():
+                    got = parse(out)
+                    got["cpu_us"] = used / got["received"] * 1e6 if got["received"] else nan
+                    for key, value in got.items():
                         results[name].setdefault(f"{kind}_{key}", []).append(value)
                 for kind, rate in (("ackmax", 0), ("acklat", args.latency_rate)):
+                    before = tree_cpu(pids[name])
                     got = run_ack_load(lab, load_ns, lab.ip(9), server, rate, seconds,
                                        args.clients)
+                    used = tree_cpu(pids[name]) - before
+                    got["cpu_us"] = used / got["received"] * 1e6 if got.get("received") else nan
                     for key, value in got.items():
                         results[name].setdefault(f"{kind}_{key}", []).append(value)
         lab.stop(proxy)
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print(":67 DISCOVER->OFFER: perfdhcp -i via a relay, max = -r "
           f"{args.max_rate}; :4011 REQUEST->ACK: bench.dhcp.ack_load, max = 64 outstanding")
     header = (f"{'exchange':<14} {'peer':<8} | {'answered/s at max':>22} | "
-              f"{'unanswered %':>18} | {'p50 ms @' + str(args.latency_rate) + '/s':>20} | "
+              f"{'unanswered %':>18} | {'CPU us/answer at max':>22} | "
+              f"{'p50 ms @' + str(args.latency_rate) + '/s':>20} | "
               f"{'p99 ms @' + str(args.latency_rate) + '/s':>20}")
     print(header)
     print("-" * len(header))
@@ -183,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
             drops = unanswered(r.get(f"{mx}_sent", []), r.get(f"{mx}_received", []))
             print(f"{label:<14} {name:<8} | {spread(r.get(f'{mx}_rate', []), '.0f'):>22} | "
                   f"{spread(drops, '.1f'):>18} | "
+                  f"{spread(r.get(f'{mx}_cpu_us', []), '.1f'):>22} | "
                   f"{spread(r.get(f'{lat}_p50_ms', []), '.3f'):>20} | "
                   f"{spread(r.get(f'{lat}_p99_ms', []), '.3f'):>20}")
         ours, ref = results["sidero"], results["dnsmasq"]
         print(f"{label:<14} {'ratio':<8} | "
               f"{spread(ratios(ours.get(f'{mx}_rate', []), ref.get(f'{mx}_rate', [])), '.2f') + 'x':>22} | "
               f"{'':>18} | "
+              f"{spread(ratios(ours.get(f'{mx}_cpu_us', []), ref.get(f'{mx}_cpu_us', [])), '.2f') + 'x':>22} | "
               f"{spread(ratios(ours.get(f'{lat}_p50_ms', []), ref.get(f'{lat}_p50_ms', [])), '.2f') + 'x':>20} | "
               f"{spread(ratios(ours.get(f'{lat}_p99_ms', []), ref.get(f'{lat}_p99_ms', [])), '.2f') + 'x':>20}")
     return 0

@@ -23,6 +23,7 @@ Usage: python bench/tftp/bench.py [--scenario boot|initrd] [--clients N] [--size
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -32,10 +33,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_cpu() -> Callable[[int], float]:
+    """bench/cpu.py by path: run as a script, this file itself is the module C{bench}."""
+    spec = importlib.util.spec_from_file_location("bench_cpu", os.path.join(HERE, "..", "cpu.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tree: Callable[[int], float] = module.tree_cpu
+    return tree
+
+
+tree_cpu = _load_cpu()
+
 NETNS_FLAG = "SIDERO_TFTP_BENCH_NETNS"
 HIGH_PORT = 46969
 #: scenario -> (clients, bytes per client)
@@ -76,6 +91,9 @@ def server(argv: list[str], port: int, log: str) -> Iterator[subprocess.Popen[by
 
 def spread(values: list[float]) -> str:
     """Median [min-max]."""
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return "n/a"
     med = statistics.median(values)
     if len(values) == 1:
         return f"{med:.2f}"
@@ -179,28 +197,40 @@ def main() -> None:
     # All servers run at once and the rounds interleave them, so a burst of load from
     # elsewhere on the machine does not land on one server only.
     times: dict[str, list[float]] = {name: [] for name in servers}
+    cpu: dict[str, list[float]] = {name: [] for name in servers}
     timeout = max(120.0, total / 20e6)
     with ExitStack() as stack:
+        pids: dict[str, int] = {}
         for name, (argv, port) in servers.items():
-            stack.enter_context(server(argv, port, os.path.join(work, f"{name}.log")))
+            pids[name] = stack.enter_context(
+                server(argv, port, os.path.join(work, f"{name}.log"))).pid
             fetch_all(port, min(args.clients, 4), args.blksize, args.size, timeout)  # warm-up
         for _ in range(args.rounds):
             for name, (_, port) in servers.items():
+                before = tree_cpu(pids[name])
                 times[name].append(fetch_all(port, args.clients, args.blksize, args.size,
                                              timeout))
+                cpu[name].append(tree_cpu(pids[name]) - before)
     print(f"load average {os.getloadavg()[0]:.1f} at the end (other work on the machine "
           "skews every figure; the rounds interleave the servers to share it out)")
     rates = {name: [total / t / 1e6 for t in runs] for name, runs in times.items()}
-    print(f"{'server':<12} | {'MB/s':>24} | rounds (s)")
-    print("-" * 64)
+    # MB per CPU second of the server (and its children): what it would do with a core of
+    # its own, much less skewed by the rest of the machine than MB/s.
+    per_cpu = {name: [total / 1e6 / c if c > 0 else float("nan") for c in runs]
+               for name, runs in cpu.items()}
+    print(f"{'server':<12} | {'MB/s':>24} | {'MB per CPU-second':>24} | rounds (s)")
+    print("-" * 92)
     for name, runs in rates.items():
-        print(f"{name:<12} | {spread(runs):>24} | {', '.join(f'{t:.2f}' for t in times[name])}")
+        print(f"{name:<12} | {spread(runs):>24} | {spread(per_cpu[name]):>24} | "
+              f"{', '.join(f'{t:.2f}' for t in times[name])}")
     ours = [n for n in rates if n.startswith("sidero")]
     peers = [n for n in rates if not n.startswith("sidero")]
     for mine in ours:
         for peer in peers:
             ratio = [a / b for a, b in zip(rates[mine], rates[peer], strict=False)]
-            print(f"ratio {mine} / {peer}: {spread(ratio)}x")
+            eff = [a / b for a, b in zip(per_cpu[mine], per_cpu[peer], strict=False)]
+            print(f"ratio {mine} / {peer}: {spread(ratio)}x MB/s, "
+                  f"{spread(eff)}x MB per CPU-second")
     shutil.rmtree(work, ignore_errors=True)
 
 
