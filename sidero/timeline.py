@@ -179,6 +179,11 @@ class BootTimeline:
     def _link(self, table: OrderedDict[str, str], name: str, better: str, prefix: str,
               better_prefix: str) -> None:
         """Remember C{name} -> C{better}; steps filed under C{name} move to C{better}."""
+        if table.get(name) == better:
+            # Known link (every DHCP reply of a machine): since it was made, steps naming
+            # C{name} were filed under C{better}, so there is nothing to move.
+            table.move_to_end(name)
+            return
         if table.get(name) != better:
             table[name] = better
             while len(table) > self.machines * 2:

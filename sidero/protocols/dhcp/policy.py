@@ -254,6 +254,22 @@ _DISCOVERY_CONTROL_WIRE = codec.encode_tlv(_DISCOVERY_CONTROL, end=False)
 _END = bytes((codec.OPT_END,))
 
 
+_ECHOES: dict[bytes, tuple[tuple[tuple[int, bytes], ...], bytes]] = {}
+
+
+def _boot_item_echo(item: bytes) -> tuple[tuple[tuple[int, bytes], ...], bytes]:
+    """Option 43 echoing boot item C{item}, as an option and encoded (a ROM asks for one of
+    a few items, so they are kept; the cache is bounded all the same)."""
+    found = _ECHOES.get(item)
+    if found is None:
+        if len(_ECHOES) >= 256:
+            _ECHOES.clear()
+        echo = ((codec.OPT_VENDOR_SPECIFIC,
+                 codec.encode_suboptions([(codec.PXE_BOOT_ITEM, item)])),)
+        found = _ECHOES[item] = (echo, codec.encode_tlv(echo, end=False))
+    return found
+
+
 def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
            source: tuple[str, int] | None = None) -> Decision:
     """Decide the reply to C{msg}, received on :67 (C{proxy_port=False}) or :4011.
@@ -302,10 +318,9 @@ def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
         # On :4011 the ROM asked for a boot item; echo it so it accepts the ACK.
         item = dict(sub43).get(codec.PXE_BOOT_ITEM) if proxy_port else None
         if item is not None and len(item) == 4:
-            echo = ((codec.OPT_VENDOR_SPECIFIC,
-                     codec.encode_suboptions([(codec.PXE_BOOT_ITEM, item)])),)
+            echo, echo_wire = _boot_item_echo(item)
             options += echo
-            wire += codec.encode_tlv(echo, end=False)
+            wire += echo_wire
         else:
             options += _DISCOVERY_CONTROL
             wire += _DISCOVERY_CONTROL_WIRE
