@@ -36,7 +36,7 @@ import tempfile
 from math import nan
 from pathlib import Path
 
-from bench.cpu import tree_cpu
+from bench.cpu import CPUMeter
 from tests.netlab import NetLab, missing_requirements
 from tests.paths import REPO, tree_env
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     lab = NetLab(f"sdb{os.getpid() % 100000}", 72, work)
     results: dict[str, dict[str, list[float]]] = {p: {} for p in PEERS}
     load_start = os.getloadavg()[0]
+    meters: dict[str, CPUMeter] = {}
     try:
         lab.setup_switch()
         ours_ns = lab.add_host("ours", 2)
@@ -151,33 +152,36 @@ def main(argv: list[str] | None = None) -> int:
         log = work / "proxy.log"
         proxy = lab.spawn_proxy(ours_ns, log, "--endpoint", lab.ip(2))
         lab.wait_for(log, "DHCP proxy listening", 20, proxy)
+        meters["sidero"] = CPUMeter(proxy.pid, "sidero")
         dnsmasq = dnsmasq_proxy(lab, ref_ns)
+        meters["dnsmasq"] = CPUMeter(dnsmasq.pid, "dnsmasq")
         servers = {"sidero": lab.ip(2), "dnsmasq": lab.ip(3)}
-        pids = {"sidero": proxy.pid, "dnsmasq": dnsmasq.pid}
         for rnd in range(args.rounds):
             for name, server in servers.items():
                 for kind, rate, timers in (("max", args.max_rate, False),
                                            ("lat", args.latency_rate, True)):
-                    before = tree_cpu(pids[name])
+                    before = meters[name].seconds()
                     out = run_perfdhcp(lab, load_ns, lab.ip(9), server, rate, seconds,
                                        args.clients, timers)
-                    used = tree_cpu(pids[name]) - before
+                    used = meters[name].seconds() - before
                     (work / f"perfdhcp-{name}-{kind}-{rnd}.txt").write_text(out)
                     got = parse(out)
                     got["cpu_us"] = used / got["received"] * 1e6 if got["received"] else nan
                     for key, value in got.items():
                         results[name].setdefault(f"{kind}_{key}", []).append(value)
                 for kind, rate in (("ackmax", 0), ("acklat", args.latency_rate)):
-                    before = tree_cpu(pids[name])
+                    before = meters[name].seconds()
                     got = run_ack_load(lab, load_ns, lab.ip(9), server, rate, seconds,
                                        args.clients)
-                    used = tree_cpu(pids[name]) - before
+                    used = meters[name].seconds() - before
                     got["cpu_us"] = used / got["received"] * 1e6 if got.get("received") else nan
                     for key, value in got.items():
                         results[name].setdefault(f"{kind}_{key}", []).append(value)
         lab.stop(proxy)
     finally:
         lab.teardown()
+        for meter in meters.values():
+            meter.close()
     print(f"DHCP proxy vs dnsmasq proxy mode, {args.clients} clients, {seconds}s per "
           f"measurement, median [min-max] of {args.rounds} rounds; logs in {work}")
     print(f"load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end, on "

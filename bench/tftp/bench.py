@@ -33,23 +33,23 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_cpu() -> Callable[[int], float]:
+def _load_cpu() -> Any:
     """bench/cpu.py by path: run as a script, this file itself is the module C{bench}."""
     spec = importlib.util.spec_from_file_location("bench_cpu", os.path.join(HERE, "..", "cpu.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    tree: Callable[[int], float] = module.tree_cpu
-    return tree
+    return module
 
 
-tree_cpu = _load_cpu()
+cpu = _load_cpu()
 
 NETNS_FLAG = "SIDERO_TFTP_BENCH_NETNS"
 HIGH_PORT = 46969
@@ -73,13 +73,15 @@ def probe(port: int, deadline: float) -> bool:
 
 
 @contextmanager
-def server(argv: list[str], port: int, log: str) -> Iterator[subprocess.Popen[bytes]]:
+def server(argv: list[str], port: int, log: str, name: str) -> Iterator[Any]:
+    """Run one server; yields its CPU meter (the server and all it forks)."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    meter = cpu.CPUMeter(proc.pid, name)
     try:
         if not probe(port, time.monotonic() + 10):
             raise RuntimeError(f"{argv[0]} did not answer on port {port}; see {log}")
-        yield proc
+        yield meter
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -87,6 +89,7 @@ def server(argv: list[str], port: int, log: str) -> Iterator[subprocess.Popen[by
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        meter.close()
 
 
 def spread(values: list[float]) -> str:
@@ -197,27 +200,31 @@ def main() -> None:
     # All servers run at once and the rounds interleave them, so a burst of load from
     # elsewhere on the machine does not land on one server only.
     times: dict[str, list[float]] = {name: [] for name in servers}
-    cpu: dict[str, list[float]] = {name: [] for name in servers}
+    used: dict[str, list[float]] = {name: [] for name in servers}
     timeout = max(120.0, total / 20e6)
+    exact = True
     with ExitStack() as stack:
-        pids: dict[str, int] = {}
+        meters: dict[str, Any] = {}
         for name, (argv, port) in servers.items():
-            pids[name] = stack.enter_context(
-                server(argv, port, os.path.join(work, f"{name}.log"))).pid
+            meters[name] = stack.enter_context(
+                server(argv, port, os.path.join(work, f"{name}.log"), name))
+            exact = exact and meters[name].exact
             fetch_all(port, min(args.clients, 4), args.blksize, args.size, timeout)  # warm-up
         for _ in range(args.rounds):
             for name, (_, port) in servers.items():
-                before = tree_cpu(pids[name])
+                before = meters[name].seconds()
                 times[name].append(fetch_all(port, args.clients, args.blksize, args.size,
                                              timeout))
-                cpu[name].append(tree_cpu(pids[name]) - before)
+                used[name].append(meters[name].seconds() - before)
     print(f"load average {os.getloadavg()[0]:.1f} at the end (other work on the machine "
           "skews every figure; the rounds interleave the servers to share it out)")
     rates = {name: [total / t / 1e6 for t in runs] for name, runs in times.items()}
     # MB per CPU second of the server (and its children): what it would do with a core of
     # its own, much less skewed by the rest of the machine than MB/s.
     per_cpu = {name: [total / 1e6 / c if c > 0 else float("nan") for c in runs]
-               for name, runs in cpu.items()}
+               for name, runs in used.items()}
+    if not exact:
+        print("CPU from /proc (no writable cgroup): short-lived children are missed")
     print(f"{'server':<12} | {'MB/s':>24} | {'MB per CPU-second':>24} | rounds (s)")
     print("-" * 92)
     for name, runs in rates.items():
