@@ -138,9 +138,13 @@ class Metrics:
         """Expose a L{sidero.protocols.tftp.protocol.TFTPStats}."""
         self._sources.tftp.append(stats)
 
-    def add_api_port(self, counters: Callable[[], dict[str, int]]) -> None:
-        """Expose the API port's connection classification (HTTP/1.1 vs gRPC)."""
+    def add_api_port(self, counters: Callable[[], dict[str, int]],
+                     refused: Callable[[], dict[str, int]] | None = None) -> None:
+        """Expose the API port's connection classification (HTTP/1.1 vs gRPC) and what its
+        limits refused (L{sidero.protocols.http.limits.REASONS})."""
         self._sources.api_port.append(counters)
+        if refused is not None:
+            self._sources.api_port_refused.append(refused)
 
     def add_informers(self, informers: Callable[[], Iterable[Any]]) -> None:
         """Expose informers (lists, relists, watch restarts, cache size, synced)."""
@@ -200,6 +204,7 @@ class _Sources:
         self.dhcp: list[Any] = []
         self.tftp: list[Any] = []
         self.api_port: list[Callable[[], dict[str, int]]] = []
+        self.api_port_refused: list[Callable[[], dict[str, int]]] = []
         self.informers: list[Callable[[], Iterable[Any]]] = []
         self.controllers: list[Callable[[], Iterable[Any]]] = []
 
@@ -222,6 +227,17 @@ class _Sources:
             for k, v in sorted(totals.items()):
                 conns.add_metric([k], v)
             yield conns
+        if self.api_port_refused:
+            refused = CounterMetricFamily(
+                "sidero_api_port_refused", "API port connections and requests refused by a limit,"
+                " by reason", labels=["reason"])
+            totals = {}
+            for counters in self.api_port_refused:
+                for k, v in counters().items():
+                    totals[k] = totals.get(k, 0) + v
+            for k, v in sorted(totals.items()):
+                refused.add_metric([k], v)
+            yield refused
         informers = [i for source in self.informers for i in source()]
         if informers:
             yield from self._informers(informers)

@@ -469,11 +469,11 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
 
         listener = make_api_port_service(
             context.reactor, metrics.instrument_resource(site.resource(), timeline), grpc_server,
-            settings.http_port, interface=settings.listen_address,
+            settings.http_port, interface=settings.listen_address, limits=_http_limits(settings),
         )
         factory = getattr(listener, "factory", None)
         if factory is not None:
-            metrics.add_api_port(lambda: dict(factory.counters))
+            metrics.add_api_port(lambda: dict(factory.counters), lambda: dict(factory.refused))
     else:
         listener = make_http_service(
             context.reactor, metrics.instrument_resource(site.resource(), timeline), settings.http_port,
@@ -481,6 +481,16 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         )
     listener.setServiceParent(group)
     return group
+
+
+def _http_limits(settings: Settings) -> Any:
+    from sidero.protocols.http.limits import HTTPLimits
+
+    return HTTPLimits(
+        request_timeout=settings.http_header_timeout,
+        max_connections=settings.http_max_connections,
+        max_connections_per_source=settings.http_max_connections_per_source,
+    )
 
 
 # --- SideroLink: the tunnel, Provision, the log receiver, the event sink, syslog -----------------

@@ -44,7 +44,12 @@ from sidero.api import conditions
 from sidero.api.registry import SERVER_BINDING
 from sidero.controllers.patch import patch_changes
 from sidero.proto import common_pb2, events_pb2, events_pb2_grpc, machine_pb2
-from sidero.protocols.grpc.server import ReactorUnavailable, call_on_reactor, call_timeout
+from sidero.protocols.grpc.server import (
+    GRPC_OPTIONS,
+    ReactorUnavailable,
+    call_on_reactor,
+    call_timeout,
+)
 from sidero.siderolink.annotator import Annotation, normalise_ip
 from sidero.siderolink.listen import TunnelListenerService
 from sidero.store.errors import Conflict, NotFound, StoreError
@@ -328,7 +333,7 @@ def make_event_sink_server(servicer: EventSinkServicer, max_workers: int = 4) ->
     """An unstarted grpcio server carrying the sink (the service binds and starts it)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-events"),
-        options=[("grpc.so_reuseport", 0)],
+        options=list(GRPC_OPTIONS),
     )
     events_pb2_grpc.add_EventSinkServiceServicer_to_server(servicer, server)
     return server
