@@ -264,6 +264,7 @@ def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
 
 
 def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.protocols.dhcp.ratelimit import PerClientLimiter
     from sidero.protocols.dhcp.service import make_dhcp_proxy_service
 
     service = make_dhcp_proxy_service(
@@ -274,6 +275,8 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         dhcp_port=settings.dhcp_port,
         proxy_port=settings.dhcp_proxy_port,
         fatal=_is_root(),
+        limiter=PerClientLimiter(settings.dhcp_mac_rate, settings.dhcp_mac_burst,
+                                 context.reactor.seconds),
     )
     counters = getattr(service, "counters", None)
     if counters is not None:
