@@ -436,6 +436,8 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             api_port=settings.api_port,
             boot_from_disk_method=settings.boot_from_disk_method,
             extra_agent_kernel_args=settings.extra_agent_kernel_args,
+            configdata_access=settings.configdata_access,
+            configdata_trusted=settings.configdata_trusted_networks,
         ),
         env_dir=env_dir,
         tftp_roots=settings.tftp_roots,
