@@ -146,6 +146,10 @@ class Metrics:
         if refused is not None:
             self._sources.api_port_refused.append(refused)
 
+    def add_limits(self, limits: Callable[[], Iterable[Any]]) -> None:
+        """Expose concurrency limits (L{sidero.limits}: C{name} and C{stats()})."""
+        self._sources.limits.append(limits)
+
     def add_informers(self, informers: Callable[[], Iterable[Any]]) -> None:
         """Expose informers (lists, relists, watch restarts, cache size, synced)."""
         self._sources.informers.append(informers)
@@ -205,6 +209,7 @@ class _Sources:
         self.tftp: list[Any] = []
         self.api_port: list[Callable[[], dict[str, int]]] = []
         self.api_port_refused: list[Callable[[], dict[str, int]]] = []
+        self.limits: list[Callable[[], Iterable[Any]]] = []
         self.informers: list[Callable[[], Iterable[Any]]] = []
         self.controllers: list[Callable[[], Iterable[Any]]] = []
 
@@ -238,6 +243,22 @@ class _Sources:
             for k, v in sorted(totals.items()):
                 refused.add_metric([k], v)
             yield refused
+        limits = [limit for source in self.limits for limit in source()]
+        if limits:
+            families = {
+                key: GaugeMetricFamily(f"sidero_limit_{key}", doc, labels=["limit"])
+                for key, doc in (
+                    ("max", "Concurrency limit (wipe, power, download)"),
+                    ("in_flight", "Operations holding a slot of the limit"),
+                    ("queued", "Operations waiting for a slot (queued, never refused)"),
+                )
+            }
+            for limit in limits:
+                stats = limit.stats()
+                families["max"].add_metric([limit.name], stats["limit"])
+                families["in_flight"].add_metric([limit.name], stats["in_flight"])
+                families["queued"].add_metric([limit.name], stats["queued"])
+            yield from families.values()
         informers = [i for source in self.informers for i in source()]
         if informers:
             yield from self._informers(informers)

@@ -171,7 +171,9 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     from sidero.controllers.serverclass import make_serverclass_controller
     from sidero.controllers.startup import install_startup_runnables
     from sidero.k8s.workload import WorkloadNodes
+    from sidero.limits import ConcurrencyLimit, WipeSlots
     from sidero.power.factory import PowerManagerFactory
+    from sidero.power.limited import LimitedPowerManager
 
     elector = _make_elector(settings, context)
     metrics = _metrics(context)
@@ -180,22 +182,27 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     metrics.add_controllers(lambda: manager.controllers)
     install_startup_runnables(manager, context.store, assets_url=settings.talos_assets_url)
     recorder = EventRecorder(context.store, context.reactor)
+    wipes = WipeSlots(settings.max_concurrent_wipes)
+    downloads = ConcurrencyLimit("download", settings.max_concurrent_downloads)
+    power_limit = ConcurrencyLimit("power", settings.max_concurrent_power)
+    metrics.add_limits(lambda: (wipes, downloads, power_limit))
     make_environment_controller(
         manager, context.store, settings.state_dir, context.reactor,
-        pool=context.pools["disk"], assets_url=settings.talos_assets_url,
+        pool=context.pools["disk"], assets_url=settings.talos_assets_url, downloads=downloads,
     )
     make_serverclass_controller(manager, context.store)
     power = PowerManagerFactory.from_settings(
         context.reactor, context.store, context.pools["ipmi"], settings)
     def power_for(server: dict[str, Any]) -> Deferred[Any]:
-        return power.for_server(server).addCallback(metrics.instrument_power)
+        return power.for_server(server).addCallback(
+            lambda manager: LimitedPowerManager(metrics.instrument_power(manager), power_limit))
 
     make_server_controller(
         manager, context.store, power_for,
         reboot_timeout=settings.server_reboot_timeout, pxe_mode=settings.ipmi_pxe_method,
         clock=context.reactor, recorder=recorder,
         # A BMC that dropped a power-off (seen with silent failures) gets it again.
-        power_off_recheck=DEFAULT_REQUEUE_AFTER,
+        power_off_recheck=DEFAULT_REQUEUE_AFTER, wipes=wipes,
     )
     # The Cluster API provider (spec 2.5-2.7). Machines and Clusters are read from the store
     # when needed, not watched, so these run (and serve standalone MetalMachines) even where
