@@ -44,7 +44,9 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from sidero.protocols.grpc.h2guard import FrameGuard
 from sidero.protocols.http.limits import (
+    H2_FLOOD,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_FROM_SOURCE,
     HTTPLimits,
@@ -108,6 +110,7 @@ class SplitProtocol(Protocol):
         self.backend: _Backend | None = None
         self._connecting: Deferred[Any] | None = None
         self._timer: IDelayedCall | None = None
+        self.guard: FrameGuard | None = None
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
@@ -132,9 +135,13 @@ class SplitProtocol(Protocol):
             self.http.dataReceived(data)
         elif self.state == GRPC:
             assert self.backend is not None
+            if self._flooding(data):
+                return
             self.backend.transport.write(data)  # type: ignore[union-attr]
         elif self.state == CONNECTING:
             # Read before the pause took effect; sent once the backend is there.
+            if self._flooding(data):
+                return
             self.buffer += data
         elif self.state == SNIFFING:
             self.buffer += data
@@ -156,8 +163,28 @@ class SplitProtocol(Protocol):
         if self.state == HTTP:
             channel.dataReceived(data)
 
+    def _flooding(self, data: bytes) -> bool:
+        """Whether C{data} pushes this connection past a control-frame limit (then it is
+        aborted and counted; L{sidero.protocols.grpc.h2guard})."""
+        if self.guard is None:
+            return False
+        kind = self.guard.feed(data)
+        if kind is None:
+            return False
+        self.factory.refused[H2_FLOOD] = self.factory.refused.get(H2_FLOOD, 0) + 1
+        self.log.warn("API port: {peer} sent a flood of HTTP/2 {kind} frames; connection closed",
+                      peer=_host(self.addr), kind=kind)
+        self.state = CLOSED
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        if self.backend is not None:
+            self.backend.transport.abortConnection()  # type: ignore[union-attr]
+        return True
+
     def _become_grpc(self) -> None:
         self._stop_timer()
+        self.guard = FrameGuard(self.factory.reactor.seconds)
+        if self._flooding(self.buffer):
+            return
         self.state = CONNECTING
         self.factory.counters["grpc"] += 1
         # Stop reading until there is somewhere to put the bytes.

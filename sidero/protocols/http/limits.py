@@ -37,8 +37,10 @@ URI_TOO_LONG = "uri-too-long"
 BODY_TOO_LARGE = "body-too-large"
 TOO_MANY_CONNECTIONS = "too-many-connections"
 TOO_MANY_FROM_SOURCE = "too-many-from-source"
+#: an h2c connection sent more control frames than any real client (the gRPC splice).
+H2_FLOOD = "h2-flood"
 REASONS = (REQUEST_TIMEOUT, HEADERS_TOO_LARGE, URI_TOO_LONG, BODY_TOO_LARGE,
-           TOO_MANY_CONNECTIONS, TOO_MANY_FROM_SOURCE)
+           TOO_MANY_CONNECTIONS, TOO_MANY_FROM_SOURCE, H2_FLOOD)
 
 _STATUS = {
     408: b"Request Timeout",
