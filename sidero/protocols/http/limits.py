@@ -68,6 +68,10 @@ class HTTPLimits:
     max_connections_per_source: int = 64
 
 
+#: when the last refusal was logged, and how many were not logged since (process-wide).
+_LOG_STATE: dict[str, float] = {"last": -float("inf"), "suppressed": 0}
+
+
 def new_refusals() -> dict[str, int]:
     return dict.fromkeys(REASONS, 0)
 
@@ -177,17 +181,28 @@ class GuardedHTTPChannel(http.HTTPChannel):
         self._refusing = True
         self._cancel_deadline()
         self.refused[reason] = self.refused.get(reason, 0) + 1
-        peer = self.transport.getPeer() if self.transport is not None else None
-        self.log.info("API port: refused {peer}: {code} {message}",
-                      peer=getattr(peer, "host", peer), code=code, message=message)
+        reactor = getattr(self.factory, "reactor", None)  # the Site's (a Clock in tests)
+        now = reactor.seconds() if reactor is not None else 0.0
+        if now - _LOG_STATE["last"] >= 10.0:  # one line per 10 s during a flood
+            peer = self.transport.getPeer() if self.transport is not None else None
+            self.log.info("API port: refused {peer}: {code} {message} ({suppressed} more refusals"
+                          " not logged since the last line)", peer=getattr(peer, "host", peer),
+                          code=code, message=message, suppressed=_LOG_STATE["suppressed"])
+            _LOG_STATE["last"], _LOG_STATE["suppressed"] = now, 0
+        else:
+            _LOG_STATE["suppressed"] += 1
         body = (message + "\n").encode()
         if self.transport is not None:
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8"
                 b"\r\nContent-Length: %d\r\n\r\n%s" % (code, _STATUS[code], len(body), body))
         self.setRawMode()  # stop LineReceiver handing us the rest of this buffer
-        # Lose the connection; abort it after abortTimeout if the client does not read.
-        self.timeoutConnection()
+        # Lose the connection; abort it after abortTimeout if the client does not read
+        # (Twisted's timeoutConnection, without its log line per connection).
+        self.setTimeout(None)
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
 
 
 def guarded_channel(limits: HTTPLimits, refused: MutableMapping[str, int]) -> type[GuardedHTTPChannel]:
