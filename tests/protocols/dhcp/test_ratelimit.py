@@ -42,3 +42,29 @@ class LimiterTests(SynchronousTestCase):
         limiter = PerClientLimiter(0, 1, self.clock.seconds)
         self.assertTrue(all(limiter.allow(A) for _ in range(1000)))
         self.assertEqual(len(limiter), 0)
+
+
+class ProtocolTests(SynchronousTestCase):
+    def test_flood_from_one_mac_dropped_and_counted(self) -> None:
+        """Twenty DISCOVERs from one MAC at once: the burst (5) answered, fifteen dropped as
+        rate-limited before any reply; a second later one more is answered."""
+        from twisted.internet.testing import FakeDatagramTransport
+
+        from sidero.protocols.dhcp.policy import ProxyConfig
+        from sidero.protocols.dhcp.protocol import DHCPProxyProtocol
+        from sidero.protocols.dhcp.ratelimit import RATE_LIMITED
+        from tests.protocols.dhcp import packets as p
+
+        clock = Clock()
+        proto = DHCPProxyProtocol(
+            ProxyConfig(server_ip="10.213.0.2", endpoint="10.213.0.2", api_port=8081),
+            proxy_port=False, clock=clock, limiter=PerClientLimiter(1.0, 5, clock.seconds))
+        transport = FakeDatagramTransport()
+        proto.makeConnection(transport)
+        for _ in range(20):
+            proto.datagramReceived(p.EDK2_UEFI_DISCOVER, ("0.0.0.0", 68))
+        self.assertEqual((len(transport.written), proto.counters.offers), (5, 5))
+        self.assertEqual(proto.counters.ignored[RATE_LIMITED], 15)
+        clock.advance(1)
+        proto.datagramReceived(p.EDK2_UEFI_DISCOVER, ("0.0.0.0", 68))
+        self.assertEqual(proto.counters.offers, 6)
