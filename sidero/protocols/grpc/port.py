@@ -171,9 +171,7 @@ class SplitProtocol(Protocol):
         kind = self.guard.feed(data)
         if kind is None:
             return False
-        self.factory.refused[H2_FLOOD] = self.factory.refused.get(H2_FLOOD, 0) + 1
-        self.log.warn("API port: {peer} sent a flood of HTTP/2 {kind} frames; connection closed",
-                      peer=_host(self.addr), kind=kind)
+        self.factory.count_refusal(H2_FLOOD, _host(self.addr), f"a flood of HTTP/2 {kind} frames")
         self.state = CLOSED
         self.transport.abortConnection()  # type: ignore[union-attr]
         if self.backend is not None:
@@ -270,28 +268,31 @@ class ApiPortFactory(Factory):
                          "grpc_closed_by_backend": 0}
         self.refused = refused if refused is not None else new_refusals()
         self._last_refusal_log = -float("inf")
+        self._unlogged = 0
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         host = _host(addr)
+        # Returning None makes Twisted close the accepted socket at once.
         if len(self.connections) >= self.limits.max_connections:
-            self._refuse(TOO_MANY_CONNECTIONS, host)
+            self.count_refusal(TOO_MANY_CONNECTIONS, host, "too many open connections")
             return None
         if self.per_source.get(host, 0) >= self.limits.max_connections_per_source:
-            self._refuse(TOO_MANY_FROM_SOURCE, host)
+            self.count_refusal(TOO_MANY_FROM_SOURCE, host, "too many connections from it")
             return None
         return SplitProtocol(self, addr)
 
-    def _refuse(self, reason: str, host: str) -> None:
-        """Count and (at a bounded rate) log; the caller returns None, which makes Twisted
-        close the accepted socket at once."""
+    def count_refusal(self, reason: str, host: str, what: str) -> None:
+        """Count a refused connection; log one line per 10 s at most during a flood."""
         self.refused[reason] = self.refused.get(reason, 0) + 1
+        self._unlogged += 1
         now = self.reactor.seconds()
-        if now - self._last_refusal_log >= 10.0:  # one line per 10 s during a flood
+        if now - self._last_refusal_log >= 10.0:
             self._last_refusal_log = now
-            self.log.warn("API port: refused a connection from {host} ({reason}; {open} open,"
-                          " {from_source} from it)", host=host, reason=reason,
-                          open=len(self.connections), from_source=self.per_source.get(host, 0))
-        return None
+            self.log.warn("API port: closed a connection from {host}: {what} ({open} open,"
+                          " {from_source} from it; {count} refusals since the last line)",
+                          host=host, what=what, open=len(self.connections),
+                          from_source=self.per_source.get(host, 0), count=self._unlogged)
+            self._unlogged = 0
 
     def opened(self, addr: IAddress | None) -> None:
         host = _host(addr)
