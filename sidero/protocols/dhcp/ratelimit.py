@@ -7,9 +7,9 @@ packets at once and C{rate} per second after that; the excess is dropped before 
 or reply is made and counted as C{rate-limited}.  A real PXE client sends a few DISCOVERs
 seconds apart and one REQUEST to 4011, far below the defaults.
 
-Memory is bounded: at most C{max_clients} buckets, the least recently seen evicted first (a
-flood of random MACs costs one small entry each, then recycles them; it is not what this
-guards against, and each of those MACs is still limited to its own burst).
+Memory is bounded: at most C{max_clients} buckets (16384, a few MiB), the least recently seen
+evicted first.  A flood of random MACs costs one small entry each, then recycles them (it is
+not what this guards against; an evicted client merely starts again with a full bucket).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class PerClientLimiter:
     """
 
     def __init__(self, rate: float, burst: int, now: Callable[[], float],
-                 max_clients: int = 65536) -> None:
+                 max_clients: int = 16384) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.now = now
