@@ -473,8 +473,11 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
     else:
         listener = make_http_service(
             context.reactor, metrics.instrument_resource(site.resource(), timeline), settings.http_port,
-            interface=settings.listen_address,
+            interface=settings.listen_address, limits=_http_limits(settings),
         )
+        refused = getattr(listener, "refused", None)
+        if refused is not None:
+            metrics.add_api_port(dict, lambda: dict(refused))
     listener.setServiceParent(group)
     return group
 

@@ -4,11 +4,12 @@ C{tests.integration.test_hostile}."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -182,3 +183,29 @@ class ConnectionCapTests(SynchronousTestCase):
         for proto in list(self.factory.connections):
             proto.connectionLost(None)
         self.assertEqual(self.factory.per_source, {})
+
+
+class PlainHTTPServiceTests(TestCase):
+    """Without gRPC (C{--disable-grpc}) the HTTP listener has the same request limits."""
+
+    async def test_limits_apply(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThread
+
+        from sidero.protocols.http.service import make_http_service
+
+        service = make_http_service(reactor, Hello(), 0, interface="127.0.0.1", limits=LIMITS)
+        service.startService()
+        self.addCleanup(service.stopService)
+        port = service._port.getHost().port  # type: ignore[attr-defined]
+
+        def ask(request: bytes) -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                return s.recv(200)
+
+        ok = await deferToThread(ask, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        self.assertTrue(ok.startswith(b"HTTP/1.1 200 "), ok)
+        big = await deferToThread(ask, b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 3000 + b"\r\n\r\n")
+        self.assertTrue(big.startswith(b"HTTP/1.1 431 "), big)
+        self.assertEqual(service.refused[HEADERS_TOO_LARGE], 1)  # type: ignore[attr-defined]
