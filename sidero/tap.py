@@ -580,7 +580,9 @@ def _make_siderolink(settings: Settings, context: AppContext) -> IService | None
     )
     link.setServiceParent(group)
     context.extra["siderolink"] = link
-    servicer = ProvisionServicer(context.reactor, ProvisionAPI(context.store, link))
+    provision = ProvisionAPI(context.store, link)
+    provision.timeline = _timeline(context)
+    servicer = ProvisionServicer(context.reactor, provision)
     context.extra.setdefault("grpc_services", []).append(
         lambda server: add_to_server(servicer, server))
     return group
@@ -592,7 +594,8 @@ def _make_log_receiver(settings: Settings, context: AppContext) -> IService | No
 
     group = _waiting_group(context)
     factory = KmsgFactory(_server_log_writer(settings, context),
-                          _annotator(context, group).for_tunnel_ip)
+                          _annotator(context, group).for_tunnel_ip,
+                          server_logs=_server_logs(context), timeline=_timeline(context))
     make_log_receiver_service(context.reactor, factory, _tunnel_host(context)).setServiceParent(group)
     context.extra["log_receiver_factory"] = factory
     return group
@@ -609,6 +612,7 @@ def _make_event_sink(settings: Settings, context: AppContext) -> IService | None
     group = _waiting_group(context)
     api = EventSinkAPI(context.store, context.reactor, _annotator(context, group).for_tunnel_ip,
                        settings.events_negative_address_filter)
+    api.timeline = _timeline(context)
     context.extra["event_sink"] = api
     make_event_sink_service(context.reactor, EventSinkServicer(context.reactor, api),
                             _tunnel_host(context)).setServiceParent(group)
@@ -623,7 +627,8 @@ def _make_syslog(settings: Settings, context: AppContext) -> IService | None:
     group = _waiting_group(context)
     writer = _server_log_writer(settings, context)
     sink = SyslogSink(writer.write, _annotator(context, group).for_source_ip,
-                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water)
+                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water,
+                      server_logs=_server_logs(context))
     context.extra["syslog_sink"] = sink
     SyslogService(context.reactor, sink, udp_port=settings.syslog_port,
                   tcp_port=settings.syslog_tcp_port, interface=settings.listen_address,
