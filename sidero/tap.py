@@ -647,6 +647,44 @@ def _make_management(settings: Settings, context: AppContext) -> IService | None
                                    timeline=_timeline(context), server_logs=_server_logs(context))
 
 
+def _make_dashboard(settings: Settings, context: AppContext) -> IService | None:
+    """The read-only operator dashboard on its own listener (C{--dashboard-port}), from
+    informer caches, the boot timeline and the server log buffer.  Off loopback it needs a
+    password file: the provisioning network must not read inventories and kernel logs."""
+    from sidero.api.registry import ENVIRONMENT, SERVER, SERVER_BINDING, SERVER_CLASS
+    from sidero.dashboard import auth
+    from sidero.dashboard.live import LiveHub
+    from sidero.dashboard.service import DashboardService
+    from sidero.dashboard.site import DashboardApp
+
+    password = None
+    if settings.dashboard_password_file:
+        try:
+            password = auth.read_password_file(settings.dashboard_password_file)
+        except auth.PasswordFileError as e:
+            raise StartupError(f"--dashboard-password-file: {e}") from e
+        if auth.loosely_readable(settings.dashboard_password_file):
+            log.warn("dashboard password file {path} can be read by other users (chmod 600 it)",
+                     path=settings.dashboard_password_file)
+    elif not auth.is_loopback_address(settings.dashboard_address):
+        raise StartupError(
+            f"the dashboard on {settings.dashboard_address or 'every address'} needs a login:"
+            " set --dashboard-password-file, bind --dashboard-address to 127.0.0.1 or ::1,"
+            " or --disable-dashboard")
+    group = OrderedMultiService(context.reactor)
+    servers, bindings, classes, environments = (
+        _own_informer(context, kind, group)
+        for kind in (SERVER, SERVER_BINDING, SERVER_CLASS, ENVIRONMENT))
+    hub = LiveHub(context.reactor, servers, bindings, classes, environments,
+                  timeline=_timeline(context), server_logs=_server_logs(context))
+    app = DashboardApp(hub, context.reactor, password=password)
+    service = DashboardService(context.reactor, app, hub, settings.dashboard_port,
+                               interface=settings.dashboard_address)
+    service.setServiceParent(group)
+    context.extra["dashboard"] = service
+    return group
+
+
 def _metrics(context: AppContext) -> Any:
     """The tree's L{sidero.metrics.Metrics} (its own registry), made on first use, so that
     every factory can instrument what it builds whether or not C{/metrics} is served."""
@@ -760,6 +798,7 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("event-sink", _make_event_sink),
     ("syslog", _make_syslog),
     ("management", _make_management),
+    ("dashboard", _make_dashboard),
     ("metrics", _make_metrics),
     ("health", _make_health),
     ("systemd", _make_systemd),
