@@ -25,7 +25,8 @@ from sidero.api.registry import SERVER
 from tests.dashboard import png
 from tests.dashboard.cdp import Chromium, find_chromium
 from tests.paths import REPO
-from tests.service.test_tap import free_tcp_port, free_udp_port, settings_for
+from tests.ports import free_tcp_port, free_udp_port
+from tests.service.test_tap import settings_for
 
 KNOWN = "8c2b4a1e-0d3f-4e5a-9b6c-7d8e9f0a1b2c"
 NEW = "4c4c4544-0047-4a10-8048-b4c04f4d4a32"
