@@ -140,6 +140,9 @@ class LiveHub:
         self.streams: list[Stream] = []
         self.recent: deque[Any] = deque(maxlen=RECENT_STEPS)
         self._dirty: dict[tuple[str, str], None] = {}
+        #: Rendered rows by (section, name), dropped when their object changes: a page load
+        #: or snapshot joins strings instead of rendering every row again.
+        self._rows: dict[tuple[str, str], str] = {}
         self._steps: list[Any] = []
         self._flush_call: IDelayedCall | None = None
         self._beat_call: IDelayedCall | None = None
@@ -170,6 +173,7 @@ class LiveHub:
             if call is not None and call.active():
                 call.cancel()
         self._flush_call = self._beat_call = None
+        self._rows.clear()
         for stream in list(self.streams):
             stream.close()
 
@@ -183,16 +187,19 @@ class LiveHub:
         return added, updated, added
 
     def _changed(self, section: str, obj: Object, old: Object | None = None) -> None:
-        if not self._running or not self.streams:
+        if not self._running:
             return
-        name = views.name_of(obj)
-        self._dirty[(section, name)] = None
+        keys = [(section, views.name_of(obj))]
         if section == "class":
             # A class's members show it in their row.
-            for o in (obj, old or {}):
-                for member in views.classes_of_servers([o]):
-                    self._dirty[("server", member)] = None
-        self.schedule()
+            keys += [("server", member) for o in (obj, old or {})
+                     for member in views.classes_of_servers([o])]
+        for key in keys:
+            self._rows.pop(key, None)
+            if self.streams:
+                self._dirty[key] = None
+        if self.streams:
+            self.schedule()
 
     def _step(self, entry: Any) -> None:
         self.recent.append(entry)
@@ -228,13 +235,43 @@ class LiveHub:
 
     # -- what the pages show ----------------------------------------------------------
 
-    def bindings_by_name(self) -> dict[str, Object]:
-        return {views.name_of(b): b for b in self.bindings.list()}
+    def membership(self) -> dict[str, list[str]]:
+        return views.classes_of_servers(self.classes.list())
+
+    def row(self, section: str, name: str, membership: dict[str, list[str]]) -> str | None:
+        """The row of one object (cached until it changes), or None when it is gone."""
+        key = (section, name)
+        html = self._rows.get(key)
+        if html is not None:
+            return html
+        if section == "server":
+            obj = self.servers.get(name)
+            html = (views.server_row(obj, self.bindings.get(name), membership.get(name, []))
+                    if obj is not None else None)
+        elif section == "class":
+            obj = self.classes.get(name)
+            html = views.class_row(obj) if obj is not None else None
+        else:
+            obj = self.environments.get(name)
+            html = views.environment_row(obj) if obj is not None else None
+        if html is not None and self._running:
+            self._rows[key] = html
+        return html
 
     def overview_sections(self) -> dict[str, str]:
-        return views.sections_overview(self.servers.list(), self.bindings_by_name(),
-                                       self.classes.list(), self.environments.list(),
-                                       list(self.recent))
+        membership = self.membership()
+        known = {views.name_of(s) for s in self.servers.list()}
+
+        def rows(section: str, informer: Any) -> str:
+            return "".join(self.row(section, views.name_of(o), membership) or ""
+                           for o in informer.list())
+
+        return {
+            "servers": rows("server", self.servers),
+            "serverclasses": rows("class", self.classes),
+            "environments": rows("environment", self.environments),
+            "timeline": "".join(views.timeline_row(e, known) for e in reversed(self.recent)),
+        }
 
     def server_sections(self, name: str) -> dict[str, Any]:
         membership = views.classes_of_servers(self.classes.list())
@@ -266,7 +303,7 @@ class LiveHub:
         if not self.streams:
             return
         overview = [s for s in self.streams if s.server is None]
-        membership = views.classes_of_servers(self.classes.list()) if dirty else {}
+        membership = self.membership() if dirty else {}
         for section, name in dirty:
             event = self._row(section, name, membership)
             for stream in overview:
@@ -295,21 +332,13 @@ class LiveHub:
         for stream in list(self.streams):
             stream.flush_lines()
 
+    _SECTIONS = {"server": ("servers", "server:"), "class": ("serverclasses", "class:"),
+                 "environment": ("environments", "environment:")}
+
     def _row(self, section: str, name: str, membership: dict[str, list[str]]) -> bytes:
-        if section == "server":
-            obj = self.servers.get(name)
-            html = (views.server_row(obj, self.bindings.get(name), membership.get(name, []))
-                    if obj is not None else None)
-            return sse("row", {"section": "servers", "id": "server:" + name, "key": name, "html": html})
-        if section == "class":
-            obj = self.classes.get(name)
-            html = views.class_row(obj) if obj is not None else None
-            return sse("row", {"section": "serverclasses", "id": "class:" + name, "key": name,
-                               "html": html})
-        obj = self.environments.get(name)
-        html = views.environment_row(obj) if obj is not None else None
-        return sse("row", {"section": "environments", "id": "environment:" + name, "key": name,
-                           "html": html})
+        body, prefix = self._SECTIONS[section]
+        return sse("row", {"section": body, "id": prefix + name, "key": name,
+                           "html": self.row(section, name, membership)})
 
     def _beat(self) -> None:
         self._beat_call = self.clock.callLater(self.heartbeat, self._beat)

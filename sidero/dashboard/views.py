@@ -225,21 +225,6 @@ def page(title: str, body: str, *, stream: str | None = None, logged_in: bool = 
     )
 
 
-def sections_overview(servers: Sequence[Object], bindings: Mapping[str, Object],
-                      classes: Sequence[Object], environments: Sequence[Object],
-                      steps: Sequence[Any]) -> dict[str, str]:
-    """The inner HTML of each live section of the overview, by element id."""
-    membership = classes_of_servers(classes)
-    known = {name_of(s) for s in servers}
-    return {
-        "servers": "".join(server_row(s, bindings.get(name_of(s)), membership.get(name_of(s), []))
-                           for s in servers),
-        "serverclasses": "".join(class_row(c) for c in classes),
-        "environments": "".join(environment_row(e) for e in environments),
-        "timeline": "".join(timeline_row(e, known) for e in reversed(steps)),
-    }
-
-
 def overview_page(sections: Mapping[str, str], *, logged_in: bool = False) -> str:
     body = (
         "<section><h2>Servers</h2>"

@@ -165,6 +165,17 @@ class HubTests(SynchronousTestCase):
         self.assertEqual(request.events()[-1], ("row", {"section": "servers", "id": "server:b",
                                                         "key": "b", "html": None}))
 
+    def test_rows_rendered_once_per_change(self) -> None:
+        """Page loads reuse rendered rows until their object (or its class) changes."""
+        self.assertIn("<td>any</td>", self.hub.overview_sections()["servers"])
+        self.servers.items["a"] = server("a", hostname="changed behind the hub's back")
+        self.assertNotIn("changed", self.hub.overview_sections()["servers"])
+        self.servers.put(server("a", hostname="told"))
+        self.assertIn("told", self.hub.overview_sections()["servers"])
+        self.classes.put({"metadata": {"name": "any"}, "status": {"serversAvailable": [],
+                                                                   "serversInUse": []}})
+        self.assertNotIn("<td>any</td>", self.hub.overview_sections()["servers"])
+
     def test_server_page_logs_and_steps(self) -> None:
         """A server's page gets its kept lines, then new ones batched, and its boot steps;
         another server's are not sent; too many waiting lines are counted, not kept."""
