@@ -72,7 +72,10 @@ class Stream:
             self.hub.counters["slow_streams"] += 1
             self.close()
             return
-        self.request.write(data)
+        try:
+            self.request.write(data)
+        except Exception:  # finished or gone under us: never let one browser stop a flush
+            self.gone()
 
     def line(self, line: Any) -> None:
         """A new line of this page's server (a L{sidero.serverlogs.LogLine})."""

@@ -20,7 +20,8 @@ from twisted.logger import Logger
 from twisted.web.server import Site
 
 from sidero.dashboard.live import LiveHub
-from sidero.dashboard.site import DashboardApp
+from sidero.dashboard.site import MAX_FORM, DashboardApp
+from sidero.web import limited_request_factory
 
 
 class DashboardService(Service):
@@ -42,7 +43,9 @@ class DashboardService(Service):
         self.interface = interface
         self.port: IListeningPort | None = None
         self.failure: str | None = None
-        self.site = Site(app.resource(), reactor=reactor)
+        # Request bodies (only the login form has one) stop being kept past MAX_FORM.
+        self.site = Site(app.resource(), requestFactory=limited_request_factory(MAX_FORM),
+                         reactor=reactor)
         self.site.displayTracebacks = False
         self.site.noisy = False
 
