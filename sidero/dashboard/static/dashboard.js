@@ -65,7 +65,10 @@
     if (d.lines) addLines(d.lines, true);
   });
   stream.addEventListener("row", (e) => setRow(JSON.parse(e.data)));
-  stream.addEventListener("html", (e) => setSections({ [JSON.parse(e.data).id]: JSON.parse(e.data).html }));
+  stream.addEventListener("html", (e) => {
+    const d = JSON.parse(e.data);
+    setSections({ [d.id]: d.html });
+  });
   stream.addEventListener("step", (e) => addStep(JSON.parse(e.data)));
   stream.addEventListener("log", (e) => addLines(JSON.parse(e.data).lines, false));
 })();
