@@ -4,7 +4,7 @@ DevTools protocol against the real service tree.
 It logs in with the password file, sees the servers, sees a Server registered by a real agent
 call (gRPC on the API port) appear without a reload, and sees a log line sent by util-linux
 C{logger} through the real syslog receiver arrive live on the server's page (and in
-C{sidero logs}).  Screenshots are decoded (tests/dashboard/png.py) and compared, in the trial
+C{sidero logs}), and the page change in place when C{sidero accept} accepts the server.  Screenshots are decoded (tests/dashboard/png.py) and compared, in the trial
 temp directory only.
 """
 
@@ -178,3 +178,12 @@ class BrowserTests(TestCase):
                                    text=True, timeout=60)
         self.assertEqual(done.returncode, 0, done.stderr)
         self.assertEqual(done.stdout.strip(), line.strip())
+
+        # An operator accepts the server with the CLI: its page changes in place.
+        self.assertIn("not accepted", await b.evaluate("document.getElementById('details').innerText"))
+        done = await deferToThread(subprocess.run, [sys.executable, "-m", "sidero.management.cli",
+                                                    "accept", NEW], env=env, capture_output=True,
+                                   text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        await b.wait_for("!document.getElementById('details').innerText.includes('not accepted')")
+        self.assertEqual(await b.evaluate("window.sideroMarker"), marker, "the page reloaded")
