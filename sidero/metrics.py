@@ -142,6 +142,10 @@ class Metrics:
         """Expose the API port's connection classification (HTTP/1.1 vs gRPC)."""
         self._sources.api_port.append(counters)
 
+    def add_dashboard(self, counters: Callable[[], dict[str, int]]) -> None:
+        """Expose the dashboard's counters (C{open} streams, and event totals)."""
+        self._sources.dashboard.append(counters)
+
     def add_informers(self, informers: Callable[[], Iterable[Any]]) -> None:
         """Expose informers (lists, relists, watch restarts, cache size, synced)."""
         self._sources.informers.append(informers)
@@ -202,6 +206,7 @@ class _Sources:
         self.api_port: list[Callable[[], dict[str, int]]] = []
         self.informers: list[Callable[[], Iterable[Any]]] = []
         self.controllers: list[Callable[[], Iterable[Any]]] = []
+        self.dashboard: list[Callable[[], dict[str, int]]] = []
 
     def describe(self) -> list[Metric]:
         return []  # families vary with what was added; no duplicate-name check needed
@@ -222,6 +227,21 @@ class _Sources:
             for k, v in sorted(totals.items()):
                 conns.add_metric([k], v)
             yield conns
+        if self.dashboard:
+            streams = GaugeMetricFamily("sidero_dashboard_streams", "Dashboard event streams open")
+            events = CounterMetricFamily(
+                "sidero_dashboard_events", "Dashboard streams opened and refused, slow streams"
+                " closed, rows sent, logins and failed logins, requests refused for their Host",
+                labels=["event"])
+            totals = {}
+            for counters in self.dashboard:
+                for k, v in counters().items():
+                    totals[k] = totals.get(k, 0) + v
+            streams.add_metric([], totals.pop("open", 0))
+            for k, v in sorted(totals.items()):
+                events.add_metric([k], v)
+            yield streams
+            yield events
         informers = [i for source in self.informers for i in source()]
         if informers:
             yield from self._informers(informers)

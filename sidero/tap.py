@@ -665,6 +665,8 @@ def _make_dashboard(settings: Settings, context: AppContext) -> IService | None:
     service = DashboardService(context.reactor, app, hub, settings.dashboard_port,
                                interface=settings.dashboard_address)
     service.setServiceParent(group)
+    context.metrics.add_dashboard(lambda: {"open": len(hub.streams), **hub.counters,
+                                           **app.counters})
     context.dashboard = service
     return group
 

@@ -151,7 +151,7 @@ class LiveHub:
         self._beat_call: IDelayedCall | None = None
         self._running = False
         self._unsubscribe: Callable[[], None] | None = None
-        self.counters = {"streams": 0, "rejected": 0, "slow_streams": 0, "events": 0}
+        self.counters = {"streams": 0, "rejected": 0, "slow_streams": 0, "rows": 0}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -319,7 +319,7 @@ class LiveHub:
                     data = sse("html", {"id": "details", "html": details})
                     for stream in pages:
                         stream.write(data)
-            self.counters["events"] += 1
+            self.counters["rows"] += 1
         if steps:
             known = {views.name_of(s) for s in self.servers.list()} if overview else set()
             for entry in steps:

@@ -68,10 +68,11 @@ class BrowserTests(TestCase):
         self.api_port = free_tcp_port()
         self.dashboard_port = free_tcp_port()
         self.syslog_port = free_udp_port()
+        self.metrics_port = free_tcp_port()
         self.settings = settings_for(
             os.path.join(self.work, "state"), "disable_dhcp_proxy", "disable_siderolink",
             api_port=str(self.api_port), http_port=str(self.api_port),
-            metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
+            metrics_port=str(self.metrics_port), health_port=str(free_tcp_port()),
             tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
             syslog_port=str(self.syslog_port), syslog_tcp_port=str(free_tcp_port()),
             server_log=os.path.join(self.work, "servers.log"),
@@ -187,3 +188,15 @@ class BrowserTests(TestCase):
         self.assertEqual(done.returncode, 0, done.stderr)
         await b.wait_for("!document.getElementById('details').innerText.includes('not accepted')")
         self.assertEqual(await b.evaluate("window.sideroMarker"), marker, "the page reloaded")
+
+        # What the dashboard did is on /metrics.
+        import treq
+
+        response = await treq.get(f"http://127.0.0.1:{self.metrics_port}/metrics", persistent=False)
+        text = (await response.content()).decode()
+        self.assertIn('sidero_dashboard_events_total{event="logins"} 1.0', text)
+        self.assertIn('sidero_dashboard_events_total{event="failed_logins"} 0.0', text)
+        self.assertIn("sidero_dashboard_streams 1.0", text)  # the server page's stream
+        opened = next(line for line in text.splitlines()
+                      if line.startswith('sidero_dashboard_events_total{event="streams"}'))
+        self.assertGreaterEqual(float(opened.split()[-1]), 2.0)  # overview, then server page
