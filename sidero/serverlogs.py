@@ -6,11 +6,13 @@ for Talos' kernel logs and the syslog receiver for agents, iPXE and BMCs, each f
 its annotator found (an unknown source is written to C{--server-log} only). Readers take the
 lines kept so far and follow new ones. Bounded per server and in servers, in memory, on the
 reactor thread.  L{kmsg_text} and L{syslog_text} turn the receivers' records into the one
-readable line kept here (the full JSON record goes to C{--server-log}).
+readable line kept here, control characters escaped (the full JSON record goes to
+C{--server-log}).
 """
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,13 +29,23 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+#: Control characters (C0 but tab, DEL, C1) shown escaped: a line comes from a machine nobody
+#: vouches for and ends up on an operator's terminal (C{sidero logs}), where an escape
+#: sequence could rewrite the screen; a newline would split one record into two lines.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def _clean(line: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+
+
 def kmsg_text(record: dict[str, Any]) -> str:
     """A Talos kmsg record as one line: C{<talos-time> <facility>.<priority>: <msg>}."""
     when = _text(record.get("talos-time"))
     level = ".".join(p for p in (_text(record.get("facility")), _text(record.get("priority"))) if p)
     head = " ".join(p for p in (when, level) if p)
     msg = _text(record.get("msg"))
-    return f"{head}: {msg}" if head else msg
+    return _clean(f"{head}: {msg}" if head else msg)
 
 
 def syslog_text(record: dict[str, Any]) -> str:
@@ -45,7 +57,7 @@ def syslog_text(record: dict[str, Any]) -> str:
     head = " ".join(p for p in (_text(record.get("timestamp")), level,
                                 _text(record.get("hostname")), app) if p)
     msg = _text(record.get("msg"))
-    return f"{head}: {msg}" if head else msg
+    return _clean(f"{head}: {msg}" if head else msg)
 
 
 @dataclass(frozen=True)

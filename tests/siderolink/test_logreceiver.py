@@ -197,6 +197,9 @@ class ProtocolTests(SynchronousTestCase):
         other, _ = self.connect("fdae::99")
         other.dataReceived(b'{"msg":"who"}\n')
         self.assertEqual(logs.lines(ANNOTATION.server_uuid)[-1].text, "second connection")
+        again.dataReceived(b'{"msg":"\\u001b]0;owned\\u0007\\u001b[2Jred\\nsecond line\\ttab"}\n')
+        self.assertEqual(logs.lines(ANNOTATION.server_uuid)[-1].text,
+                         "\\x1b]0;owned\\x07\\x1b[2Jred\\x0asecond line\ttab")
         self.assertEqual(logs.lines("fdae::99"), [])
         steps = timeline.for_machine(uuid=ANNOTATION.server_uuid)
         self.assertEqual([(e.step, e.details["node"]) for e in steps],
