@@ -6,8 +6,8 @@ for Talos' kernel logs and the syslog receiver for agents, iPXE and BMCs, each f
 its annotator found (an unknown source is written to C{--server-log} only). Readers take the
 lines kept so far and follow new ones. Bounded per server and in servers, in memory, on the
 reactor thread.  L{kmsg_text} and L{syslog_text} turn the receivers' records into the one
-readable line kept here, control characters escaped (the full JSON record goes to
-C{--server-log}).
+readable line kept here (the full JSON record goes to C{--server-log}); control characters
+are escaped on the way in.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def kmsg_text(record: dict[str, Any]) -> str:
     level = ".".join(p for p in (_text(record.get("facility")), _text(record.get("priority"))) if p)
     head = " ".join(p for p in (when, level) if p)
     msg = _text(record.get("msg"))
-    return _clean(f"{head}: {msg}" if head else msg)
+    return f"{head}: {msg}" if head else msg
 
 
 def syslog_text(record: dict[str, Any]) -> str:
@@ -57,7 +57,7 @@ def syslog_text(record: dict[str, Any]) -> str:
     head = " ".join(p for p in (_text(record.get("timestamp")), level,
                                 _text(record.get("hostname")), app) if p)
     msg = _text(record.get("msg"))
-    return _clean(f"{head}: {msg}" if head else msg)
+    return f"{head}: {msg}" if head else msg
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class IServerLogs(Interface):
     """Per-server log lines: appended by receivers, read and followed by operators."""
 
     def append(server: str, text: str) -> None:
-        """Add one line (a trailing newline is dropped; very long lines are cut)."""
+        """Add one line (a trailing newline is dropped, control characters are escaped, very
+        long lines are cut)."""
 
     def lines(server: str, tail: int | None = None) -> list[LogLine]:
         """The lines kept for C{server}, oldest first (the last C{tail} of them)."""
@@ -90,7 +91,7 @@ class ServerLogs:
         self._followers: dict[str, list[Callable[[LogLine], object]]] = {}
 
     def append(self, server: str, text: str) -> None:
-        line = LogLine(self.clock(), text.rstrip("\r\n")[:MAX_LINE])
+        line = LogLine(self.clock(), _clean(text.rstrip("\r\n"))[:MAX_LINE])
         kept = self._lines.get(server)
         if kept is None:
             kept = self._lines[server] = deque(maxlen=self.per_server)
