@@ -47,6 +47,7 @@ SERVICES: tuple[str, ...] = (
     "controllers",
     "webhook",
     "management",
+    "dashboard",
     "metrics",
     "health",
 )
@@ -620,6 +621,20 @@ SETTINGS: tuple[Setting, ...] = (
         "management_socket", (_own("management_socket"),), "", parse_path, "a file path",
         "Unix socket of the local management API.", default_doc="<state-dir>/sidero.sock",
     ),
+    _port("dashboard_port", (_own("dashboard_port"),), "8082",
+          "TCP port of the read-only operator dashboard."),
+    Setting(
+        "dashboard_address", (_own("dashboard_address"),), "127.0.0.1", parse_listen_address,
+        "an IP address, or empty for all",
+        "Address the dashboard binds; anything but a loopback address needs"
+        " --dashboard-password-file.",
+    ),
+    Setting(
+        "dashboard_password_file", (_own("dashboard_password_file"),), "", parse_path,
+        "a file path",
+        "File whose first line is the dashboard's login password (with it, a login is asked"
+        " on loopback too).", default_doc="none: no login, loopback only",
+    ),
     Setting(
         "log_format", (_own("log_format"),), "text", choice("text", "json"), "one of text, json",
         "Log output: readable text or one JSON object per line.",
@@ -783,6 +798,9 @@ class Settings:
     dhcp_interface: str = ""
     ipxe_dir: str = ""
     management_socket: str = DEFAULT_STATE_DIR + "/sidero.sock"
+    dashboard_port: int = 8082
+    dashboard_address: str = "127.0.0.1"
+    dashboard_password_file: str = ""
     log_format: str = "text"
     log_level: str = "info"
     disabled: frozenset[str] = field(default_factory=frozenset)
@@ -962,7 +980,8 @@ def resolve(
             " bound; set --management-socket", {"path": values["management_socket"],
                                                 "limit": UNIX_PATH_MAX},
         ))
-    for name in ("kubeconfig", "ipxe_dir", "dhcp_interface", "listen_address"):
+    for name in ("kubeconfig", "ipxe_dir", "dhcp_interface", "listen_address",
+                 "dashboard_password_file"):
         if values[name] is None:
             values[name] = ""
     for name in ("metrics_address", "health_address"):

@@ -150,6 +150,10 @@ class Metrics:
         """Expose concurrency limits (L{sidero.limits}: C{name} and C{stats()})."""
         self._sources.limits.append(limits)
 
+    def add_dashboard(self, counters: Callable[[], dict[str, int]]) -> None:
+        """Expose the dashboard's counters (C{open} streams, and event totals)."""
+        self._sources.dashboard.append(counters)
+
     def add_informers(self, informers: Callable[[], Iterable[Any]]) -> None:
         """Expose informers (lists, relists, watch restarts, cache size, synced)."""
         self._sources.informers.append(informers)
@@ -212,6 +216,7 @@ class _Sources:
         self.limits: list[Callable[[], Iterable[Any]]] = []
         self.informers: list[Callable[[], Iterable[Any]]] = []
         self.controllers: list[Callable[[], Iterable[Any]]] = []
+        self.dashboard: list[Callable[[], dict[str, int]]] = []
 
     def describe(self) -> list[Metric]:
         return []  # families vary with what was added; no duplicate-name check needed
@@ -259,6 +264,21 @@ class _Sources:
                 families["in_flight"].add_metric([limit.name], stats["in_flight"])
                 families["queued"].add_metric([limit.name], stats["queued"])
             yield from families.values()
+        if self.dashboard:
+            streams = GaugeMetricFamily("sidero_dashboard_streams", "Dashboard event streams open")
+            events = CounterMetricFamily(
+                "sidero_dashboard_events", "Dashboard streams opened and refused, slow streams"
+                " closed, rows sent, logins and failed logins, requests refused for their Host",
+                labels=["event"])
+            totals = {}
+            for counters in self.dashboard:
+                for k, v in counters().items():
+                    totals[k] = totals.get(k, 0) + v
+            streams.add_metric([], totals.pop("open", 0))
+            for k, v in sorted(totals.items()):
+                events.add_metric([k], v)
+            yield streams
+            yield events
         informers = [i for source in self.informers for i in source()]
         if informers:
             yield from self._informers(informers)

@@ -507,7 +507,8 @@ def _waiting_group(context: AppContext) -> OrderedMultiService:
 
 def _own_informer(context: AppContext, kind: Any, parent: OrderedMultiService) -> Any:
     """The controller manager's shared informer of C{kind}, or (controllers disabled) one of
-    our own, made once and run by the first SideroLink service that asks for it."""
+    our own, made once and run by the first SideroLink service (or the dashboard) that asks
+    for it."""
     manager = context.controller_manager
     if manager is not None:
         return manager.informer(kind)
@@ -589,7 +590,9 @@ def _make_siderolink(settings: Settings, context: AppContext) -> IService | None
     )
     link.setServiceParent(group)
     context.siderolink = link
-    servicer = ProvisionServicer(context.reactor, ProvisionAPI(context.store, link))
+    provision = ProvisionAPI(context.store, link)
+    provision.timeline = context.timeline
+    servicer = ProvisionServicer(context.reactor, provision)
     context.grpc_services.append(lambda server: add_to_server(servicer, server))
     return group
 
@@ -600,7 +603,8 @@ def _make_log_receiver(settings: Settings, context: AppContext) -> IService | No
 
     group = _waiting_group(context)
     factory = KmsgFactory(_server_log_writer(settings, context),
-                          _annotator(context, group).for_tunnel_ip)
+                          _annotator(context, group).for_tunnel_ip,
+                          server_logs=context.server_logs, timeline=context.timeline)
     make_log_receiver_service(context.reactor, factory, _tunnel_host(context)).setServiceParent(group)
     context.log_receiver_factory = factory
     return group
@@ -617,6 +621,7 @@ def _make_event_sink(settings: Settings, context: AppContext) -> IService | None
     group = _waiting_group(context)
     api = EventSinkAPI(context.store, context.reactor, _annotator(context, group).for_tunnel_ip,
                        settings.events_negative_address_filter)
+    api.timeline = context.timeline
     context.event_sink = api
     make_event_sink_service(context.reactor, EventSinkServicer(context.reactor, api),
                             _tunnel_host(context)).setServiceParent(group)
@@ -631,7 +636,8 @@ def _make_syslog(settings: Settings, context: AppContext) -> IService | None:
     group = _waiting_group(context)
     writer = _server_log_writer(settings, context)
     sink = SyslogSink(writer.write, _annotator(context, group).for_source_ip,
-                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water)
+                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water,
+                      server_logs=context.server_logs)
     context.syslog_sink = sink
     SyslogService(context.reactor, sink, udp_port=settings.syslog_port,
                   tcp_port=settings.syslog_tcp_port, interface=settings.listen_address,
@@ -648,6 +654,46 @@ def _make_management(settings: Settings, context: AppContext) -> IService | None
 
     return make_management_service(context.reactor, context.store, settings.management_socket,
                                    timeline=context.timeline, server_logs=context.server_logs)
+
+
+def _make_dashboard(settings: Settings, context: AppContext) -> IService | None:
+    """The read-only operator dashboard on its own listener (C{--dashboard-port}), from
+    informer caches, the boot timeline and the server log buffer.  Off loopback it needs a
+    password file: the provisioning network must not read inventories and kernel logs."""
+    from sidero.api.registry import ENVIRONMENT, SERVER, SERVER_BINDING, SERVER_CLASS
+    from sidero.dashboard import auth
+    from sidero.dashboard.live import LiveHub
+    from sidero.dashboard.service import DashboardService
+    from sidero.dashboard.site import DashboardApp
+
+    password = None
+    if settings.dashboard_password_file:
+        try:
+            password = auth.read_password_file(settings.dashboard_password_file)
+        except auth.PasswordFileError as e:
+            raise StartupError(f"--dashboard-password-file: {e}") from e
+        if auth.loosely_readable(settings.dashboard_password_file):
+            log.warn("dashboard password file {path} can be read by other users (chmod 600 it)",
+                     path=settings.dashboard_password_file)
+    elif not auth.is_loopback_address(settings.dashboard_address):
+        raise StartupError(
+            f"the dashboard on {settings.dashboard_address or 'every address'} needs a login:"
+            " set --dashboard-password-file, bind --dashboard-address to 127.0.0.1 or ::1,"
+            " or --disable-dashboard")
+    group = OrderedMultiService(context.reactor)
+    servers, bindings, classes, environments = (
+        _own_informer(context, kind, group)
+        for kind in (SERVER, SERVER_BINDING, SERVER_CLASS, ENVIRONMENT))
+    hub = LiveHub(context.reactor, servers, bindings, classes, environments,
+                  timeline=context.timeline, server_logs=context.server_logs)
+    app = DashboardApp(hub, context.reactor, password=password)
+    service = DashboardService(context.reactor, app, hub, settings.dashboard_port,
+                               interface=settings.dashboard_address)
+    service.setServiceParent(group)
+    context.metrics.add_dashboard(lambda: {"open": len(hub.streams), **hub.counters,
+                                           **app.counters})
+    context.dashboard = service
+    return group
 
 
 def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
@@ -729,6 +775,7 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("event-sink", _make_event_sink),
     ("syslog", _make_syslog),
     ("management", _make_management),
+    ("dashboard", _make_dashboard),
     ("metrics", _make_metrics),
     ("health", _make_health),
     ("systemd", _make_systemd),

@@ -14,6 +14,10 @@ and the MetalMachine controller copies addresses and conditions onto the MetalMa
 Each event is logged (C{incoming event}) with the node, id, type, annotation and
 event-specific fields, as the Go events manager does.
 
+Events that tell where a boot is (sequences, phase starts, config errors, addresses, services
+running or failed) are also recorded on the boot timeline against the node's server
+(L{timeline_step}); tasks and other service transitions are left out (dozens per boot).
+
 Like the agent API this awaits the store (ARCHITECTURE.md says why): the binding is read,
 changed and patched (a conflicting write starts over from a fresh read); a failed write is
 returned to Talos, which retries.  Unknown event types are answered at once and change
@@ -170,6 +174,30 @@ def event_fields(message: Message) -> dict[str, Any]:
     return {}
 
 
+#: Service transitions worth a timeline step (the others repeat for every service).
+_TIMELINE_SERVICE_ACTIONS = ("RUNNING", "FAILED")
+
+
+def timeline_step(message: Message) -> tuple[str, dict[str, Any]] | None:
+    """The boot timeline step (name, details) of an event, or None for one not recorded."""
+    fields = event_fields(message)
+    if isinstance(message, machine_pb2.SequenceEvent):
+        return "talos-sequence", fields
+    if isinstance(message, machine_pb2.PhaseEvent):
+        return ("talos-phase", fields) if message.action == machine_pb2.PhaseEvent.START else None
+    if isinstance(message, machine_pb2.ConfigLoadErrorEvent):
+        return "talos-config-load-error", fields
+    if isinstance(message, machine_pb2.ConfigValidationErrorEvent):
+        return "talos-config-invalid", fields
+    if isinstance(message, machine_pb2.AddressEvent):
+        return "talos-addresses", {"hostname": fields["hostname"],
+                                   "addresses": ",".join(fields["addresses"])}
+    if isinstance(message, machine_pb2.ServiceStateEvent):
+        if fields["action"] in _TIMELINE_SERVICE_ACTIONS:
+            return "talos-service", fields
+    return None
+
+
 def mutation_for(message: Message, tunnel_ip: str,
                  negative: Iterable[Network]) -> Mutation | None:
     """How an event changes its node's ServerBinding (spec §3.11 "Mapping"), or None."""
@@ -246,6 +274,8 @@ class EventSinkAPI:
         self.annotation_for = annotation_for
         self.negative_filter = tuple(negative_filter)
         self.counters = {"events": 0, "unknown_types": 0, "errors": 0}
+        #: The boot timeline (L{sidero.timeline.ITimeline}), or None.
+        self.timeline: Any = None
 
     async def publish(self, peer: str, request: events_pb2.EventRequest) -> events_pb2.EventResponse:
         decoded = decode(request)
@@ -269,6 +299,9 @@ class EventSinkAPI:
             except Exception:
                 self.counters["errors"] += 1
                 raise
+        step = timeline_step(message) if self.timeline is not None else None
+        if step is not None and annotation is not None and annotation.server_uuid:
+            self.timeline.record(step[0], source="talos", uuid=annotation.server_uuid, **step[1])
         failed = isinstance(message, machine_pb2.SequenceEvent) and message.HasField("error")
         self.log.emit(LogLevel.error if failed else LogLevel.info, text.replace("{", "{{")
                       .replace("}", "}}"), **fields)
