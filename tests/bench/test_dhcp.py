@@ -25,7 +25,7 @@ class DHCPBenchTests(TestCase):
             raise SkipTest(reason)
         done = subprocess.run(
             [sys.executable, "-m", "bench.dhcp.bench_proxy", "--rounds", "1", "--seconds", "1",
-             "--max-rate", "2000", "--latency-rate", "200", "--clients", "100"],
+             "--max-rate", "2000", "--latency-rate", "200", "--clients", "20000"],
             cwd=REPO, env=tree_env(), capture_output=True, text=True, timeout=110)
         self.assertEqual(done.returncode, 0, done.stdout + done.stderr)
         rows = {(m.group(1), m.group(2)): int(m.group(3)) for m in ROW.finditer(done.stdout)}

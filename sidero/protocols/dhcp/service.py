@@ -35,6 +35,7 @@ from sidero.protocols.dhcp.protocol import (
     DHCPProxyProtocol,
     RateLimitedLog,
 )
+from sidero.protocols.dhcp.ratelimit import PerClientLimiter
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
@@ -84,7 +85,7 @@ class DHCPProxyService(MultiService):
                  resolve: Callable[[str], str] = resolve_ipv4,
                  open_socket: SocketOpener = open_bound_socket,
                  counters: DHCPCounters | None = None, fatal: bool = False,
-                 trace: bool = False) -> None:
+                 limiter: PerClientLimiter | None = None, trace: bool = False) -> None:
         super().__init__()
         self.setName("dhcp-proxy")
         self.reactor = reactor
@@ -99,6 +100,7 @@ class DHCPProxyService(MultiService):
         self._open_socket = open_socket
         self.counters = counters if counters is not None else DHCPCounters()
         self.rate_limit = RateLimitedLog(reactor)
+        self.limiter = limiter
         self.fatal = fatal
         self.trace = trace  # a debug line per reply (costly at full rate: off unless debugging)
         self.config: ProxyConfig | None = None
@@ -147,7 +149,8 @@ class DHCPProxyService(MultiService):
                     try:
                         proto = DHCPProxyProtocol(config, proxy_port=is_proxy, clock=self.reactor,
                                                   counters=self.counters,
-                                                  rate_limit=self.rate_limit)
+                                                  rate_limit=self.rate_limit,
+                                                  limiter=self.limiter)
                         proto.timeline = self.timeline
                         proto.trace = self.trace
                         ports.append(self.reactor.adoptDatagramPort(
