@@ -136,7 +136,7 @@ class TFTPListener(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        self._close_extra()  # the workers (stopped first: started after us) are gone
+        self._close_extra()  # our copies only: each worker holds its own until it exits
         listening, self.listening = self.listening, None
         self.bind_error = None
         if listening is None:

@@ -100,9 +100,10 @@ def apply_delta(stats: TFTPStats, delta: dict[str, Any]) -> None:
 class _Child(ProcessProtocol):
     """One worker process: reads its report lines, tells the pool when it ends."""
 
-    def __init__(self, pool: WorkerPool, index: int) -> None:
+    def __init__(self, pool: WorkerPool, index: int, sock: socket.socket) -> None:
         self.pool = pool
         self.index = index
+        self.sock = sock  # the socket it serves (kept for a restart)
         self.buffer = b""
         self.ended: Deferred[None] = Deferred()
 
@@ -159,14 +160,13 @@ class WorkerPool(Service):
         self._restarts.pop(index, None)
         if not self.running or sock.fileno() < 0:
             return
-        child = _Child(self, index)
+        child = _Child(self, index, sock)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
         self.reactor.spawnProcess(
             child, self.argv[0], self.argv, env=env,
             childFDs={0: "w", 1: "r", 2: 2, 3: sock.fileno()})
         self.children[index] = child
-        child.sock = sock  # type: ignore[attr-defined]
 
     def report(self, index: int, line: bytes) -> None:
         """One line from child C{index}: a transfer, counter deltas or a log event."""
@@ -209,7 +209,7 @@ class WorkerPool(Service):
             self.log.error("TFTP worker {worker} exited ({reason}); restarting it in 1s",
                            worker=child.index, reason=reason.getErrorMessage())
             self._restarts[child.index] = self.reactor.callLater(
-                1.0, self._spawn, child.index, child.sock)  # type: ignore[attr-defined]
+                1.0, self._spawn, child.index, child.sock)
         elif not reason.check(ProcessDone):
             self.log.info("TFTP worker {worker} stopped ({reason})", worker=child.index,
                           reason=reason.getErrorMessage())
