@@ -116,14 +116,15 @@ class WorkersRealClientTests(TestCase):
         return getProcessOutputAndValue("/usr/bin/timeout", ["60", *argv], env=dict(os.environ))
 
     async def settled(self, complete: int) -> None:
-        """Wait (at most 10 s) until the children's reports for C{complete} transfers came."""
-        for _ in range(100):
+        """Wait (at most 30 s: a loaded machine) until the reports of C{complete} transfers
+        came."""
+        for _ in range(300):
             if self.protocol.stats.outcomes["complete"] >= complete:
                 return
             await deferLater(reactor, 0.1)
 
     async def wait_children(self, count: int) -> None:
-        for _ in range(100):
+        for _ in range(300):
             if len(self.pool.children) == count and all(
                     c.transport is not None and c.transport.pid for c in self.pool.children.values()):
                 return
@@ -197,7 +198,7 @@ class WorkersRealClientTests(TestCase):
         await self.wait_children(1)
         old = self.pool.children[1].transport.pid  # type: ignore[union-attr]
         os.kill(old, signal.SIGKILL)
-        for _ in range(50):
+        for _ in range(300):  # restarted after 1 s; up to 30 s on a loaded machine
             child = self.pool.children.get(1)
             if child is not None and child.transport is not None and child.transport.pid != old:
                 break
