@@ -153,9 +153,17 @@ class WorkersRealClientTests(TestCase):
         in_child = self.pool.reported.get(1, 0)
         self.assertGreater(in_child, 0)
         self.assertLess(in_child, 16)
-        # The child's "TFTP sent" lines come out here with their fields, marked worker=1.
-        relayed = [e for e in events if e.get("worker") == 1
-                   and formatEvent(e).startswith("TFTP sent 'boot.bin'")]
+        # The child's "TFTP sent" lines come out here with their fields, marked worker=1 (each
+        # is written just after its transfer's report, so it may be a read later).
+        def relayed_lines() -> list[dict[str, Any]]:
+            return [e for e in events if e.get("worker") == 1
+                    and formatEvent(e).startswith("TFTP sent 'boot.bin'")]
+
+        for _ in range(100):
+            if len(relayed_lines()) >= in_child:
+                break
+            await deferLater(reactor, 0.1)
+        relayed = relayed_lines()
         self.assertEqual(len(relayed), in_child)
         for e in relayed:
             self.assertEqual((e["filename"], e["size"]), ("boot.bin", len(self.data)))
