@@ -16,7 +16,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.static import File, NoRangeStaticProducer, StaticProducer
+from twisted.web.static import File, NoRangeStaticProducer
 
 from sidero.protocols import bootfiles
 from sidero.protocols.http.ipxe import (
@@ -27,6 +27,7 @@ from sidero.protocols.http.ipxe import (
     decide,
 )
 from sidero.protocols.http.metadata import MetadataLookup, configdata
+from sidero.protocols.http.sendfile import SendfileProducer, sendfile_socket
 
 NOT_FOUND_BODY = b"404 page not found\n"
 
@@ -43,24 +44,41 @@ class NotFoundResource(Resource):
 
 
 class _WholeFileProducer(NoRangeStaticProducer):
-    """Whole-file responses in 1 MiB reads instead of Twisted's 64 KiB.
+    """Whole-file responses in 1 MiB reads instead of Twisted's 64 KiB (when sendfile cannot
+    be used: TLS, HTTP/2).
 
-    Kernels and initrds are tens to hundreds of MiB sent to many machines at once; larger
-    reads cut the per-chunk reactor work several times over (see bench/http). A read from the
-    page cache of this size takes well under a millisecond.
+    Larger reads cut the per-chunk reactor work several times over (see bench/http); a read
+    from the page cache of this size takes well under a millisecond.
     """
 
     bufferSize = 1 << 20
 
 
 class AssetFile(File):
-    """L{File} for boot assets: HEAD, Range, If-Modified-Since, and large whole-file reads."""
+    """L{File} for boot assets: HEAD, Range, If-Modified-Since (all L{File}'s), bodies of
+    whole-file and single-range responses through sendfile on plain TCP
+    (L{sidero.protocols.http.sendfile}), large reads otherwise."""
 
-    def makeProducer(self, request: IRequest, fileForReading: Any) -> StaticProducer:
-        if request.getHeader(b"range") is None:
+    def makeProducer(self, request: IRequest, fileForReading: Any) -> Any:
+        transport = sendfile_socket(request)
+        byte_range = request.getHeader(b"range")
+        if byte_range is None:
             self._setContentHeaders(request)
             request.setResponseCode(200)
+            if transport is not None:
+                return SendfileProducer(request, transport, fileForReading, 0,
+                                        self.getFileSize())
             return _WholeFileProducer(request, fileForReading)
+        if transport is not None:
+            try:
+                ranges = self._parseRangeHeader(byte_range)
+            except ValueError:
+                ranges = []  # malformed: File answers the whole file
+            if len(ranges) == 1:
+                offset, size = self._doSingleRangeRequest(request, ranges[0])
+                self._setContentHeaders(request, size)
+                return SendfileProducer(request, transport, fileForReading, offset, size)
+        # Malformed or several ranges (multipart), or no sendfile: File's own producers.
         return super().makeProducer(request, fileForReading)
 
 

@@ -1,0 +1,160 @@
+# -*- test-case-name: tests.protocols.http.test_sendfile -*-
+"""Boot asset bodies through C{os.sendfile}: the kernel copies page cache to socket.
+
+Kernels and initrds are tens to hundreds of MiB sent to many machines at once. Twisted's static
+producers read each chunk into Python and write it to the transport's buffer (two copies and
+a Python round trip per chunk); nginx hands the file to the socket with sendfile(2), and so
+does this producer, on plain TCP HTTP/1.x connections only. Anything else (TLS, HTTP/2 streams,
+a transport that is not a socket) keeps Twisted's producers (L{sendfile_socket} says which).
+
+The socket is non-blocking, so a sendfile that would block returns what fitted (or EAGAIN).
+Waiting for room again uses the transport's own writability, with no second descriptor for the
+same socket (the epoll reactor keys descriptors by fd): the producer is a push producer of the
+request, so the L{HTTPChannel} passes the transport's C{resumeProducing} on to it; to ask for
+that call the producer marks the transport's producer paused and starts it writing. When the
+socket is writable the transport finds its buffer empty and resumes its producer. The
+response headers go through the transport's buffer first, so the body starts only once that
+buffer is empty.
+
+A sendfile of page-cached data takes well under a millisecond per call; a cold cache makes
+the call read from disk, which is why each call is bounded (L{SendfileProducer.chunk}) and the
+kernel is told the file is read sequentially (readahead).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, BinaryIO
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IRequest
+from zope.interface import implementer
+
+#: os.sendfile, looked up at call time through this name so tests can count the calls.
+_sendfile = getattr(os, "sendfile", None)
+
+
+def sendfile_socket(request: IRequest) -> tcp.Connection | None:
+    """The plain TCP transport of C{request}'s HTTP/1.x channel, or None when the body must go
+    through Twisted's producers (TLS, HTTP/2, a non-socket transport, no sendfile here)."""
+    if _sendfile is None:
+        return None
+    channel = getattr(request, "channel", None)
+    if not isinstance(channel, HTTPChannel):
+        return None
+    transport = channel.transport
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False) \
+            or ISSLTransport.providedBy(transport):
+        return None
+    return transport
+
+
+def _pending(transport: tcp.Connection) -> int:
+    """Bytes the transport has buffered but not yet sent (FileDescriptor's buffers)."""
+    return (len(transport.dataBuffer) - transport.offset
+            + getattr(transport, "_tempDataLen", 0))
+
+
+@implementer(IPushProducer)
+class SendfileProducer:
+    """Sends C{size} bytes of C{file} from C{offset} as the body of C{request} with sendfile.
+
+    Same contract as Twisted's static producers: C{start()} registers it with the request and
+    sends; once everything is sent it unregisters, finishes the request and closes the file.
+    The request's C{sentLength} counts the bytes sent (metrics and the boot timeline read it).
+
+    @cvar chunk: most bytes one sendfile call may send (bounds the time of one call when the
+        page cache is cold); the socket's free buffer usually bounds it first.
+    """
+
+    chunk = 4 << 20
+    log = Logger()
+
+    def __init__(self, request: Any, transport: tcp.Connection, file: BinaryIO,
+                 offset: int, size: int) -> None:
+        self.request: Any = request
+        self.transport = transport
+        self.file: BinaryIO | None = file
+        self.offset = offset
+        self.remaining = size
+        self.calls = 0
+
+    def start(self) -> None:
+        try:
+            os.posix_fadvise(self.file.fileno(), self.offset, self.remaining,  # type: ignore[union-attr]
+                             os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        self.request.registerProducer(self, True)
+        self.request.write(b"")  # the status line and headers, into the transport's buffer
+        if self.remaining <= 0:
+            self._done()
+            return
+        self._wait()
+
+    def _wait(self) -> None:
+        """Be resumed when the transport's buffer is empty and the socket writable."""
+        self.transport.producerPaused = True
+        self.transport.startWriting()
+
+    def resumeProducing(self) -> None:
+        if self.request is None or self.file is None:
+            return
+        if _pending(self.transport):
+            self._wait()
+            return
+        assert _sendfile is not None
+        self.calls += 1
+        try:
+            sent = _sendfile(self.transport.fileno(), self.file.fileno(), self.offset,
+                             min(self.remaining, self.chunk))
+        except (BlockingIOError, InterruptedError):
+            self._wait()
+            return
+        except OSError as e:
+            # The peer went away (EPIPE, ECONNRESET) or the file cannot be read: the response
+            # cannot be completed, so the connection goes (its loss ends the request).
+            self.log.info("sendfile to {peer} stopped: {error}",
+                          peer=self.transport.getPeer(), error=str(e))
+            self._abort()
+            return
+        if sent == 0:
+            # The file is shorter than when its Content-Length was sent (truncated meanwhile).
+            self.log.warn("sendfile: file ended {missing} bytes early", missing=self.remaining)
+            self._abort()
+            return
+        self.offset += sent
+        self.remaining -= sent
+        self.request.sentLength += sent
+        if self.remaining <= 0:
+            self._done()
+        else:
+            self._wait()
+
+    def pauseProducing(self) -> None:
+        # Nothing to do: nothing is ever buffered in the transport by this producer, and it
+        # only sends when the transport resumes it.
+        pass
+
+    def stopProducing(self) -> None:
+        """The connection was lost: stop and close the file."""
+        self._close()
+        self.request = None
+
+    def _done(self) -> None:
+        request, self.request = self.request, None
+        self._close()
+        request.unregisterProducer()
+        request.finish()
+
+    def _abort(self) -> None:
+        self._close()
+        self.transport.abortConnection()
+
+    def _close(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            file.close()
