@@ -105,7 +105,7 @@ class Served:
         self.timeline = RecordedTimeline()
         boot = BootSite(DictLookup(servers={}, bindings={}, classes={}, environments={}),
                         BootSettings("127.0.0.1", 8081), os.path.join(self.dir, "env"), [])
-        site = Site(self.metrics.instrument_resource(boot.resource(), self.timeline))
+        self.site = site = Site(self.metrics.instrument_resource(boot.resource(), self.timeline))
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(self.port.stopListening)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/env/default/initrd"
@@ -141,6 +141,22 @@ class SendfileTests(Served, TestCase):
             self.assertEqual(f.read(), self.payload)
         self.assertGreater(self.calls, 0)
         self.assertTrue(all(f.closed for f in self.opened))
+
+    async def test_api_port(self) -> None:
+        """Through the API port's HTTP/1.1-or-h2c splitter (as twistd serves it) too."""
+        from sidero.protocols.grpc.port import ApiPortFactory
+
+        factory = ApiPortFactory(reactor, self.site, lambda: None)  # type: ignore[arg-type,return-value]
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(port.stopListening)
+        out = os.path.join(self.dir, "out")
+        _, err, code = await self.curl(
+            "-o", out, f"http://127.0.0.1:{port.getHost().port}/env/default/initrd")
+        self.assertEqual(code, 0, err)
+        with open(out, "rb") as f:
+            self.assertEqual(f.read(), self.payload)
+        self.assertGreater(self.calls, 0)
+        self.assertEqual(factory.counters["http"], 1)
 
     async def test_headers_and_metrics(self) -> None:
         """Status, Content-Length, Accept-Ranges, Last-Modified; the request is counted with
