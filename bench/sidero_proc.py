@@ -26,7 +26,8 @@ def free_port(family: int = socket.AF_INET, host: str = "127.0.0.1") -> int:
 
 def start_sidero(work: Path, http_port: int, *, log: Path, address: str = "127.0.0.1",
                  netns: str | None = None, services: Sequence[str] = (),
-                 extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+                 metrics_port: int | None = None, extra: Sequence[str] = (),
+                 ) -> subprocess.Popen[bytes]:
     """``twistd sidero`` on the embedded store in C{work/state}, API port C{http_port} on
     C{address}; only the HTTP services and those named in C{services} (C{dhcp-proxy},
     C{tftp}) run besides the store and controllers. Inside C{netns} when given."""
@@ -36,7 +37,7 @@ def start_sidero(work: Path, http_port: int, *, log: Path, address: str = "127.0
             "--state-dir", str(work / "state"), "--api-endpoint", address,
             "--api-port", str(http_port), "--http-port", str(http_port),
             "--listen-address", address,
-            "--metrics-port", str(free_port()), "--health-port", str(free_port()),
+            "--metrics-port", str(metrics_port or free_port()), "--health-port", str(free_port()),
             "--management-socket", str(work / "management.sock"),
             "--log-level", "warn", *(f"--disable-{name}" for name in sorted(disabled)), *extra]
     if netns is not None:
