@@ -1,7 +1,9 @@
 """Starting and stopping the processes the benchmarks compare: ``twistd sidero`` and nginx.
 
 Every port is passed explicitly (an ephemeral one read back from the kernel unless given),
-so a benchmark never collides with a running sidero or another benchmark.
+so a benchmark never collides with a running sidero or another benchmark. C{SIDERO_BENCH_RUNNER}
+names another runner script than C{tests/integration/run_sidero.py} (one adding twistd's
+C{--profile}, say).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def start_sidero(work: Path, http_port: int, *, log: Path, address: str = "127.0
     C{tftp}) run besides the store and controllers. Inside C{netns} when given."""
     disabled = {"dhcp-proxy", "tftp", "siderolink", "syslog", "log-receiver", "event-sink"}
     disabled -= set(services)
-    argv = [sys.executable, str(RUN_SIDERO),
+    argv = [sys.executable, os.environ.get("SIDERO_BENCH_RUNNER", str(RUN_SIDERO)),
             "--state-dir", str(work / "state"), "--api-endpoint", address,
             "--api-port", str(http_port), "--http-port", str(http_port),
             "--listen-address", address,

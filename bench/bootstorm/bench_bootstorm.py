@@ -73,6 +73,7 @@ class Storm:
         self.clients: list[tuple[str, str, str, int, int]] = []  # ns, relay, net, count, id
         self.kernel_size = args.kernel_mib << 20
         self.initrd_size = args.initrd_mib << 20
+        self.saved = 0
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class Storm:
 
     # -- runs -----------------------------------------------------------------------------
 
-    def run_once(self, server: str) -> dict[str, Any]:
+    def run_once(self, name: str, server: str) -> dict[str, Any]:
         start_at = time.time() + 2.0 + 0.05 * len(self.clients)
         procs = []
         for ns, relay, net, count, id_base in self.clients:
@@ -223,6 +224,9 @@ class Storm:
             if p.returncode != 0:
                 errors.append(err.decode(errors="replace")[-1500:])
             results += [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        self.saved += 1
+        with open(self.work / f"machines-{self.saved}-{name}.json", "w") as f:
+            json.dump({"start_at": start_at, "machines": results}, f)
         failed = [r for r in results if not r["ok"] or r.get("kernel_bytes") != self.kernel_size
                   or r.get("initrd_bytes") != self.initrd_size]
         missing = self.args.machines - len(results)
@@ -242,7 +246,7 @@ class Storm:
         order = [("sidero", SIDERO_IP), ("dnsmasq+nginx", REF_IP)]
         for r in range(self.args.runs):
             for name, ip in (order if r % 2 == 0 else order[::-1]):
-                runs[name].append(self.run_once(ip))
+                runs[name].append(self.run_once(name, ip))
         self.check_metrics()
         return runs
 

@@ -173,65 +173,92 @@ def boot_file(offer: DHCPMessage) -> tuple[str, str]:
 
 
 class TFTPClient(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[tuple[bytes, Any]] = asyncio.Queue()
+    """One lock-step download, driven from the datagram callbacks (no task per packet)."""
+
+    def __init__(self, name: str, server: str) -> None:
+        self.name = name
+        self.rrq = (b"\x00\x01" + name.encode() + b"\x00octet\x00tsize\x000\x00blksize\x00"
+                    + str(BLKSIZE).encode() + b"\x00")
+        self.last: tuple[bytes, Any] = (self.rrq, (server, 69))
+        self.peer: Any = None
+        self.block = self.size = self.retries = 0
+        self.blksize, self.tsize = 512, -1
+        self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.transport: Any = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self._send()
+
+    def _send(self) -> None:
+        self.transport.sendto(*self.last)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(TFTP_TIMEOUT, self._timeout)
+
+    def _timeout(self) -> None:
+        self.retries += 1
+        if self.retries > TFTP_RETRIES:
+            self._finish(BootFailed(f"TFTP {self.name}: timed out at block {self.block}"))
+        else:
+            self._send()
+
+    def _finish(self, result: int | Exception) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.done.done():
+            if isinstance(result, Exception):
+                self.done.set_exception(result)
+            else:
+                self.done.set_result(result)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.queue.put_nowait((data, addr))
+        if self.done.done():
+            return
+        if self.peer is None:
+            self.peer = addr
+        elif addr != self.peer:
+            return
+        op = struct.unpack("!H", data[:2])[0]
+        if op == 5:
+            self._finish(BootFailed(f"TFTP {self.name}: error "
+                                    f"{data[4:-1].decode(errors='replace')}"))
+        elif op == 6 and self.block == 0:
+            parts = data[2:].split(b"\x00")
+            opts = dict(zip(parts[0::2], parts[1::2], strict=False))
+            self.blksize = int(opts.get(b"blksize", b"512"))
+            self.tsize = int(opts.get(b"tsize", b"-1"))
+            self.last = (b"\x00\x04\x00\x00", self.peer)
+            self.retries = 0
+            self._send()
+        elif op == 3:
+            n = struct.unpack("!H", data[2:4])[0]
+            if n == (self.block + 1) & 0xFFFF:
+                self.block += 1
+                self.size += len(data) - 4
+                self.retries = 0
+                self.last = (b"\x00\x04" + data[2:4], self.peer)
+                if len(data) - 4 < self.blksize:
+                    self.transport.sendto(*self.last)
+                    if 0 <= self.tsize != self.size:
+                        self._finish(BootFailed(
+                            f"TFTP {self.name}: {self.size} bytes, tsize said {self.tsize}"))
+                    else:
+                        self._finish(self.size)
+                else:
+                    self._send()
+            elif n == self.block & 0xFFFF:
+                self.transport.sendto(*self.last)  # our ACK was lost: say it again
 
 
 async def tftp_get(ip: str, server: str, name: str) -> int:
     """Download C{name}; its size. @raise BootFailed: error, timeout or short transfer."""
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(TFTPClient, local_addr=(ip, 0))
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: TFTPClient(name, server), local_addr=(ip, 0))
     try:
-        rrq = (b"\x00\x01" + name.encode() + b"\x00octet\x00tsize\x000\x00blksize\x00"
-               + str(BLKSIZE).encode() + b"\x00")
-        last: tuple[bytes, Any] = (rrq, (server, 69))
-        peer: Any = None
-        block, size, blksize, tsize = 0, 0, 512, -1
-        retries = 0
-        transport.sendto(*last)
-        while True:
-            try:
-                data, addr = await asyncio.wait_for(proto.queue.get(), TFTP_TIMEOUT)
-            except TimeoutError:
-                retries += 1
-                if retries > TFTP_RETRIES:
-                    raise BootFailed(f"TFTP {name}: timed out at block {block}") from None
-                transport.sendto(*last)
-                continue
-            if peer is None:
-                peer = addr
-            elif addr != peer:
-                continue
-            op = struct.unpack("!H", data[:2])[0]
-            if op == 5:
-                raise BootFailed(f"TFTP {name}: error {data[4:-1].decode(errors='replace')}")
-            if op == 6 and block == 0:
-                parts = data[2:].split(b"\x00")
-                opts = dict(zip(parts[0::2], parts[1::2], strict=False))
-                blksize = int(opts.get(b"blksize", b"512"))
-                tsize = int(opts.get(b"tsize", b"-1"))
-                last = (b"\x00\x04\x00\x00", peer)
-                transport.sendto(*last)
-                retries = 0
-                continue
-            if op != 3:
-                continue
-            n = struct.unpack("!H", data[2:4])[0]
-            if n == (block + 1) & 0xFFFF:
-                block += 1
-                size += len(data) - 4
-                retries = 0
-                last = (b"\x00\x04" + data[2:4], peer)
-                transport.sendto(*last)
-                if len(data) - 4 < blksize:
-                    if tsize >= 0 and size != tsize:
-                        raise BootFailed(f"TFTP {name}: {size} bytes, tsize said {tsize}")
-                    return size
-            elif n == block & 0xFFFF:
-                transport.sendto(*last)  # our ACK was lost: say it again
+        return await proto.done
     finally:
         transport.close()
 

@@ -24,11 +24,14 @@ kernel is told the file is read sequentially (readahead).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
@@ -58,6 +61,30 @@ def _pending(transport: tcp.Connection) -> int:
             + getattr(transport, "_tempDataLen", 0))
 
 
+#: What a sendfile hop in a thread returns: bytes sent, and why it stopped (None: the budget
+#: was used or the body is complete; C{"again"}: the socket is full; C{"eof"}: the file ended
+#: early; an OSError: the peer or the file failed).
+Outcome = tuple[int, "str | OSError | None"]
+
+
+def send_some(sock_fd: int, file_fd: int, offset: int, count: int, chunk: int) -> Outcome:
+    """Up to C{count} bytes of the file from C{offset} to the socket, C{chunk} per call, until
+    the socket is full. Touches nothing but the two descriptors (it may run in a thread)."""
+    assert _sendfile is not None
+    sent = 0
+    while sent < count:
+        try:
+            n = _sendfile(sock_fd, file_fd, offset + sent, min(count - sent, chunk))
+        except (BlockingIOError, InterruptedError):
+            return sent, "again"
+        except OSError as e:
+            return sent, e
+        if n == 0:
+            return sent, "eof"
+        sent += n
+    return sent, None
+
+
 @implementer(IPushProducer)
 class SendfileProducer:
     """Sends C{size} bytes of C{file} from C{offset} as the body of C{request} with sendfile.
@@ -66,21 +93,34 @@ class SendfileProducer:
     sends; once everything is sent it unregisters, finishes the request and closes the file.
     The request's C{sentLength} counts the bytes sent (metrics and the boot timeline read it).
 
-    @cvar chunk: most bytes one sendfile call may send (bounds the time of one call when the
-        page cache is cold); the socket's free buffer usually bounds it first.
+    With C{run} (a thread pool's C{run}), each hop of sendfile calls runs in that pool: the
+    kernel's copy and the network stack's work for it then use every core, not the reactor's
+    one, and a read from a cold disk never stalls the reactor. The hop uses a duplicate of the
+    socket's descriptor, so a connection closed meanwhile cannot have its number reused under
+    it; the duplicate and the file are closed once no hop is running.
+
+    @cvar chunk: most bytes one sendfile call may send (bounds one call when the page cache
+        is cold); the socket's free buffer usually bounds it first.
+    @cvar budget: most bytes one hop sends before it lets the reactor (and other
+        connections) have their turn.
     """
 
     chunk = 4 << 20
+    budget = 16 << 20
     log = Logger()
 
     def __init__(self, request: Any, transport: tcp.Connection, file: BinaryIO,
-                 offset: int, size: int) -> None:
+                 offset: int, size: int, run: Callable[..., Deferred[Any]] | None = None,
+                 ) -> None:
         self.request: Any = request
         self.transport = transport
         self.file: BinaryIO | None = file
         self.offset = offset
         self.remaining = size
+        self.run = run
         self.calls = 0
+        self._busy = False
+        self._sock_fd = -1
 
     def start(self) -> None:
         try:
@@ -93,6 +133,8 @@ class SendfileProducer:
         if self.remaining <= 0:
             self._done()
             return
+        self._sock_fd = os.dup(self.transport.fileno()) if self.run is not None \
+            else self.transport.fileno()
         self._wait()
 
     def _wait(self) -> None:
@@ -101,35 +143,46 @@ class SendfileProducer:
         self.transport.startWriting()
 
     def resumeProducing(self) -> None:
-        if self.request is None or self.file is None:
+        if self.request is None or self.file is None or self._busy:
             return
         if _pending(self.transport):
             self._wait()
             return
-        assert _sendfile is not None
         self.calls += 1
-        try:
-            sent = _sendfile(self.transport.fileno(), self.file.fileno(), self.offset,
-                             min(self.remaining, self.chunk))
-        except (BlockingIOError, InterruptedError):
-            self._wait()
+        args = (self._sock_fd, self.file.fileno(), self.offset,
+                min(self.remaining, self.budget), self.chunk)
+        if self.run is None:
+            self._sent(send_some(*args))
             return
-        except OSError as e:
-            # The peer went away (EPIPE, ECONNRESET) or the file cannot be read: the response
-            # cannot be completed, so the connection goes (its loss ends the request).
-            self.log.info("sendfile to {peer} stopped: {error}",
-                          peer=self.transport.getPeer(), error=str(e))
-            self._abort()
+        self._busy = True
+        self.run(send_some, *args).addBoth(self._hop_done)
+
+    def _hop_done(self, outcome: Any) -> None:
+        self._busy = False
+        if self.request is None:  # the connection went while the hop ran
+            self._close()
             return
-        if sent == 0:
-            # The file is shorter than when its Content-Length was sent (truncated meanwhile).
-            self.log.warn("sendfile: file ended {missing} bytes early", missing=self.remaining)
-            self._abort()
-            return
+        if isinstance(outcome, Failure):
+            outcome = (0, outcome.value if isinstance(outcome.value, OSError)
+                       else OSError(str(outcome.value)))
+        self._sent(outcome)
+
+    def _sent(self, outcome: Outcome) -> None:
+        sent, why = outcome
         self.offset += sent
         self.remaining -= sent
         self.request.sentLength += sent
-        if self.remaining <= 0:
+        if isinstance(why, OSError):
+            # The peer went away (EPIPE, ECONNRESET) or the file cannot be read: the response
+            # cannot be completed, so the connection goes (its loss ends the request).
+            self.log.info("sendfile to {peer} stopped: {error}",
+                          peer=self.transport.getPeer(), error=str(why))
+            self._abort()
+        elif why == "eof":
+            # The file is shorter than when its Content-Length was sent (truncated meanwhile).
+            self.log.warn("sendfile: file ended {missing} bytes early", missing=self.remaining)
+            self._abort()
+        elif self.remaining <= 0:
             self._done()
         else:
             self._wait()
@@ -140,9 +193,10 @@ class SendfileProducer:
         pass
 
     def stopProducing(self) -> None:
-        """The connection was lost: stop and close the file."""
-        self._close()
+        """The connection was lost: stop, and close the file (after a running hop)."""
         self.request = None
+        if not self._busy:
+            self._close()
 
     def _done(self) -> None:
         request, self.request = self.request, None
@@ -158,3 +212,6 @@ class SendfileProducer:
         file, self.file = self.file, None
         if file is not None:
             file.close()
+        fd, self._sock_fd = self._sock_fd, -1
+        if fd >= 0 and self.run is not None:
+            os.close(fd)

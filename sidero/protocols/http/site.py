@@ -57,7 +57,18 @@ class _WholeFileProducer(NoRangeStaticProducer):
 class AssetFile(File):
     """L{File} for boot assets: HEAD, Range, If-Modified-Since (all L{File}'s), bodies of
     whole-file and single-range responses through sendfile on plain TCP
-    (L{sidero.protocols.http.sendfile}), large reads otherwise."""
+    (L{sidero.protocols.http.sendfile}), large reads otherwise.
+
+    @ivar run: runs the sendfile hops in a thread pool (L{SendfileProducer}); None runs
+        them on the reactor thread. Carried to the files found under this one.
+    """
+
+    run: Callable[..., Any] | None = None
+
+    def createSimilarFile(self, path: str) -> File:
+        f = super().createSimilarFile(path)
+        f.run = self.run  # type: ignore[attr-defined]
+        return f
 
     def makeProducer(self, request: IRequest, fileForReading: Any) -> Any:
         transport = sendfile_socket(request)
@@ -67,7 +78,7 @@ class AssetFile(File):
             request.setResponseCode(200)
             if transport is not None:
                 return SendfileProducer(request, transport, fileForReading, 0,
-                                        self.getFileSize())
+                                        self.getFileSize(), self.run)
             return _WholeFileProducer(request, fileForReading)
         if transport is not None:
             try:
@@ -77,7 +88,8 @@ class AssetFile(File):
             if len(ranges) == 1:
                 offset, size = self._doSingleRangeRequest(request, ranges[0])
                 self._setContentHeaders(request, size)
-                return SendfileProducer(request, transport, fileForReading, offset, size)
+                return SendfileProducer(request, transport, fileForReading, offset, size,
+                                        self.run)
         # Malformed or several ranges (multipart), or no sendfile: File's own producers.
         return super().makeProducer(request, fileForReading)
 
@@ -152,6 +164,7 @@ class BootSite:
         tftp_roots: Sequence[str],
         ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
         events: WarningRecorder | None = None,
+        sendfile_run: Callable[..., Any] | None = None,
     ) -> None:
         self.lookup = lookup
         self.settings = settings
@@ -159,6 +172,7 @@ class BootSite:
         self.tftp_roots = list(tftp_roots)
         self.ready = ready
         self.events = events
+        self.sendfile_run = sendfile_run
         self.script = boot_script(settings.api_endpoint, settings.api_port)
 
     def resource(self) -> IResource:
@@ -231,7 +245,9 @@ class BootSite:
     @app.route("/env/", branch=True)
     def env(self, request: IRequest) -> IResource:
         self._log_request(request)
-        return AssetFile(self.env_dir)
+        assets = AssetFile(self.env_dir)
+        assets.run = self.sendfile_run
+        return assets
 
     @app.route("/tftp/", branch=True)
     def tftp(self, request: IRequest) -> IResource:

@@ -14,7 +14,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.utils import getProcessOutputAndValue
+from twisted.python.threadpool import ThreadPool
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.http import HTTPChannel
@@ -28,6 +30,29 @@ from sidero.protocols.http.site import AssetFile, BootSite
 from tests.protocols.http.test_ipxe import DictLookup
 
 SIZE = 6 * 1024 * 1024 + 12345
+
+
+def fd_targets() -> set[str]:
+    """The sockets and files this process's descriptors point at (not pipes: the reactor and
+    process support make some of those lazily)."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("socket:", "/")):
+            found.add(target)
+    return found
+
+
+async def eventually(check: Any, timeout: float = 2.0) -> None:
+    """Until C{check()} is true: the request's end is recorded when the reactor has seen the
+    last hop return, which can be just after the client has all the bytes."""
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
 
 
 class RecordedTimeline:
@@ -70,9 +95,24 @@ class _Collect(Protocol):
 
 
 class Served:
-    """A BootSite on loopback serving C{env/default/initrd}; sendfile calls counted."""
+    """A BootSite on loopback serving C{env/default/initrd}; sendfile calls counted.
+
+    @cvar threads: send in a thread pool of that many threads (0: on the reactor thread).
+    """
+
+    threads = 0
 
     def setUp(self) -> None:
+        run = None
+        if self.threads:
+            pool = ThreadPool(minthreads=0, maxthreads=self.threads, name="test-sendfile")
+            pool.start()
+            self.addCleanup(pool.stop)
+
+            def run(f: Any, *args: Any) -> Deferred[Any]:
+                return deferToThreadPool(reactor, pool, f, *args)  # type: ignore[arg-type]
+
+
         if shutil.which("curl") is None:
             raise SkipTest("curl is not installed (scripts/install-test-deps installs it)")
         self.dir = tempfile.mkdtemp(prefix="sidero-sendfile-")
@@ -104,11 +144,13 @@ class Served:
         self.metrics = Metrics()
         self.timeline = RecordedTimeline()
         boot = BootSite(DictLookup(servers={}, bindings={}, classes={}, environments={}),
-                        BootSettings("127.0.0.1", 8081), os.path.join(self.dir, "env"), [])
+                        BootSettings("127.0.0.1", 8081), os.path.join(self.dir, "env"), [],
+                        sendfile_run=run)
         self.site = site = Site(self.metrics.instrument_resource(boot.resource(), self.timeline))
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(self.port.stopListening)
         self.url = f"http://127.0.0.1:{self.port.getHost().port}/env/default/initrd"
+        self.fds = fd_targets()
 
     async def curl(self, *args: str) -> tuple[bytes, bytes, int]:
         out, err, code = await getProcessOutputAndValue(
@@ -168,6 +210,7 @@ class SendfileTests(Served, TestCase):
         self.assertIn(f"content-length: {SIZE}", lines)
         self.assertIn("accept-ranges: bytes", lines)
         self.assertIn("last-modified: " + formatdate(1_700_000_000, usegmt=True).lower(), lines)
+        await eventually(lambda: self.timeline.steps)
         sample = self.metrics.registry.get_sample_value(
             "sidero_http_requests_total", {"route": "/env", "method": "GET", "code": "200"})
         self.assertEqual(sample, 1.0)
@@ -181,6 +224,7 @@ class SendfileTests(Served, TestCase):
                                          "1000000-1999999", self.url)
         self.assertEqual(code, 0, err)
         self.assertEqual(out, self.payload[1000000:2000000])
+        await eventually(lambda: self.timeline.steps)
         self.assertEqual(self.timeline.steps[0][1]["bytes"], 1000000)
         with open(os.path.join(self.dir, "h")) as f:
             head = f.read().lower()
@@ -289,12 +333,31 @@ class SendfileTests(Served, TestCase):
                 break
             await deferLater(reactor, 0.02, lambda: None)
         self.assertTrue(self.opened and all(f.closed for f in self.opened))
+        await eventually(lambda: self.timeline.steps)
         sample = self.metrics.registry.get_sample_value(
             "sidero_http_requests_total", {"route": "/env", "method": "GET", "code": "aborted"})
         self.assertEqual(sample, 1.0)
         [(step, details)] = self.timeline.steps
         self.assertEqual(details["status"], "aborted")
         self.assertLess(details["bytes"], SIZE)
+
+
+class ThreadedSendfileTests(SendfileTests):
+    """The same, with the sendfile hops in a thread pool (as twistd runs them)."""
+
+    threads = 2
+
+    async def test_no_descriptor_left(self) -> None:
+        """The socket duplicates and files are all closed once the connections are."""
+        for _ in range(3):
+            _, err, code = await self.curl("-o", "/dev/null", self.url)
+            self.assertEqual(code, 0, err)
+        proto = await self._connect(b"GET /env/default/initrd HTTP/1.1\r\nHost: x\r\n\r\n")
+        await proto.until(1)
+        proto.transport.abortConnection()  # type: ignore[union-attr]
+        await proto.lost
+        await eventually(lambda: fd_targets() <= self.fds)
+        self.assertEqual(fd_targets() - self.fds, set())
 
 
 class FallbackTests(Served, TestCase):
