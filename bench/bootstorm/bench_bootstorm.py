@@ -11,7 +11,8 @@ harness creates on one bridge and removes (L{tests.netlab.NetLab}):
   C{http://10.214.0.3:8081/boot.ipxe}) and TFTP (the same iPXE binary), with
   C{tftp-max} raised to N like sidero's session limit; nginx (sendfile) serving the same
   C{/boot.ipxe} script, a fixed C{/ipxe} answer (the agent script sidero gives, pointing at
-  nginx) and the same kernel and initrd files.
+  nginx) and the same kernel and initrd files; its C{send_timeout} raised to 600 s, as sidero
+  has no send timeout (with the default 60 s, CPU-starved clients lose downloads).
 * C{c0..}: one namespace and one client process (L{bench.bootstorm.client}) per
   C{--per-client} machines, each machine with its own address; the process is the DHCP relay
   of its machines, so both proxies can run at once without hearing each other's clients.
@@ -196,7 +197,7 @@ class Storm:
         ngx_work = self.work / "nginx"
         ngx_work.mkdir()
         conf_path = nginx_conf(ngx_work, f"{REF_IP}:{PORT}", {"/env/": self.work / "state" / "env"},
-                               extra_http="default_type text/plain;")
+                               extra_http="default_type text/plain; send_timeout 600s;")
         text = conf_path.read_text().replace(
             "server {", f"server {{ location = /boot.ipxe {{ root {web}; }} "
                         f"location = /ipxe {{ root {web}; }} ", 1)

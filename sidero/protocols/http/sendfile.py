@@ -103,10 +103,13 @@ class SendfileProducer:
         is cold); the socket's free buffer usually bounds it first.
     @cvar budget: most bytes one hop sends before it lets the reactor (and other
         connections) have their turn.
+    @cvar tail: the last bytes of the body, sent from the reactor thread (see
+        L{resumeProducing}).
     """
 
     chunk = 4 << 20
     budget = 16 << 20
+    tail = 256 << 10
     log = Logger()
 
     def __init__(self, request: Any, transport: tcp.Connection, file: BinaryIO,
@@ -149,13 +152,17 @@ class SendfileProducer:
             self._wait()
             return
         self.calls += 1
-        args = (self._sock_fd, self.file.fileno(), self.offset,
-                min(self.remaining, self.budget), self.chunk)
-        if self.run is None:
-            self._sent(send_some(*args))
+        if self.run is None or self.remaining <= self.tail:
+            # The last bytes go from the reactor thread, and the request finishes in the same
+            # call: a client that has everything and hangs up is then never seen to leave
+            # before the response was finished (which would count it as aborted).
+            self._sent(send_some(self._sock_fd, self.file.fileno(), self.offset,
+                                 min(self.remaining, self.budget), self.chunk))
             return
         self._busy = True
-        self.run(send_some, *args).addBoth(self._hop_done)
+        self.run(send_some, self._sock_fd, self.file.fileno(), self.offset,
+                 min(self.remaining - self.tail, self.budget), self.chunk,
+                 ).addBoth(self._hop_done)
 
     def _hop_done(self, outcome: Any) -> None:
         self._busy = False

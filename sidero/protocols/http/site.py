@@ -67,7 +67,7 @@ class AssetFile(File):
 
     def createSimilarFile(self, path: str) -> File:
         f = super().createSimilarFile(path)
-        f.run = self.run  # type: ignore[attr-defined]
+        f.run = self.run
         return f
 
     def makeProducer(self, request: IRequest, fileForReading: Any) -> Any:

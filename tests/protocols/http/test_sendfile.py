@@ -347,6 +347,24 @@ class ThreadedSendfileTests(SendfileTests):
 
     threads = 2
 
+    async def test_finished_before_the_client_leaves(self) -> None:
+        """A client that hangs up as soon as it has every byte: still a 200, never "aborted"
+        (the last bytes go from the reactor thread, which finishes the request at once)."""
+        for _ in range(8):
+            _, err, code = await self.curl("-H", "Connection: close", "-o", "/dev/null",
+                                           self.url)
+            self.assertEqual(code, 0, err)
+        for _ in range(8):  # and one in this process that aborts on the last byte
+            proto = await self._connect(b"GET /env/default/initrd HTTP/1.1\r\nHost: x\r\n\r\n")
+            await proto.until(1)
+            head = bytes(proto.data).index(b"\r\n\r\n") + 4
+            await proto.until(head + SIZE)
+            proto.transport.abortConnection()  # type: ignore[union-attr]
+            await proto.lost
+        await eventually(lambda: len(self.timeline.steps) == 16)
+        self.assertEqual([d["status"] for _, d in self.timeline.steps], [200] * 16)
+        self.assertEqual([d["bytes"] for _, d in self.timeline.steps], [SIZE] * 16)
+
     async def test_no_descriptor_left(self) -> None:
         """The socket duplicates and files are all closed once the connections are."""
         for _ in range(3):
