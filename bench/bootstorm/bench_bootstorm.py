@@ -20,7 +20,7 @@ harness creates on one bridge and removes (L{tests.netlab.NetLab}):
 A run starts every client at the same wall-clock instant and waits for all; its time is the
 moment the last machine had its whole initrd, and every machine must have booted. The
 pipelines take turns run after run. One table: per pipeline the median time (min-max), the
-failed boots, and the ratio dnsmasq+nginx time / sidero time (>= 1 means sidero is as fast or
+failed boots, the DHCP DISCOVERs sent again (no OFFER in time), and the ratio dnsmasq+nginx time / sidero time (>= 1 means sidero is as fast or
 faster), median of the per-run ratios with their spread.
 
     python -m bench.bootstorm.bench_bootstorm [--machines 1000] [--per-client 100]
@@ -220,11 +220,18 @@ class Storm:
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, env=tree_env()))
         results: list[dict[str, Any]] = []
         errors = []
-        for p in procs:
-            out, err = p.communicate(timeout=1800)
-            if p.returncode != 0:
-                errors.append(err.decode(errors="replace")[-1500:])
-            results += [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+        try:
+            for p in procs:
+                out, err = p.communicate(timeout=1800)
+                if p.returncode != 0:
+                    errors.append(err.decode(errors="replace")[-1500:])
+                results += [json.loads(line) for line in out.decode().splitlines()
+                            if line.strip()]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         self.saved += 1
         with open(self.work / f"machines-{self.saved}-{name}.json", "w") as f:
             json.dump({"start_at": start_at, "machines": results}, f)
@@ -232,7 +239,8 @@ class Storm:
                   or r.get("initrd_bytes") != self.initrd_size]
         missing = self.args.machines - len(results)
         done = [r["done"] - start_at for r in results if r["ok"]]
-        return {"seconds": max(done) if done else float("nan"),
+        resent = sum(r.get("dhcp_sends", 0) for r in results) - 2 * len(results)
+        return {"seconds": max(done) if done else float("nan"), "dhcp_resent": resent,
                 "median_machine": statistics.median(done) if done else float("nan"),
                 "failed": len(failed) + missing,
                 "errors": [r.get("error") for r in failed[:5]] + errors[:2]}
@@ -267,13 +275,14 @@ def table(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]],
              f"{args.kernel_mib} MiB + initrd {args.initrd_mib} MiB each, "
              f"{-(-args.machines // args.per_client)} client namespaces",
              f"{'pipeline':<14} {'median s':>9} {'min':>8} {'max':>8} {'machine p50 s':>14}"
-             f" {'failed':>7}"]
+             f" {'failed':>7} {'DHCP resent':>12}"]
     for name, results in runs.items():
         secs = [r["seconds"] for r in results]
         lines.append(f"{name:<14} {statistics.median(secs):>9.2f} {min(secs):>8.2f} "
                      f"{max(secs):>8.2f} "
                      f"{statistics.median(r['median_machine'] for r in results):>14.2f} "
-                     f"{sum(r['failed'] for r in results):>7d}")
+                     f"{sum(r['failed'] for r in results):>7d} "
+                     f"{sum(r['dhcp_resent'] for r in results):>12d}")
     ratios = [ref["seconds"] / ours["seconds"]
               for ours, ref in zip(runs["sidero"], runs["dnsmasq+nginx"], strict=True)]
     lines.append(f"{'ratio':<14} {statistics.median(ratios):>9.2f} {min(ratios):>8.2f} "

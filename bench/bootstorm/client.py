@@ -38,7 +38,13 @@ from urllib.parse import urlsplit
 from sidero.protocols.dhcp import codec
 from sidero.protocols.dhcp.codec import DHCPMessage
 
-DHCP_TRIES = (2.0, 4.0, 8.0, 16.0)
+#: Seconds to wait for each OFFER: iPXE's DHCP (and the chain script's rounds) keep trying
+#: for about a minute before giving up, PXE ROMs four times over 60 s.
+DHCP_TRIES = (2.0, 4.0, 8.0, 16.0, 32.0)
+#: Receive buffers of the relay and TFTP sockets: a hundred machines' replies arrive at once
+#: while this process may be busy reading downloads.
+RCVBUF = 4 << 20
+SO_RCVBUFFORCE = 33  # Linux; not in the socket module
 TFTP_TIMEOUT = 1.0
 TFTP_RETRIES = 8
 HTTP_TIMEOUT = 120.0
@@ -58,6 +64,8 @@ class Relay(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        # SO_RCVBUFFORCE (root) is not capped by net.core.rmem_max.
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
@@ -68,12 +76,14 @@ class Relay(asyncio.DatagramProtocol):
         if fut is not None and not fut.done() and msg.op == codec.BOOTREPLY:
             fut.set_result(msg)
 
-    async def discover(self, msg: DHCPMessage, server: tuple[str, int]) -> DHCPMessage:
+    async def discover(self, msg: DHCPMessage, server: tuple[str, int],
+                       result: dict[str, Any]) -> DHCPMessage:
         assert self.transport is not None
         fut: asyncio.Future[DHCPMessage] = asyncio.get_running_loop().create_future()
         self.waiting[msg.xid] = fut
         try:
             for wait in DHCP_TRIES:
+                result["dhcp_sends"] = result.get("dhcp_sends", 0) + 1
                 self.transport.sendto(codec.encode(msg), server)
                 try:
                     return await asyncio.wait_for(asyncio.shield(fut), wait)
@@ -152,10 +162,10 @@ async def boot_server_request(ip: str, offer: DHCPMessage, discover: DHCPMessage
 
 
 async def dhcp(relay: Relay, ip: str, mac: bytes, guid: bytes, server: str,
-               ipxe: bool) -> tuple[str, str]:
+               ipxe: bool, result: dict[str, Any]) -> tuple[str, str]:
     """DISCOVER through the relay, then (for a menu) boot server discovery: (file, server)."""
     discover = discover_message(mac, guid, relay_ip, ipxe)
-    offer = await relay.discover(discover, (server, 67))
+    offer = await relay.discover(discover, (server, 67), result)
     name, tftp_server = boot_file(offer)
     if not name:
         name, tftp_server = boot_file(await boot_server_request(ip, offer, discover))
@@ -337,11 +347,11 @@ async def boot(index: int, ip: str, relay: Relay, server: str, id_base: int) -> 
         t = now
 
     try:
-        name, tftp_server = await dhcp(relay, ip, mac, guid, server, False)
+        name, tftp_server = await dhcp(relay, ip, mac, guid, server, False, result)
         step("dhcp")
         await tftp_get(ip, tftp_server, name)
         step("tftp")
-        script_url, _ = await dhcp(relay, ip, mac, guid, server, True)
+        script_url, _ = await dhcp(relay, ip, mac, guid, server, True, result)
         if not script_url.startswith("http://"):
             raise BootFailed(f"iPXE was offered {script_url!r}, not a script URL")
         step("dhcp-ipxe")

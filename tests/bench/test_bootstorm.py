@@ -23,7 +23,7 @@ class BenchBootStormTests(TestCase):
             cwd=REPO, env=tree_env(), capture_output=True, text=True, timeout=300)
         self.assertEqual(res.returncode, 0, res.stdout + res.stderr)
         rows = {m.group(1): (float(m.group(2)), int(m.group(3))) for m in re.finditer(
-            r"^(sidero|dnsmasq\+nginx)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+)$",
+            r"^(sidero|dnsmasq\+nginx)\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(\d+)\s+-?\d+$",
             res.stdout, re.M)}
         self.assertEqual(set(rows), {"sidero", "dnsmasq+nginx"}, res.stdout)
         for name, (seconds, failed) in rows.items():
