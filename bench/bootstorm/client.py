@@ -49,6 +49,8 @@ TFTP_TIMEOUT = 1.0
 TFTP_RETRIES = 8
 HTTP_TIMEOUT = 120.0
 BLKSIZE = 1456
+#: Seconds a machine may take to boot before it counts as failed (nothing may hang a run).
+BOOT_DEADLINE = 900.0
 
 
 class BootFailed(Exception):
@@ -401,8 +403,15 @@ async def main_async(args: argparse.Namespace) -> None:
     if delay > 0:
         await asyncio.sleep(delay)
     ips = [f"{args.net}.{args.first + i}" for i in range(args.machines)]
-    results = await asyncio.gather(*(boot(i, ip, relay, args.server, args.id_base)
-                                     for i, ip in enumerate(ips)))
+    async def bounded(i: int, ip: str) -> dict[str, Any]:
+        try:
+            return await asyncio.wait_for(boot(i, ip, relay, args.server, args.id_base),
+                                          BOOT_DEADLINE)
+        except TimeoutError:
+            return {"machine": i, "ip": ip, "ok": False, "done": time.time(), "steps": {},
+                    "error": f"not booted within {BOOT_DEADLINE:g}s"}
+
+    results = await asyncio.gather(*(bounded(i, ip) for i, ip in enumerate(ips)))
     for r in results:
         sys.stdout.write(json.dumps(r) + "\n")
     sys.stdout.flush()
