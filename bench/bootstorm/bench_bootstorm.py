@@ -13,7 +13,7 @@ harness creates on one bridge and removes (L{tests.netlab.NetLab}):
   C{/boot.ipxe} script, a fixed C{/ipxe} answer (the agent script sidero gives, pointing at
   nginx) and the same kernel and initrd files; its C{send_timeout} raised to 600 s, as sidero
   has no send timeout (with the default 60 s, CPU-starved clients lose downloads).
-* Every namespace uses cubic congestion control (BBR, this host's default, stalled
+* The storm's route uses cubic congestion control (BBR, this host's default, stalled
   downloads of CPU-starved clients in both pipelines).
 * C{c0..}: one namespace and one client process (L{bench.bootstorm.client}) per
   C{--per-client} machines, each machine with its own address; the process is the DHCP relay
@@ -109,10 +109,10 @@ class Storm:
             k += 1
         # This host's default congestion control, BBR, was seen pacing a connection to a few
         # bit/s after a zero-window stall of a CPU-starved client (either pipeline: nginx lost
-        # such downloads to its send_timeout, sidero's hung): every namespace uses cubic.
-        for ns in lab.namespaces:
-            lab.run("ip", "netns", "exec", ns, "sysctl", "-qw",
-                    "net.ipv4.tcp_congestion_control=cubic", check=False)
+        # such downloads to its send_timeout, sidero's hung): the storm's network uses cubic,
+        # set on its route (a namespace may not choose it by sysctl here).
+        for ns in [self.sidero_ns, self.ref_ns] + [c[0] for c in self.clients]:
+            self.batch(ns, [f"route replace {NET}.0.0/16 dev eth0 congctl cubic"])
         # The kernel's neighbour table is shared by every namespace and holds 1024 learnt
         # entries: permanent ones (not counted) keep a thousand machines from overflowing it.
         server_macs = {SIDERO_IP: self.mac_of(self.sidero_ns), REF_IP: self.mac_of(self.ref_ns)}
