@@ -16,9 +16,11 @@ socket is writable the transport finds its buffer empty and resumes its producer
 response headers go through the transport's buffer first, so the body starts only once that
 buffer is empty.
 
-A sendfile of page-cached data takes well under a millisecond per call; a cold cache makes
-the call read from disk, which is why each call is bounded (L{SendfileProducer.chunk}) and the
-kernel is told the file is read sequentially (readahead).
+The calls run in a thread pool when one is given (twistd gives C{threads-sendfile}): the
+kernel's copy and the network stack's work it triggers then use every core, and a cold page
+cache (the call reads from disk) never stalls the reactor. Without one they run on the reactor
+thread, each call bounded (L{SendfileProducer.chunk}); either way the kernel is told the file
+is read sequentially (readahead).
 """
 
 from __future__ import annotations
