@@ -111,6 +111,19 @@ class SideroProcess:
     def exit_status(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash: nothing is flushed or closed) and reap it."""
+        proc, self.process = self.process, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+    def log(self) -> str:
+        return tail(self.log_path, 200)
+
     def stop(self) -> None:
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:

@@ -79,6 +79,16 @@ class SideroProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash) and reap it."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
     def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
