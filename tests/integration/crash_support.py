@@ -42,6 +42,9 @@ from sidero.store.errors import AlreadyExists, NotFound, StoreError, Unavailable
 from tests.integration.lifecycle_support import AgentRun, Machine, run_agent
 
 BOOTSTRAP_ANNOTATION = "metal.sidero.dev/bootstrap-data-secret"
+#: How long an agent keeps retrying a call (its --retry-timeout): a few restarts in a row on a
+#: loaded machine, not the real agent's 5 minutes.
+AGENT_RETRY = 90.0
 
 
 def scaled(n: int) -> int:
@@ -62,6 +65,16 @@ class Replica(Protocol):
         """SIGKILL its whole process group and reap it."""
 
     def log(self) -> str: ...
+
+    def ready(self) -> bool:
+        """It answers (may raise while it does not)."""
+
+
+def _ready(replica: Replica) -> bool:
+    try:
+        return bool(replica.ready())
+    except Exception:
+        return False
 
 
 class Down(Exception):
@@ -115,28 +128,49 @@ class Hands:
 
 
 class Killer:
-    """Kills a random replica at random moments (C{interval} seconds apart) and restarts it
-    after a random pause; C{kills} counts the kill points."""
+    """Kills a random replica at random moments and restarts it after a random pause;
+    C{kills} counts the kill points.
+
+    After a restart, with probability C{during_startup} the next kill comes 0.1-2 s after the
+    process was spawned (the store opening, informers listing, garbage collection resuming);
+    otherwise it waits until the restarted replica is ready and comes C{interval} seconds
+    after that, so the service does work between kills however slow start-up is on a loaded
+    machine.
+    """
 
     def __init__(self, replicas: Sequence[Replica], rng: random.Random,
-                 interval: tuple[float, float], pause: tuple[float, float] = (0.0, 1.0)) -> None:
+                 interval: tuple[float, float], pause: tuple[float, float] = (0.0, 1.0),
+                 during_startup: float = 0.25) -> None:
         self.replicas = list(replicas)
         self.rng = rng
         self.interval = interval
         self.pause = pause
+        self.during_startup = during_startup
         self.kills = 0
-        self.next = time.monotonic() + rng.uniform(*interval)
+        self.startup_kills = 0
+        self.next: float | None = time.monotonic() + rng.uniform(*interval)
+        self._starting: Replica | None = None
+        self._startup_kill = False
 
     async def tick(self) -> bool:
         """Kill (and restart) one replica if it is time; True when it did."""
-        if time.monotonic() < self.next:
+        now = time.monotonic()
+        if self.next is None:
+            assert self._starting is not None
+            if await threads.deferToThread(_ready, self._starting):
+                self.next = time.monotonic() + self.rng.uniform(*self.interval)
+            return False
+        if now < self.next:
             return False
         victim = self.rng.choice(self.replicas)
         await threads.deferToThread(victim.kill)
         self.kills += 1
+        self.startup_kills += self._startup_kill
         await sleep(self.rng.uniform(*self.pause))
         victim.start()
-        self.next = time.monotonic() + self.rng.uniform(*self.interval)
+        self._starting = victim
+        self._startup_kill = self.rng.random() < self.during_startup
+        self.next = time.monotonic() + self.rng.uniform(0.1, 2.0) if self._startup_kill else None
         return True
 
     def logs(self, chars: int = 3000) -> str:
@@ -165,6 +199,7 @@ class Figures:
     """What a run did, for the log line and the README."""
 
     kills: int = 0
+    startup_kills: int = 0
     allocations: int = 0
     registrations: int = 0
     wipes: int = 0
@@ -292,6 +327,7 @@ class AllocationCrash:
             await self.killer.tick()
             await sleep(0.2)
         figures.kills, figures.allocations = self.killer.kills, len(allocations)
+        figures.startup_kills = self.killer.startup_kills
 
         # Quiet: every live machine gets bound, nothing is orphaned.
         deadline = time.monotonic() + 120
@@ -412,7 +448,7 @@ class RegistrationCrash:
         """Register one machine with every process up (no kill yet): its Server is the
         template every other inventory is compared with; then delete it."""
         m = await threads.deferToThread(self._machine, 0, -1)
-        run = await threads.deferToThreadPool(reactor, self.pool, run_agent, m, self.endpoints[0])
+        run = await threads.deferToThreadPool(reactor, self.pool, run_agent, m, self.endpoints[0], AGENT_RETRY)
         if run.wipe:
             raise AssertionError("an unaccepted machine was told to wipe")
         server = await until_up(self.hands, "reading the reference Server", self._get, m.uuid)
@@ -471,7 +507,8 @@ class RegistrationCrash:
     def _boot(self, slot: _Slot) -> None:
         """Start the slot's machine's agent (in the agent pool)."""
         endpoint = slot.endpoint
-        d = threads.deferToThreadPool(reactor, self.pool, run_agent, slot.machine, endpoint)
+        d = threads.deferToThreadPool(reactor, self.pool, run_agent, slot.machine, endpoint,
+                                       AGENT_RETRY)
         slot.running = d
         machine = slot.machine
 
@@ -556,7 +593,7 @@ class RegistrationCrash:
                 pass
             await self.killer.tick()
             await sleep(0.2)
-        self.figures.kills = self.killer.kills
+        self.figures.kills, self.figures.startup_kills = self.killer.kills, self.killer.startup_kills
         self.delete_clean = False
 
         # Quiet: every slot's current machine ends registered, wiped, clean and ready.

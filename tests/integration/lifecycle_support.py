@@ -247,7 +247,7 @@ _REGISTERED = re.compile(
     r"reboot_timeout=([0-9.]+)")
 
 
-def run_agent(machine: Machine, endpoint: str) -> AgentRun:
+def run_agent(machine: Machine, endpoint: str, retry_timeout: float = 30.0) -> AgentRun:
     """One PXE boot of C{machine}: the real agent (C{python -m sidero.agent}); blocking.
 
     No network set-up (the endpoint is on loopback), no BMC, and exit instead of rebooting.
@@ -259,8 +259,8 @@ def run_agent(machine: Machine, endpoint: str) -> AgentRun:
     proc = subprocess.run(
         [sys.executable, "-m", "sidero.agent", "--cmdline", cmdline, "--sysfs", machine.sysfs,
          "--dev", os.path.join(machine.work, "dev"), "--no-network", "--no-bmc", "--no-reboot",
-         "--retry-interval", "0.5", "--retry-timeout", "30"],
-        capture_output=True, text=True, timeout=AGENT_TIMEOUT, stdin=subprocess.DEVNULL,
+         "--retry-interval", "0.5", "--retry-timeout", str(retry_timeout)],
+        capture_output=True, text=True, timeout=AGENT_TIMEOUT + 2 * max(0.0, retry_timeout - 30.0), stdin=subprocess.DEVNULL,
         cwd=REPO, env=tree_env(),
     )
     output = proc.stdout + proc.stderr
