@@ -113,6 +113,21 @@ def _wal_pages(wal: bytes) -> set[int]:
     return pages
 
 
+def _write_image(directory: str, db: bytes, wal: bytes) -> str:
+    """A fresh directory holding C{state.db} (and C{state.db-wal} when there is one, never a
+    -shm: shared memory does not survive a power loss); returns the database path."""
+    if os.path.exists(directory):
+        shutil.rmtree(directory)
+    os.makedirs(directory)
+    path = os.path.join(directory, "state.db")
+    with open(path, "wb") as f:
+        f.write(db)
+    if wal:
+        with open(path + "-wal", "wb") as f:
+            f.write(wal)
+    return path
+
+
 def _digest(path: str) -> str | None:
     return hashlib.sha256(_read(path)).hexdigest() if os.path.exists(path) else None
 
@@ -279,15 +294,7 @@ class PowerLossTests(TestCase):
     async def check_image(self, work: str, what: str, db: bytes, wal: bytes, before: Snapshot,
                           after: Snapshot, must_have_next: bool) -> bool:
         """Open one image; True when it holds commit k+1."""
-        if os.path.exists(work):
-            shutil.rmtree(work)
-        os.makedirs(work)
-        path = os.path.join(work, "state.db")
-        with open(path, "wb") as f:
-            f.write(db)
-        if wal:
-            with open(path + "-wal", "wb") as f:
-                f.write(wal)
+        path = _write_image(work, db, wal)
         store = EmbeddedStore(reactor, path, event_ttl=0)
         self.addCleanup(store.close)
         await store.open()
@@ -381,14 +388,7 @@ class PowerLossTests(TestCase):
         page[(btree[0] - 1) * PAGE] = 0x33   # not a page type
         for what, db, wal in (("garbled header", bytes(header), b""),
                               ("damaged b-tree page", bytes(page), snap.wal)):
-            image = os.path.join(work, what.replace(" ", "-"))
-            os.makedirs(image)
-            path = os.path.join(image, "state.db")
-            with open(path, "wb") as f:
-                f.write(db)
-            if wal:
-                with open(path + "-wal", "wb") as f:
-                    f.write(wal)
+            path = _write_image(os.path.join(work, what.replace(" ", "-")), db, wal)
             digests = (_digest(path), _digest(path + "-wal"))
             store = EmbeddedStore(reactor, path, event_ttl=0)
             self.addCleanup(store.close)
@@ -398,6 +398,34 @@ class PowerLossTests(TestCase):
             self.assertIn("it was left as it is", e.exception.message)
             self.assertEqual((_digest(path), _digest(path + "-wal")), digests, f"{what}: the files changed")
             self.assertEqual(store.resource_version, "0")
+
+
+class BackupTests(TestCase):
+    timeout = 60
+
+    async def test_online_backup_opens(self) -> None:
+        """The README's backup (sqlite3's C{.backup}, a real peer) taken while the store is
+        open and written to opens as a store with the same objects and resourceVersion."""
+        if shutil.which("sqlite3") is None:
+            raise SkipTest("LOUD SKIP: the backup check needs the sqlite3 command (apt-get install sqlite3)")
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        path, copy = os.path.join(work, "state.db"), os.path.join(work, "copy.db")
+        store = EmbeddedStore(reactor, path, event_ttl=0)
+        await store.open()
+        self.addCleanup(store.close)
+        rng = random.Random(3)
+        for i in range(20):
+            await store.create(_secret(f"s{i}", rng.choice(SIZES), rng))
+        done = subprocess.run(["sqlite3", path, f".backup {copy}"], capture_output=True, text=True, timeout=30)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        original = await store.list(SECRET, "default")
+        restored = EmbeddedStore(reactor, copy, event_ttl=0)
+        await restored.open()
+        self.addCleanup(restored.close)
+        listed = await restored.list(SECRET, "default")
+        self.assertEqual(listed.items, original.items)
+        self.assertEqual(restored.resource_version, store.resource_version)
 
 
 def _turn() -> Deferred[None]:
