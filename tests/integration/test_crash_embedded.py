@@ -6,7 +6,8 @@ drivers and their invariants: L{tests.integration.crash_support}).
 With one process, a kill takes the store, the controllers, the agent API and the management
 socket down together: kills land during start-up (the store opening, garbage collection
 resuming, informers listing) as well as in the middle of writes.  A power loss of the database
-file itself is L{tests.store.test_power_loss}.
+file itself is L{tests.store.test_power_loss}; a database damaged otherwise stops the service
+at start, untouched (L{DamagedStoreTests}).
 """
 
 from __future__ import annotations
@@ -70,3 +71,29 @@ class RegistrationCrashTests(EmbeddedCrashTestCase):
         driver = RegistrationCrash(self.hands, self.killer, [self.sidero.endpoint], self.work, self.rng)
         figures = await driver.run(target_registrations=scaled(24), min_kills=scaled(30), time_limit=600)
         self.report("registration and wipe", figures)
+
+
+class DamagedStoreTests(TestCase):
+    timeout = 120
+
+    def test_refuses_to_start(self) -> None:
+        """A state.db that is not a database (what a failing disk can leave, never a crash)
+        stops the service at start with one line naming the file, exit status 1, and the
+        file is left as it was."""
+        work = os.path.abspath(self.mktemp())
+        sidero = SideroProcess(work)
+        os.makedirs(sidero.state)
+        path = os.path.join(sidero.state, "state.db")
+        garbage = random.Random(4).randbytes(8192)
+        with open(path, "wb") as f:
+            f.write(garbage)
+        self.addCleanup(sidero.stop)
+        sidero.start()
+        assert sidero.process is not None
+        self.assertEqual(sidero.process.wait(60), 1)
+        with open(sidero.log_path, errors="replace") as f:
+            lines = [line for line in f if "cannot start" in line]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"the store database {path} is damaged", lines[0])
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), garbage)
