@@ -162,7 +162,7 @@ class Killer:
             return False
         if now < self.next:
             return False
-        victim = self.rng.choice(self.replicas)
+        victim = self._starting if self._startup_kill and self._starting else self.rng.choice(self.replicas)
         await threads.deferToThread(victim.kill)
         self.kills += 1
         self.startup_kills += self._startup_kill
