@@ -33,7 +33,9 @@ from sidero.threads import ThreadPoolService
 log = Logger(namespace="sidero.tap")
 
 #: Thread pools (name, max threads): Kubernetes client, disk/sqlite, IPMI, subprocesses.
-THREAD_POOLS: tuple[tuple[str, int], ...] = (("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2))
+#: "sendfile" sends boot assets (sidero.protocols.http.sendfile): one thread per core is enough.
+THREAD_POOLS: tuple[tuple[str, int], ...] = (
+    ("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2), ("sendfile", 2))
 
 class Options(SettingsOptions):
     """C{twistd sidero} options: every row of the settings table."""
@@ -434,6 +436,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         tftp_roots=settings.tftp_roots,
         ready=ready,
         events=context.event_recorder or EventRecorder(context.store, context.reactor),
+        sendfile_run=getattr(context.pools.get("sendfile"), "run", None),
     )
     timeline = context.timeline
     site.timeline = timeline
