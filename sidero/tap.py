@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.application.service import Application, IService, Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.application.service import Application, IService
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -27,12 +27,15 @@ from twisted.python.failure import Failure
 from sidero import logs
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import SERVICES, Note, Settings, SettingsOptions, StartupError
+from sidero.store.service import StoreService
 from sidero.threads import ThreadPoolService
 
 log = Logger(namespace="sidero.tap")
 
 #: Thread pools (name, max threads): Kubernetes client, disk/sqlite, IPMI, subprocesses.
-THREAD_POOLS: tuple[tuple[str, int], ...] = (("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2))
+#: "sendfile" sends boot assets (sidero.protocols.http.sendfile): one thread per core is enough.
+THREAD_POOLS: tuple[tuple[str, int], ...] = (
+    ("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2), ("sendfile", 2))
 
 class Options(SettingsOptions):
     """C{twistd sidero} options: every row of the settings table."""
@@ -113,23 +116,6 @@ def _make_threads(settings: Settings, context: AppContext) -> IService | None:
     return group
 
 
-class StoreService(Service):
-    """Opens the resource store on start (before anything reads it) and closes it on stop."""
-
-    def __init__(self, store: Any, directory: str) -> None:
-        self.store = store
-        self.directory = directory
-
-    def startService(self) -> Deferred[Any]:
-        super().startService()
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        return ensureDeferred(self.store.open())
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        return ensureDeferred(self.store.close())
-
-
 def _make_store(settings: Settings, context: AppContext) -> IService | None:
     """The embedded SQLite store, or a Kubernetes API server (kubeconfig, KUBECONFIG or the
     in-cluster service account).  A kubeconfig that cannot be used stops the start here, in
@@ -144,14 +130,15 @@ def _make_store(settings: Settings, context: AppContext) -> IService | None:
         except KubeconfigError as e:
             raise StartupError(str(e)) from e
         k8s_store = KubernetesStore(context.reactor, client, context.pools["k8s"].pool)
-        context.store = _metrics(context).timed_store(k8s_store)
+        context.api_client = client
+        context.store = context.metrics.timed_store(k8s_store)
         return StoreService(k8s_store, settings.state_dir)
 
     from sidero.api.admission import Admission
     from sidero.store.embedded import EmbeddedStore
 
     store = EmbeddedStore(context.reactor, settings.database_path, admission=Admission())
-    context.store = _metrics(context).timed_store(store)
+    context.store = context.metrics.timed_store(store)
     return StoreService(store, settings.state_dir)
 
 
@@ -171,31 +158,38 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     from sidero.controllers.serverclass import make_serverclass_controller
     from sidero.controllers.startup import install_startup_runnables
     from sidero.k8s.workload import WorkloadNodes
+    from sidero.limits import ConcurrencyLimit, WipeSlots
     from sidero.power.factory import PowerManagerFactory
+    from sidero.power.limited import LimitedPowerManager
 
     elector = _make_elector(settings, context)
-    metrics = _metrics(context)
+    metrics = context.metrics
     manager = ControllerManager(context.store, context.reactor, elector=elector, metrics=metrics)
     metrics.add_informers(lambda: manager.informers)
     metrics.add_controllers(lambda: manager.controllers)
     install_startup_runnables(manager, context.store, assets_url=settings.talos_assets_url)
     recorder = EventRecorder(context.store, context.reactor)
+    wipes = WipeSlots(settings.max_concurrent_wipes)
+    downloads = ConcurrencyLimit("download", settings.max_concurrent_downloads)
+    power_limit = ConcurrencyLimit("power", settings.max_concurrent_power)
+    metrics.add_limits(lambda: (wipes, downloads, power_limit))
     make_environment_controller(
         manager, context.store, settings.state_dir, context.reactor,
-        pool=context.pools["disk"], assets_url=settings.talos_assets_url,
+        pool=context.pools["disk"], assets_url=settings.talos_assets_url, downloads=downloads,
     )
     make_serverclass_controller(manager, context.store)
     power = PowerManagerFactory.from_settings(
         context.reactor, context.store, context.pools["ipmi"], settings)
     def power_for(server: dict[str, Any]) -> Deferred[Any]:
-        return power.for_server(server).addCallback(metrics.instrument_power)
+        return power.for_server(server).addCallback(
+            lambda manager: LimitedPowerManager(metrics.instrument_power(manager), power_limit))
 
     make_server_controller(
         manager, context.store, power_for,
         reboot_timeout=settings.server_reboot_timeout, pxe_mode=settings.ipmi_pxe_method,
         clock=context.reactor, recorder=recorder,
         # A BMC that dropped a power-off (seen with silent failures) gets it again.
-        power_off_recheck=DEFAULT_REQUEUE_AFTER,
+        power_off_recheck=DEFAULT_REQUEUE_AFTER, wipes=wipes,
     )
     # The Cluster API provider (spec 2.5-2.7). Machines and Clusters are read from the store
     # when needed, not watched, so these run (and serve standalone MetalMachines) even where
@@ -207,15 +201,15 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
         recorder=caps_recorder,
     )
     make_serverbinding_controller(manager, context.store, recorder=caps_recorder)
-    context.extra["controller_manager"] = manager
-    context.extra["event_recorder"] = recorder
+    context.controller_manager = manager
+    context.event_recorder = recorder
     if elector is None:
         return manager
     # The elector starts first and stops last: controllers finish, then the Lease is released.
     group = OrderedMultiService(context.reactor)
     elector.setServiceParent(group)
     manager.setServiceParent(group)
-    context.extra["leader_elector"] = elector
+    context.leader_elector = elector
     return group
 
 
@@ -258,12 +252,13 @@ def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
         context.reactor, Admission(), port=settings.webhook_port, interface=settings.listen_address,
         cert_dir=settings.webhook_cert_dir, hosts=hosts, pool=context.pools["k8s"],
         tls_min_version=settings.tls_min_version, tls_cipher_suites=settings.tls_cipher_suites,
-        api_client=context.store.api_client if settings.webhook_register else None,
+        api_client=context.api_client if settings.webhook_register else None,
         endpoint=WebhookEndpoint(url=settings.webhook_url) if settings.webhook_register else None,
     )
 
 
 def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.protocols.dhcp.ratelimit import PerClientLimiter
     from sidero.protocols.dhcp.service import make_dhcp_proxy_service
 
     service = make_dhcp_proxy_service(
@@ -274,11 +269,14 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         dhcp_port=settings.dhcp_port,
         proxy_port=settings.dhcp_proxy_port,
         fatal=_is_root(),
+        limiter=PerClientLimiter(settings.dhcp_mac_rate, settings.dhcp_mac_burst,
+                                 context.reactor.seconds),
+        trace=settings.log_level == "debug",
     )
     counters = getattr(service, "counters", None)
     if counters is not None:
-        _metrics(context).add_dhcp(counters)
-    service.timeline = _timeline(context)  # type: ignore[attr-defined]
+        context.metrics.add_dhcp(counters)
+    service.timeline = context.timeline  # type: ignore[attr-defined]
     return service
 
 
@@ -296,12 +294,13 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
         interface=settings.listen_address,
         chain_script=script,
         fatal_bind=_is_root(),
+        workers=settings.tftp_workers,
     )
     for child in service:  # type: ignore[attr-defined]
         protocol = getattr(child, "protocol", None)
         if protocol is not None:
-            _metrics(context).add_tftp(protocol.stats)
-            protocol.timeline = _timeline(context)
+            context.metrics.add_tftp(protocol.stats)
+            protocol.timeline = context.timeline
     return service
 
 
@@ -372,8 +371,8 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
     from sidero.protocols.http.site import BootSite
     from sidero.siderolink.config import SideroLinkConfigError, load_or_create
 
-    manager = context.extra.get("controller_manager")
-    informers: list[Informer] = []
+    manager = context.controller_manager
+    informers = context.http_informers
 
     def informer_for(kind: Kind) -> Informer:
         if manager is not None:
@@ -390,7 +389,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         except (SideroLinkConfigError, ValueError) as e:
             raise StartupError(f"SideroLink identity (Secret default/siderolink): {e}") from e
         site.set_siderolink_server_address(str(identity.server_address))
-        context.extra["siderolink_config"] = identity
+        context.siderolink_config = identity
         log.info("SideroLink server address {address}", address=str(identity.server_address))
         if not lookup.machines_known:
             # Cluster API CRDs may be missing from a Kubernetes cluster: then no Machine exists.
@@ -410,8 +409,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         machines_known=settings.store != "kubernetes",
     )
     if manager is None:
-        _metrics(context).add_informers(lambda: informers)
-    context.extra["http_informers"] = informers
+        context.metrics.add_informers(lambda: informers)
 
     def ready() -> tuple[bool, str]:
         waiting = [i.kind.plural for i in informers if not i.has_synced]
@@ -425,7 +423,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         log.warn("no agent image in {dir}: unknown {arch} machines cannot boot the agent "
                  "(scripts/build-agent-image --install {state} builds and installs it)",
                  dir=os.path.join(env_dir, f"agent-{arch}"), arch=arch, state=settings.state_dir)
-    metrics = _metrics(context)
+    metrics = context.metrics
     site = BootSite(
         lookup,
         BootSettings(
@@ -433,13 +431,16 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             api_port=settings.api_port,
             boot_from_disk_method=settings.boot_from_disk_method,
             extra_agent_kernel_args=settings.extra_agent_kernel_args,
+            configdata_access=settings.configdata_access,
+            configdata_trusted=settings.configdata_trusted_networks,
         ),
         env_dir=env_dir,
         tftp_roots=settings.tftp_roots,
         ready=ready,
-        events=context.extra.get("event_recorder") or EventRecorder(context.store, context.reactor),
+        events=context.event_recorder or EventRecorder(context.store, context.reactor),
+        sendfile_run=getattr(context.pools.get("sendfile"), "run", None),
     )
-    timeline = _timeline(context)
+    timeline = context.timeline
     site.timeline = timeline
     if settings.enabled("grpc"):
         # One port for HTTP/1.1 and the agent's gRPC API (h2c prior knowledge), spec 3.1.
@@ -463,24 +464,37 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         def grpc_server() -> Any:
             server = make_grpc_server(servicer, interceptors=[interceptor])
             # Later factories add theirs (SideroLink's Provision); called when the port starts.
-            for register in context.extra.get("grpc_services", ()):
+            for register in context.grpc_services:
                 register(server)
             return server
 
         listener = make_api_port_service(
             context.reactor, metrics.instrument_resource(site.resource(), timeline), grpc_server,
-            settings.http_port, interface=settings.listen_address,
+            settings.http_port, interface=settings.listen_address, limits=_http_limits(settings),
         )
         factory = getattr(listener, "factory", None)
         if factory is not None:
-            metrics.add_api_port(lambda: dict(factory.counters))
+            metrics.add_api_port(lambda: dict(factory.counters), lambda: dict(factory.refused))
     else:
         listener = make_http_service(
             context.reactor, metrics.instrument_resource(site.resource(), timeline), settings.http_port,
-            interface=settings.listen_address,
+            interface=settings.listen_address, limits=_http_limits(settings),
         )
+        refused = getattr(listener, "refused", None)
+        if refused is not None:
+            metrics.add_api_port(dict, lambda: dict(refused))
     listener.setServiceParent(group)
     return group
+
+
+def _http_limits(settings: Settings) -> Any:
+    from sidero.protocols.http.limits import HTTPLimits
+
+    return HTTPLimits(
+        request_timeout=settings.http_header_timeout,
+        max_connections=settings.http_max_connections,
+        max_connections_per_source=settings.http_max_connections_per_source,
+    )
 
 
 # --- SideroLink: the tunnel, Provision, the log receiver, the event sink, syslog -----------------
@@ -498,13 +512,14 @@ def _waiting_group(context: AppContext) -> OrderedMultiService:
 
 def _own_informer(context: AppContext, kind: Any, parent: OrderedMultiService) -> Any:
     """The controller manager's shared informer of C{kind}, or (controllers disabled) one of
-    our own, made once and run by the first SideroLink service that asks for it."""
-    manager = context.extra.get("controller_manager")
+    our own, made once and run by the first SideroLink service (or the dashboard) that asks
+    for it."""
+    manager = context.controller_manager
     if manager is not None:
         return manager.informer(kind)
     from sidero.controllers.informer import Informer
 
-    own: dict[str, Any] = context.extra.setdefault("siderolink_informers", {})
+    own = context.siderolink_informers
     if kind.kind not in own:
         own[kind.kind] = Informer(context.store, kind, clock=context.reactor)
         own[kind.kind].setServiceParent(parent)
@@ -517,13 +532,13 @@ def _siderolink_identity(context: AppContext) -> Callable[[], Any]:
     async def identity() -> Any:
         from sidero.siderolink.config import SideroLinkConfigError, load_or_create
 
-        config = context.extra.get("siderolink_config")
+        config = context.siderolink_config
         if config is None:
             try:
                 config = await load_or_create(context.store)
             except (SideroLinkConfigError, ValueError) as e:
                 raise StartupError(f"SideroLink identity (Secret default/siderolink): {e}") from e
-            context.extra["siderolink_config"] = config
+            context.siderolink_config = config
         return config
 
     return identity
@@ -540,25 +555,25 @@ def _tunnel_host(context: AppContext) -> Callable[[], Any]:
 
 def _annotator(context: AppContext, parent: OrderedMultiService) -> Any:
     """One annotator for the log receiver, the event sink and syslog."""
-    if "siderolink_annotator" not in context.extra:
+    if context.siderolink_annotator is None:
         from sidero.api.registry import METAL_MACHINE, SERVER, SERVER_BINDING
         from sidero.siderolink.annotator import Annotator
 
-        context.extra["siderolink_annotator"] = Annotator(
+        context.siderolink_annotator = Annotator(
             _own_informer(context, SERVER_BINDING, parent),
             _own_informer(context, METAL_MACHINE, parent),
             _own_informer(context, SERVER, parent),
         )
-    return context.extra["siderolink_annotator"]
+    return context.siderolink_annotator
 
 
 def _server_log_writer(settings: Settings, context: AppContext) -> Any:
     """The writer of servers' log lines (C{--server-log}), shared by log receiver and syslog."""
-    if "server_log_writer" not in context.extra:
+    if context.server_log_writer is None:
         from sidero.siderolink.output import LineWriter
 
-        context.extra["server_log_writer"] = LineWriter(context.pools["disk"], settings.server_log)
-    return context.extra["server_log_writer"]
+        context.server_log_writer = LineWriter(context.pools["disk"], settings.server_log)
+    return context.server_log_writer
 
 
 def _make_siderolink(settings: Settings, context: AppContext) -> IService | None:
@@ -566,23 +581,24 @@ def _make_siderolink(settings: Settings, context: AppContext) -> IService | None
     from sidero.api.registry import SERVER_BINDING
     from sidero.siderolink.provision import ProvisionAPI, ProvisionServicer, add_to_server
     from sidero.siderolink.service import DEFAULT_INTERFACE, SideroLinkService
+    from sidero.siderolink.wireguard import open_device
 
     group = _waiting_group(context)
     # A test may hand in its own device opener through the context.
-    opener = context.extra.get("siderolink_opener")
     link = SideroLinkService(
         context.reactor, _siderolink_identity(context),
         _own_informer(context, SERVER_BINDING, group),
         endpoint=settings.siderolink_endpoint, port=settings.siderolink_port,
         mode=settings.siderolink_wireguard,
         interface=settings.siderolink_interface or DEFAULT_INTERFACE,
-        **({"opener": opener} if opener is not None else {}),
+        opener=context.siderolink_opener or open_device,
     )
     link.setServiceParent(group)
-    context.extra["siderolink"] = link
-    servicer = ProvisionServicer(context.reactor, ProvisionAPI(context.store, link))
-    context.extra.setdefault("grpc_services", []).append(
-        lambda server: add_to_server(servicer, server))
+    context.siderolink = link
+    provision = ProvisionAPI(context.store, link)
+    provision.timeline = context.timeline
+    servicer = ProvisionServicer(context.reactor, provision)
+    context.grpc_services.append(lambda server: add_to_server(servicer, server))
     return group
 
 
@@ -592,9 +608,10 @@ def _make_log_receiver(settings: Settings, context: AppContext) -> IService | No
 
     group = _waiting_group(context)
     factory = KmsgFactory(_server_log_writer(settings, context),
-                          _annotator(context, group).for_tunnel_ip)
+                          _annotator(context, group).for_tunnel_ip,
+                          server_logs=context.server_logs, timeline=context.timeline)
     make_log_receiver_service(context.reactor, factory, _tunnel_host(context)).setServiceParent(group)
-    context.extra["log_receiver_factory"] = factory
+    context.log_receiver_factory = factory
     return group
 
 
@@ -609,7 +626,8 @@ def _make_event_sink(settings: Settings, context: AppContext) -> IService | None
     group = _waiting_group(context)
     api = EventSinkAPI(context.store, context.reactor, _annotator(context, group).for_tunnel_ip,
                        settings.events_negative_address_filter)
-    context.extra["event_sink"] = api
+    api.timeline = context.timeline
+    context.event_sink = api
     make_event_sink_service(context.reactor, EventSinkServicer(context.reactor, api),
                             _tunnel_host(context)).setServiceParent(group)
     return group
@@ -623,8 +641,9 @@ def _make_syslog(settings: Settings, context: AppContext) -> IService | None:
     group = _waiting_group(context)
     writer = _server_log_writer(settings, context)
     sink = SyslogSink(writer.write, _annotator(context, group).for_source_ip,
-                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water)
-    context.extra["syslog_sink"] = sink
+                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water,
+                      server_logs=context.server_logs)
+    context.syslog_sink = sink
     SyslogService(context.reactor, sink, udp_port=settings.syslog_port,
                   tcp_port=settings.syslog_tcp_port, interface=settings.listen_address,
                   register=writer.register, unregister=writer.unregister).setServiceParent(group)
@@ -639,39 +658,47 @@ def _make_management(settings: Settings, context: AppContext) -> IService | None
     from sidero.management.server import make_management_service
 
     return make_management_service(context.reactor, context.store, settings.management_socket,
-                                   timeline=_timeline(context), server_logs=_server_logs(context))
+                                   timeline=context.timeline, server_logs=context.server_logs)
 
 
-def _metrics(context: AppContext) -> Any:
-    """The tree's L{sidero.metrics.Metrics} (its own registry), made on first use, so that
-    every factory can instrument what it builds whether or not C{/metrics} is served."""
-    metrics = context.extra.get("metrics")
-    if metrics is None:
-        from sidero.metrics import Metrics
+def _make_dashboard(settings: Settings, context: AppContext) -> IService | None:
+    """The read-only operator dashboard on its own listener (C{--dashboard-port}), from
+    informer caches, the boot timeline and the server log buffer.  Off loopback it needs a
+    password file: the provisioning network must not read inventories and kernel logs."""
+    from sidero.api.registry import ENVIRONMENT, SERVER, SERVER_BINDING, SERVER_CLASS
+    from sidero.dashboard import auth
+    from sidero.dashboard.live import LiveHub
+    from sidero.dashboard.service import DashboardService
+    from sidero.dashboard.site import DashboardApp
 
-        metrics = context.extra["metrics"] = Metrics()
-    return metrics
-
-
-def _timeline(context: AppContext) -> Any:
-    """The tree's boot timeline (L{sidero.timeline.BootTimeline}), made on first use."""
-    timeline = context.extra.get("timeline")
-    if timeline is None:
-        from sidero.timeline import BootTimeline
-
-        timeline = context.extra["timeline"] = BootTimeline(context.reactor.seconds)
-    return timeline
-
-
-def _server_logs(context: AppContext) -> Any:
-    """The tree's per-server log lines (L{sidero.serverlogs.ServerLogs}), made on first use;
-    log receivers append to it, C{sidero logs} and the dashboard read it."""
-    server_logs = context.extra.get("server_logs")
-    if server_logs is None:
-        from sidero.serverlogs import ServerLogs
-
-        server_logs = context.extra["server_logs"] = ServerLogs(context.reactor.seconds)
-    return server_logs
+    password = None
+    if settings.dashboard_password_file:
+        try:
+            password = auth.read_password_file(settings.dashboard_password_file)
+        except auth.PasswordFileError as e:
+            raise StartupError(f"--dashboard-password-file: {e}") from e
+        if auth.loosely_readable(settings.dashboard_password_file):
+            log.warn("dashboard password file {path} can be read by other users (chmod 600 it)",
+                     path=settings.dashboard_password_file)
+    elif not auth.is_loopback_address(settings.dashboard_address):
+        raise StartupError(
+            f"the dashboard on {settings.dashboard_address or 'every address'} needs a login:"
+            " set --dashboard-password-file, bind --dashboard-address to 127.0.0.1 or ::1,"
+            " or --disable-dashboard")
+    group = OrderedMultiService(context.reactor)
+    servers, bindings, classes, environments = (
+        _own_informer(context, kind, group)
+        for kind in (SERVER, SERVER_BINDING, SERVER_CLASS, ENVIRONMENT))
+    hub = LiveHub(context.reactor, servers, bindings, classes, environments,
+                  timeline=context.timeline, server_logs=context.server_logs)
+    app = DashboardApp(hub, context.reactor, password=password)
+    service = DashboardService(context.reactor, app, hub, settings.dashboard_port,
+                               interface=settings.dashboard_address)
+    service.setServiceParent(group)
+    context.metrics.add_dashboard(lambda: {"open": len(hub.streams), **hub.counters,
+                                           **app.counters})
+    context.dashboard = service
+    return group
 
 
 def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
@@ -679,7 +706,7 @@ def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
     from twisted.application.internet import TCPServer
     from twisted.web.server import Site
 
-    site = Site(_metrics(context).resource(), reactor=context.reactor)
+    site = Site(context.metrics.resource(), reactor=context.reactor)
     site.displayTracebacks = False
     site.noisy = False
     return TCPServer(settings.metrics_port, site, interface=settings.metrics_address or settings.listen_address,
@@ -693,12 +720,11 @@ def _health_checks(settings: Settings, context: AppContext) -> Any:
     readyz: those, C{informers} (every cache the protocols and controllers read has synced)
     and, with leader election, C{leader} (the elector knows who leads).
     """
-    checks = context.extra.get("health_checks")
-    if checks is not None:
-        return checks
+    if context.health_checks is not None:
+        return context.health_checks
     from sidero import health
 
-    checks = context.extra["health_checks"] = health.HealthChecks(context.reactor)
+    checks = context.health_checks = health.HealthChecks(context.reactor)
     ipxe = None
     if settings.enabled("http"):
         ipxe = health.http_ok(context.reactor, health.local_url(
@@ -709,14 +735,14 @@ def _health_checks(settings: Settings, context: AppContext) -> Any:
             checks.add(endpoint, "ipxe", ipxe)
 
     def informers() -> list[Any]:
-        found = list(context.extra.get("http_informers") or ())
-        manager = context.extra.get("controller_manager")
+        found = list(context.http_informers)
+        manager = context.controller_manager
         if manager is not None:
             found.extend(manager.informers)
         return found
 
     checks.add(health.READYZ, "informers", health.informers_synced(informers))
-    elector = context.extra.get("leader_elector")
+    elector = context.leader_elector
     if elector is not None:
         checks.add(health.READYZ, "leader", health.leadership_reported(elector))
     return checks
@@ -736,8 +762,7 @@ def _make_systemd(settings: Settings, context: AppContext) -> IService | None:
     from sidero.systemd import make_notifier_service
 
     try:
-        return make_notifier_service(context.reactor, _health_checks(settings, context),
-                                     environ=context.extra.get("environ"))
+        return make_notifier_service(context.reactor, _health_checks(settings, context))
     except ValueError as e:
         raise StartupError(str(e)) from e
 
@@ -755,6 +780,7 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("event-sink", _make_event_sink),
     ("syslog", _make_syslog),
     ("management", _make_management),
+    ("dashboard", _make_dashboard),
     ("metrics", _make_metrics),
     ("health", _make_health),
     ("systemd", _make_systemd),

@@ -41,15 +41,9 @@ from sidero.management.client import ManagementClient
 from sidero.proto import agent_pb2 as pb
 from sidero.proto import agent_pb2_grpc as pb_grpc
 from tests.agent.trees import BlockDev, make_dev, make_sysfs
-from tests.paths import REPO, RUN_SIDERO, tree_env
+from tests.paths import REPO, RUN_SIDERO, json_log_lines, tree_env
+from tests.ports import free_tcp_port
 from tests.power.test_ipmi_sim import SimulatedBMC
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def tail(path: str, lines: int = 60) -> str:
@@ -80,6 +74,7 @@ class SideroProcess:
             "--api-port", str(self.port), "--http-port", str(self.port),
             "--disable-dhcp-proxy", "--disable-tftp", "--disable-siderolink", "--disable-syslog",
             "--metrics-port", str(free_tcp_port()), "--health-port", str(free_tcp_port()),
+            "--dashboard-port", str(free_tcp_port()),
             "--talos-assets-url", "http://127.0.0.1:1",
             "--no-enable-leader-election", "--server-reboot-timeout", reboot_timeout,
             "--management-socket", self.socket, "--log-format", "json", *extra,
@@ -117,6 +112,19 @@ class SideroProcess:
     def exit_status(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash: nothing is flushed or closed) and reap it."""
+        proc, self.process = self.process, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+    def log(self) -> str:
+        return tail(self.log_path, 200)
+
     def stop(self) -> None:
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
@@ -139,16 +147,7 @@ class SideroProcess:
         )
 
     def log_events(self) -> list[dict[str, Any]]:
-        out = []
-        with open(self.log_path, errors="replace") as f:
-            for line in f:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
-                    out.append(event)
-        return out
+        return json_log_lines(self.log_path)
 
     def get(self, kind: ResourceType, name: str, namespace: str | None = None) -> dict[str, Any]:
         return self.client.get(kind, name, namespace)
@@ -249,7 +248,7 @@ _REGISTERED = re.compile(
     r"reboot_timeout=([0-9.]+)")
 
 
-def run_agent(machine: Machine, endpoint: str) -> AgentRun:
+def run_agent(machine: Machine, endpoint: str, retry_timeout: float = 30.0) -> AgentRun:
     """One PXE boot of C{machine}: the real agent (C{python -m sidero.agent}); blocking.
 
     No network set-up (the endpoint is on loopback), no BMC, and exit instead of rebooting.
@@ -261,8 +260,8 @@ def run_agent(machine: Machine, endpoint: str) -> AgentRun:
     proc = subprocess.run(
         [sys.executable, "-m", "sidero.agent", "--cmdline", cmdline, "--sysfs", machine.sysfs,
          "--dev", os.path.join(machine.work, "dev"), "--no-network", "--no-bmc", "--no-reboot",
-         "--retry-interval", "0.5", "--retry-timeout", "30"],
-        capture_output=True, text=True, timeout=AGENT_TIMEOUT, stdin=subprocess.DEVNULL,
+         "--retry-interval", "0.5", "--retry-timeout", str(retry_timeout)],
+        capture_output=True, text=True, timeout=AGENT_TIMEOUT + 2 * max(0.0, retry_timeout - 30.0), stdin=subprocess.DEVNULL,
         cwd=REPO, env=tree_env(),
     )
     output = proc.stdout + proc.stderr

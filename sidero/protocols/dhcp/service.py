@@ -35,6 +35,7 @@ from sidero.protocols.dhcp.protocol import (
     DHCPProxyProtocol,
     RateLimitedLog,
 )
+from sidero.protocols.dhcp.ratelimit import PerClientLimiter
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
@@ -74,6 +75,8 @@ class DHCPProxyService(MultiService):
     """
 
     log = Logger()
+    #: an L{sidero.timeline.ITimeline} handed to each protocol (set before start), or None.
+    timeline: Any = None
 
     def __init__(self, reactor: Any, *, endpoint: str, api_port: int, interface: str | None,
                  dhcp_port: int = 67, proxy_port: int | None = 4011,
@@ -81,7 +84,8 @@ class DHCPProxyService(MultiService):
                  read_addresses: AddressReader = netlink_ipv4_addresses,
                  resolve: Callable[[str], str] = resolve_ipv4,
                  open_socket: SocketOpener = open_bound_socket,
-                 counters: DHCPCounters | None = None, fatal: bool = False) -> None:
+                 counters: DHCPCounters | None = None, fatal: bool = False,
+                 limiter: PerClientLimiter | None = None, trace: bool = False) -> None:
         super().__init__()
         self.setName("dhcp-proxy")
         self.reactor = reactor
@@ -96,7 +100,9 @@ class DHCPProxyService(MultiService):
         self._open_socket = open_socket
         self.counters = counters if counters is not None else DHCPCounters()
         self.rate_limit = RateLimitedLog(reactor)
+        self.limiter = limiter
         self.fatal = fatal
+        self.trace = trace  # a debug line per reply (costly at full rate: off unless debugging)
         self.config: ProxyConfig | None = None
         self.configs: dict[str, ProxyConfig] = {}
         self.interface: str | None = None
@@ -143,8 +149,10 @@ class DHCPProxyService(MultiService):
                     try:
                         proto = DHCPProxyProtocol(config, proxy_port=is_proxy, clock=self.reactor,
                                                   counters=self.counters,
-                                                  rate_limit=self.rate_limit)
-                        proto.timeline = getattr(self, "timeline", None)
+                                                  rate_limit=self.rate_limit,
+                                                  limiter=self.limiter)
+                        proto.timeline = self.timeline
+                        proto.trace = self.trace
                         ports.append(self.reactor.adoptDatagramPort(
                             sock.fileno(), socket.AF_INET, proto, maxPacketSize=MAX_PACKET + 1))
                     finally:
