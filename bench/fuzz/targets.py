@@ -205,6 +205,7 @@ def _tftp_session() -> OneInput:
 def _http() -> OneInput:
     """Raw HTTP/1.1 requests into the API port's HTTP site (twisted.web + the boot routes)."""
     import base64
+    import os
     import tempfile
 
     from twisted.internet.task import Clock
@@ -216,7 +217,9 @@ def _http() -> OneInput:
 
     lookup = _metadata_lookup(base64)
     settings = BootSettings("192.0.2.1", 8081, siderolink_server_address="fdae:41e4:649b:9303::1")
-    root = tempfile.mkdtemp(prefix="sidero-fuzz-http-")
+    # One empty directory per user, reused (libFuzzer's exit would skip any clean-up).
+    root = os.path.join(tempfile.gettempdir(), f"sidero-fuzz-{os.getuid()}", "http-root")
+    os.makedirs(root, mode=0o700, exist_ok=True)
     site = Site(BootSite(lookup, settings, env_dir=root, tftp_roots=[root]).resource(),
                 timeout=None)
     site.displayTracebacks = False
