@@ -1,21 +1,33 @@
 # -*- test-case-name: tests.controllers.test_serverclass -*-
 """ServerClass controller (spec §2.3): keeps C{status.serversAvailable} / C{serversInUse}.
 
-Membership depends on every Server (labels, hardware, accepted, cordoned, inUse), so every
-Server event enqueues every ServerClass; the reconcile is cheap because Servers are read from
-the shared informer cache.  The C{any} class is re-ensured on each of its reconciles, so
-deleting it brings it back.
+Membership depends on every Server (labels, hardware, accepted, cordoned, inUse).  Rather than
+re-matching every Server against every class on every Server event (10 000 Servers and 100
+classes make that a million matches per change), L{ClassMembership} keeps, from the informer
+events, which cached Servers each cached class holds: a Server event matches that one Server
+against each class, a class whose spec changed is matched against every Server once, and only
+the classes whose status would change are enqueued.  The reconcile still reads the class from
+the store and, if the cache holds another spec, matches it against the cached Servers itself.
+The C{any} class is re-ensured on each of its reconciles, so deleting it brings it back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from sidero.api.matching import ANY_SERVER_CLASS, servers_for_class
+from sidero.api.matching import (
+    ANY_SERVER_CLASS,
+    ServerFilter,
+    qualifiers_filter,
+    selector_filter,
+    servers_for_class,
+)
 from sidero.api.registry import SERVER, SERVER_CLASS
+from sidero.api.selectors import SelectorError
 from sidero.controllers.informer import Informer
 from sidero.controllers.runtime import Controller, ControllerManager, Result, split_key
 from sidero.controllers.startup import ensure_any_server_class
@@ -35,17 +47,158 @@ def class_status(server_class: Object, servers: Iterable[Object]) -> dict[str, l
     return {"serversAvailable": available, "serversInUse": in_use}
 
 
-class ServerClassReconciler:
-    """Reconcile one ServerClass by name.
+def _in_use(server: Object) -> bool:
+    return bool((server.get("status") or {}).get("inUse"))
 
-    @param servers: the Server informer to read from; None reads the store (tests, tools).
+
+def _eligible(server: Object) -> bool:
+    """Accepted and not cordoned: what every class asks first (checked once per Server)."""
+    spec = server.get("spec") or {}
+    return bool(spec.get("accepted")) and not spec.get("cordoned")
+
+
+class _Compiled:
+    """A class's selector and qualifiers as one filter, or the error its selector has."""
+
+    def __init__(self, server_class: Object) -> None:
+        self.spec = server_class.get("spec")
+        self.error: SelectorError | None = None
+        self._filters: tuple[ServerFilter, ...] = ()
+        try:
+            self._filters = (selector_filter(server_class), qualifiers_filter(server_class))
+        except SelectorError as e:
+            self.error = e
+
+    def matches(self, server: Object) -> bool:
+        return self.error is None and all(f(server) for f in self._filters)
+
+
+class ClassMembership:
+    """Which cached Servers each cached ServerClass holds, kept from informer events.
+
+    C{on_change(class_name)} is called when a class's status would change (a Server joined or
+    left it, a member's C{inUse} flipped, its spec changed).  Reads are synchronous and cost
+    nothing but the sort of the answer.
     """
 
     log = Logger()
 
-    def __init__(self, store: IResourceStore, servers: Informer | None = None) -> None:
+    def __init__(self, servers: Informer, classes: Informer,
+                 on_change: Callable[[str], object] = lambda _name: None) -> None:
+        self.servers = servers
+        self.classes = classes
+        self.on_change = on_change
+        self._compiled: dict[str, _Compiled] = {}
+        self._members: dict[str, set[str]] = {}
+        self._classes_of: dict[str, set[str]] = {}
+        self._in_use: set[str] = set()
+        classes.add_handler(on_add=self._class_changed,
+                            on_update=lambda old, new: self._class_changed(new, old),
+                            on_delete=self._class_deleted)
+        servers.add_handler(on_add=self._server_changed,
+                            on_update=lambda _old, new: self._server_changed(new),
+                            on_delete=self._server_deleted)
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def status_for(self, server_class: Object) -> dict[str, list[str]] | None:
+        """The status of C{server_class} from the index, or None when the index holds another
+        spec for it (or none): the caller then matches the cached Servers itself.
+
+        @raise SelectorError: the class's selector is invalid.
+        """
+        compiled = self._compiled.get(_name(server_class))
+        if compiled is None or compiled.spec != server_class.get("spec"):
+            return None
+        if compiled.error is not None:
+            raise compiled.error
+        members = sorted(self._members.get(_name(server_class), ()))
+        in_use = self._in_use
+        return {"serversAvailable": [m for m in members if m not in in_use],
+                "serversInUse": [m for m in members if m in in_use]}
+
+    # -- maintenance (informer handlers, reactor thread) ------------------------------------
+
+    def _class_changed(self, server_class: Object, old: Object | None = None) -> None:
+        name = _name(server_class)
+        if (old is not None and name in self._compiled
+                and self._compiled[name].spec == server_class.get("spec")):
+            return  # a status write: membership is the same
+        compiled = self._compiled[name] = _Compiled(server_class)
+        previous = self._members.get(name, set())
+        members = set()
+        if compiled.error is None:
+            for server in self.servers.list():
+                if _eligible(server) and compiled.matches(server):
+                    members.add(_name(server))
+        for gone in previous - members:
+            self._classes_of.get(gone, set()).discard(name)
+        for joined in members - previous:
+            self._classes_of.setdefault(joined, set()).add(name)
+        self._members[name] = members
+        self.on_change(name)
+
+    def _class_deleted(self, server_class: Object) -> None:
+        name = _name(server_class)
+        self._compiled.pop(name, None)
+        for member in self._members.pop(name, set()):
+            self._classes_of.get(member, set()).discard(name)
+
+    def _server_changed(self, server: Object) -> None:
+        name = _name(server)
+        before = self._classes_of.get(name, set())
+        after: set[str] = set()
+        if _eligible(server):
+            for class_name, compiled in self._compiled.items():
+                try:
+                    if compiled.matches(server):
+                        after.add(class_name)
+                except Exception:  # a matching bug must not stop the informer's handlers
+                    self.log.failure("matching server {server} against {cls} failed",
+                                     server=name, cls=class_name)
+        was_in_use = name in self._in_use
+        now_in_use = _in_use(server)
+        if now_in_use:
+            self._in_use.add(name)
+        else:
+            self._in_use.discard(name)
+        changed = before ^ after
+        if was_in_use != now_in_use:
+            changed |= after
+        for class_name in before - after:
+            self._members.get(class_name, set()).discard(name)
+        for class_name in after - before:
+            self._members.setdefault(class_name, set()).add(name)
+        if after:
+            self._classes_of[name] = after
+        else:
+            self._classes_of.pop(name, None)
+        for class_name in sorted(changed):
+            self.on_change(class_name)
+
+    def _server_deleted(self, server: Object) -> None:
+        name = _name(server)
+        self._in_use.discard(name)
+        for class_name in sorted(self._classes_of.pop(name, set())):
+            self._members.get(class_name, set()).discard(name)
+            self.on_change(class_name)
+
+
+class ServerClassReconciler:
+    """Reconcile one ServerClass by name.
+
+    @param servers: the Server informer to read from; None reads the store (tests, tools).
+    @param membership: the index of class members (with C{servers}); None matches every
+        Server on each reconcile.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: IResourceStore, servers: Informer | None = None,
+                 membership: ClassMembership | None = None) -> None:
         self.store = store
         self.servers = servers
+        self.membership = membership
 
     async def _all_servers(self) -> list[Object]:
         if self.servers is not None and self.servers.has_synced:
@@ -62,7 +215,11 @@ class ServerClassReconciler:
             return None
         if (server_class.get("metadata") or {}).get("deletionTimestamp"):
             return None
-        wanted = class_status(server_class, await self._all_servers())
+        wanted: dict[str, list[str]] | None = None
+        if self.membership is not None and self.servers is not None and self.servers.has_synced:
+            wanted = self.membership.status_for(server_class)
+        if wanted is None:
+            wanted = class_status(server_class, await self._all_servers())
         current = server_class.get("status") or {}
         if all(current.get(k) == v for k, v in wanted.items()):
             return None
@@ -77,10 +234,20 @@ class ServerClassReconciler:
 def make_serverclass_controller(
     manager: ControllerManager, store: IResourceStore, clock: IReactorTime | None = None
 ) -> Controller:
-    """Build the ServerClass controller, register it with C{manager} and return it."""
-    reconciler = ServerClassReconciler(store, manager.informer(SERVER))
-    controller = Controller("serverclass", SERVER_CLASS, reconciler.reconcile,
+    """Build the ServerClass controller, register it with C{manager} and return it.
+
+    Server events reach it through L{ClassMembership} (only the classes they change); the
+    controller still watches Servers so it starts once their cache has synced.
+    """
+    servers = manager.informer(SERVER)
+    controller = Controller("serverclass", SERVER_CLASS, lambda key: reconciler.reconcile(key),
                             clock=clock if clock is not None else manager.clock)
-    controller.watches(SERVER, lambda _server: controller.primary.keys())
+    membership = ClassMembership(servers, manager.informer(SERVER_CLASS), controller.enqueue)
+    reconciler = ServerClassReconciler(store, servers, membership)
+    controller.watches(SERVER, _no_keys)
     manager.add_controller(controller)
     return controller
+
+
+def _no_keys(_obj: Any) -> list[str]:
+    return []
