@@ -26,7 +26,8 @@ from sidero.protocols.http.ipxe import (
     boot_script,
     decide,
 )
-from sidero.protocols.http.metadata import MetadataLookup, configdata
+from sidero.protocols.http.configcache import ConfigDataCache
+from sidero.protocols.http.metadata import MetadataLookup
 
 NOT_FOUND_BODY = b"404 page not found\n"
 
@@ -142,6 +143,8 @@ class BootSite:
         self.ready = ready
         self.events = events
         self.script = boot_script(settings.api_endpoint, settings.api_port)
+        #: /configdata answers, reused while the objects they were made from are unchanged.
+        self.configdata = ConfigDataCache()
 
     def resource(self) -> IResource:
         return self.app.resource()
@@ -198,7 +201,7 @@ class BootSite:
     def config_data(self, request: IRequest) -> bytes:
         values = (request.args or {}).get(b"uuid")
         uuid = values[0].decode("utf-8", "replace") if values else ""
-        result = configdata(uuid, self.lookup, self.settings)
+        result = self.configdata(uuid, self.lookup, self.settings)
         fields: dict[str, Any] = {"uuid": uuid, "status": result.status}
         if result.status != 200:
             # The error message, never a config body (those hold the cluster's secrets).
