@@ -10,8 +10,9 @@ in reverse order, one at a time, so nothing loses a dependency while it shuts do
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -23,21 +24,78 @@ from sidero.config import Settings, StartupError
 from sidero.store.errors import StoreError
 from sidero.threads import ThreadPoolService, with_timeout
 
+if TYPE_CHECKING:
+    from sidero.controllers.events import EventRecorder
+    from sidero.controllers.informer import Informer
+    from sidero.controllers.lease import LeaseElector
+    from sidero.controllers.runtime import ControllerManager
+    from sidero.health import HealthChecks
+    from sidero.metrics import Metrics
+    from sidero.protocols.syslog.protocol import SyslogSink
+    from sidero.serverlogs import ServerLogs
+    from sidero.siderolink.annotator import Annotator
+    from sidero.siderolink.config import SideroLinkConfig
+    from sidero.siderolink.eventsink import EventSinkAPI
+    from sidero.siderolink.logreceiver import KmsgFactory
+    from sidero.siderolink.output import LineWriter
+    from sidero.siderolink.service import DeviceOpener, SideroLinkService
+    from sidero.timeline import BootTimeline
+
 
 @dataclass
 class AppContext:
-    """What service factories share: the reactor, settings, and services built so far.
+    """What service factories share: the reactor, settings, and what earlier factories made.
 
-    @ivar pools: thread pools by name (C{k8s}, C{disk}, C{ipmi}, C{subprocess}).
-    @ivar store: the L{IResourceStore} once the store factory has run.
-    @ivar extra: anything else a factory wants to hand to later ones.
+    Each field is set by the one factory named beside it; a later factory reads it and finds
+    None (or empty) when that service is disabled or absent from this build. The metrics
+    registry, boot timeline and server log buffer always exist, so that every factory can
+    feed them whether or not anything serves them.
     """
 
     reactor: Any
     settings: Settings
+    #: thread pools by name (C{k8s}, C{disk}, C{ipmi}, C{subprocess}): C{threads}.
     pools: dict[str, ThreadPoolService] = field(default_factory=dict)
+    #: the L{IResourceStore} (timed by the metrics): C{store}.
     store: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: the Kubernetes C{ApiClient} the store talks through, None on the embedded store: C{store}.
+    api_client: Any = None
+    #: C{controllers}: the manager (its shared informers), its Event recorder, the Lease elector.
+    controller_manager: ControllerManager | None = None
+    event_recorder: EventRecorder | None = None
+    leader_elector: LeaseElector | None = None
+    #: the informers the HTTP service made or borrowed (readiness waits on them): C{http}.
+    http_informers: list[Informer] = field(default_factory=list)
+    #: the installation's SideroLink identity, once loaded: C{http} or C{siderolink}.
+    siderolink_config: SideroLinkConfig | None = None
+    #: registrations for the API port's gRPC server, called when it starts (Provision).
+    grpc_services: list[Callable[[Any], None]] = field(default_factory=list)
+    #: C{siderolink}: the tunnel; the device opener a test may hand in before the factory runs.
+    siderolink: SideroLinkService | None = None
+    siderolink_opener: DeviceOpener | None = None
+    #: informers of SideroLink's own when no controller manager shares its (by kind).
+    siderolink_informers: dict[str, Informer] = field(default_factory=dict)
+    #: tunnel and source address to server, shared by the log receiver, event sink and syslog.
+    siderolink_annotator: Annotator | None = None
+    #: the C{--server-log} writer shared by the log receiver and syslog.
+    server_log_writer: LineWriter | None = None
+    log_receiver_factory: KmsgFactory | None = None
+    event_sink: EventSinkAPI | None = None
+    syslog_sink: SyslogSink | None = None
+    #: the liveness and readiness checks shared by the probe port and systemd.
+    health_checks: HealthChecks | None = None
+    metrics: Metrics = field(init=False)
+    timeline: BootTimeline = field(init=False)
+    server_logs: ServerLogs = field(init=False)
+
+    def __post_init__(self) -> None:
+        from sidero.metrics import Metrics
+        from sidero.serverlogs import ServerLogs
+        from sidero.timeline import BootTimeline
+
+        self.metrics = Metrics()
+        self.timeline = BootTimeline(self.reactor.seconds)
+        self.server_logs = ServerLogs(self.reactor.seconds)
 
 
 class OrderedMultiService(MultiService):

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from twisted.application.service import Application, IService, Service
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.application.service import Application, IService
+from twisted.internet.defer import Deferred
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from sidero import logs
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import SERVICES, Note, Settings, SettingsOptions, StartupError
+from sidero.store.service import StoreService
 from sidero.threads import ThreadPoolService
 
 log = Logger(namespace="sidero.tap")
@@ -113,23 +114,6 @@ def _make_threads(settings: Settings, context: AppContext) -> IService | None:
     return group
 
 
-class StoreService(Service):
-    """Opens the resource store on start (before anything reads it) and closes it on stop."""
-
-    def __init__(self, store: Any, directory: str) -> None:
-        self.store = store
-        self.directory = directory
-
-    def startService(self) -> Deferred[Any]:
-        super().startService()
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        return ensureDeferred(self.store.open())
-
-    def stopService(self) -> Deferred[Any]:
-        super().stopService()
-        return ensureDeferred(self.store.close())
-
-
 def _make_store(settings: Settings, context: AppContext) -> IService | None:
     """The embedded SQLite store, or a Kubernetes API server (kubeconfig, KUBECONFIG or the
     in-cluster service account).  A kubeconfig that cannot be used stops the start here, in
@@ -149,14 +133,15 @@ def _make_store(settings: Settings, context: AppContext) -> IService | None:
             context.reactor, client, context.pools["k8s"].pool,
             rate_limiter=TokenBucket(settings.kube_api_qps, settings.kube_api_burst),
         )
-        context.store = _metrics(context).timed_store(k8s_store)
+        context.api_client = client
+        context.store = context.metrics.timed_store(k8s_store)
         return StoreService(k8s_store, settings.state_dir)
 
     from sidero.api.admission import Admission
     from sidero.store.embedded import EmbeddedStore
 
     store = EmbeddedStore(context.reactor, settings.database_path, admission=Admission())
-    context.store = _metrics(context).timed_store(store)
+    context.store = context.metrics.timed_store(store)
     return StoreService(store, settings.state_dir)
 
 
@@ -179,7 +164,7 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     from sidero.power.factory import PowerManagerFactory
 
     elector = _make_elector(settings, context)
-    metrics = _metrics(context)
+    metrics = context.metrics
     manager = ControllerManager(context.store, context.reactor, elector=elector, metrics=metrics)
     metrics.add_informers(lambda: manager.informers)
     metrics.add_controllers(lambda: manager.controllers)
@@ -212,15 +197,15 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
         recorder=caps_recorder,
     )
     make_serverbinding_controller(manager, context.store, recorder=caps_recorder)
-    context.extra["controller_manager"] = manager
-    context.extra["event_recorder"] = recorder
+    context.controller_manager = manager
+    context.event_recorder = recorder
     if elector is None:
         return manager
     # The elector starts first and stops last: controllers finish, then the Lease is released.
     group = OrderedMultiService(context.reactor)
     elector.setServiceParent(group)
     manager.setServiceParent(group)
-    context.extra["leader_elector"] = elector
+    context.leader_elector = elector
     return group
 
 
@@ -263,7 +248,7 @@ def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
         context.reactor, Admission(), port=settings.webhook_port, interface=settings.listen_address,
         cert_dir=settings.webhook_cert_dir, hosts=hosts, pool=context.pools["k8s"],
         tls_min_version=settings.tls_min_version, tls_cipher_suites=settings.tls_cipher_suites,
-        api_client=context.store.api_client if settings.webhook_register else None,
+        api_client=context.api_client if settings.webhook_register else None,
         endpoint=WebhookEndpoint(url=settings.webhook_url) if settings.webhook_register else None,
     )
 
@@ -282,8 +267,8 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
     )
     counters = getattr(service, "counters", None)
     if counters is not None:
-        _metrics(context).add_dhcp(counters)
-    service.timeline = _timeline(context)  # type: ignore[attr-defined]
+        context.metrics.add_dhcp(counters)
+    service.timeline = context.timeline  # type: ignore[attr-defined]
     return service
 
 
@@ -305,8 +290,8 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
     for child in service:  # type: ignore[attr-defined]
         protocol = getattr(child, "protocol", None)
         if protocol is not None:
-            _metrics(context).add_tftp(protocol.stats)
-            protocol.timeline = _timeline(context)
+            context.metrics.add_tftp(protocol.stats)
+            protocol.timeline = context.timeline
     return service
 
 
@@ -377,8 +362,8 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
     from sidero.protocols.http.site import BootSite
     from sidero.siderolink.config import SideroLinkConfigError, load_or_create
 
-    manager = context.extra.get("controller_manager")
-    informers: list[Informer] = []
+    manager = context.controller_manager
+    informers = context.http_informers
 
     def informer_for(kind: Kind) -> Informer:
         if manager is not None:
@@ -395,7 +380,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         except (SideroLinkConfigError, ValueError) as e:
             raise StartupError(f"SideroLink identity (Secret default/siderolink): {e}") from e
         site.set_siderolink_server_address(str(identity.server_address))
-        context.extra["siderolink_config"] = identity
+        context.siderolink_config = identity
         log.info("SideroLink server address {address}", address=str(identity.server_address))
         if not lookup.machines_known:
             # Cluster API CRDs may be missing from a Kubernetes cluster: then no Machine exists.
@@ -415,8 +400,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         machines_known=settings.store != "kubernetes",
     )
     if manager is None:
-        _metrics(context).add_informers(lambda: informers)
-    context.extra["http_informers"] = informers
+        context.metrics.add_informers(lambda: informers)
 
     def ready() -> tuple[bool, str]:
         waiting = [i.kind.plural for i in informers if not i.has_synced]
@@ -430,7 +414,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         log.warn("no agent image in {dir}: unknown {arch} machines cannot boot the agent "
                  "(scripts/build-agent-image --install {state} builds and installs it)",
                  dir=os.path.join(env_dir, f"agent-{arch}"), arch=arch, state=settings.state_dir)
-    metrics = _metrics(context)
+    metrics = context.metrics
     site = BootSite(
         lookup,
         BootSettings(
@@ -442,9 +426,9 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         env_dir=env_dir,
         tftp_roots=settings.tftp_roots,
         ready=ready,
-        events=context.extra.get("event_recorder") or EventRecorder(context.store, context.reactor),
+        events=context.event_recorder or EventRecorder(context.store, context.reactor),
     )
-    timeline = _timeline(context)
+    timeline = context.timeline
     site.timeline = timeline
     if settings.enabled("grpc"):
         # One port for HTTP/1.1 and the agent's gRPC API (h2c prior knowledge), spec 3.1.
@@ -468,7 +452,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         def grpc_server() -> Any:
             server = make_grpc_server(servicer, interceptors=[interceptor])
             # Later factories add theirs (SideroLink's Provision); called when the port starts.
-            for register in context.extra.get("grpc_services", ()):
+            for register in context.grpc_services:
                 register(server)
             return server
 
@@ -504,12 +488,12 @@ def _waiting_group(context: AppContext) -> OrderedMultiService:
 def _own_informer(context: AppContext, kind: Any, parent: OrderedMultiService) -> Any:
     """The controller manager's shared informer of C{kind}, or (controllers disabled) one of
     our own, made once and run by the first SideroLink service that asks for it."""
-    manager = context.extra.get("controller_manager")
+    manager = context.controller_manager
     if manager is not None:
         return manager.informer(kind)
     from sidero.controllers.informer import Informer
 
-    own: dict[str, Any] = context.extra.setdefault("siderolink_informers", {})
+    own = context.siderolink_informers
     if kind.kind not in own:
         own[kind.kind] = Informer(context.store, kind, clock=context.reactor)
         own[kind.kind].setServiceParent(parent)
@@ -522,13 +506,13 @@ def _siderolink_identity(context: AppContext) -> Callable[[], Any]:
     async def identity() -> Any:
         from sidero.siderolink.config import SideroLinkConfigError, load_or_create
 
-        config = context.extra.get("siderolink_config")
+        config = context.siderolink_config
         if config is None:
             try:
                 config = await load_or_create(context.store)
             except (SideroLinkConfigError, ValueError) as e:
                 raise StartupError(f"SideroLink identity (Secret default/siderolink): {e}") from e
-            context.extra["siderolink_config"] = config
+            context.siderolink_config = config
         return config
 
     return identity
@@ -545,25 +529,25 @@ def _tunnel_host(context: AppContext) -> Callable[[], Any]:
 
 def _annotator(context: AppContext, parent: OrderedMultiService) -> Any:
     """One annotator for the log receiver, the event sink and syslog."""
-    if "siderolink_annotator" not in context.extra:
+    if context.siderolink_annotator is None:
         from sidero.api.registry import METAL_MACHINE, SERVER, SERVER_BINDING
         from sidero.siderolink.annotator import Annotator
 
-        context.extra["siderolink_annotator"] = Annotator(
+        context.siderolink_annotator = Annotator(
             _own_informer(context, SERVER_BINDING, parent),
             _own_informer(context, METAL_MACHINE, parent),
             _own_informer(context, SERVER, parent),
         )
-    return context.extra["siderolink_annotator"]
+    return context.siderolink_annotator
 
 
 def _server_log_writer(settings: Settings, context: AppContext) -> Any:
     """The writer of servers' log lines (C{--server-log}), shared by log receiver and syslog."""
-    if "server_log_writer" not in context.extra:
+    if context.server_log_writer is None:
         from sidero.siderolink.output import LineWriter
 
-        context.extra["server_log_writer"] = LineWriter(context.pools["disk"], settings.server_log)
-    return context.extra["server_log_writer"]
+        context.server_log_writer = LineWriter(context.pools["disk"], settings.server_log)
+    return context.server_log_writer
 
 
 def _make_siderolink(settings: Settings, context: AppContext) -> IService | None:
@@ -571,23 +555,22 @@ def _make_siderolink(settings: Settings, context: AppContext) -> IService | None
     from sidero.api.registry import SERVER_BINDING
     from sidero.siderolink.provision import ProvisionAPI, ProvisionServicer, add_to_server
     from sidero.siderolink.service import DEFAULT_INTERFACE, SideroLinkService
+    from sidero.siderolink.wireguard import open_device
 
     group = _waiting_group(context)
     # A test may hand in its own device opener through the context.
-    opener = context.extra.get("siderolink_opener")
     link = SideroLinkService(
         context.reactor, _siderolink_identity(context),
         _own_informer(context, SERVER_BINDING, group),
         endpoint=settings.siderolink_endpoint, port=settings.siderolink_port,
         mode=settings.siderolink_wireguard,
         interface=settings.siderolink_interface or DEFAULT_INTERFACE,
-        **({"opener": opener} if opener is not None else {}),
+        opener=context.siderolink_opener or open_device,
     )
     link.setServiceParent(group)
-    context.extra["siderolink"] = link
+    context.siderolink = link
     servicer = ProvisionServicer(context.reactor, ProvisionAPI(context.store, link))
-    context.extra.setdefault("grpc_services", []).append(
-        lambda server: add_to_server(servicer, server))
+    context.grpc_services.append(lambda server: add_to_server(servicer, server))
     return group
 
 
@@ -599,7 +582,7 @@ def _make_log_receiver(settings: Settings, context: AppContext) -> IService | No
     factory = KmsgFactory(_server_log_writer(settings, context),
                           _annotator(context, group).for_tunnel_ip)
     make_log_receiver_service(context.reactor, factory, _tunnel_host(context)).setServiceParent(group)
-    context.extra["log_receiver_factory"] = factory
+    context.log_receiver_factory = factory
     return group
 
 
@@ -614,7 +597,7 @@ def _make_event_sink(settings: Settings, context: AppContext) -> IService | None
     group = _waiting_group(context)
     api = EventSinkAPI(context.store, context.reactor, _annotator(context, group).for_tunnel_ip,
                        settings.events_negative_address_filter)
-    context.extra["event_sink"] = api
+    context.event_sink = api
     make_event_sink_service(context.reactor, EventSinkServicer(context.reactor, api),
                             _tunnel_host(context)).setServiceParent(group)
     return group
@@ -629,7 +612,7 @@ def _make_syslog(settings: Settings, context: AppContext) -> IService | None:
     writer = _server_log_writer(settings, context)
     sink = SyslogSink(writer.write, _annotator(context, group).for_source_ip,
                       overloaded=lambda: writer.queued_bytes > 2 * writer.high_water)
-    context.extra["syslog_sink"] = sink
+    context.syslog_sink = sink
     SyslogService(context.reactor, sink, udp_port=settings.syslog_port,
                   tcp_port=settings.syslog_tcp_port, interface=settings.listen_address,
                   register=writer.register, unregister=writer.unregister).setServiceParent(group)
@@ -644,39 +627,7 @@ def _make_management(settings: Settings, context: AppContext) -> IService | None
     from sidero.management.server import make_management_service
 
     return make_management_service(context.reactor, context.store, settings.management_socket,
-                                   timeline=_timeline(context), server_logs=_server_logs(context))
-
-
-def _metrics(context: AppContext) -> Any:
-    """The tree's L{sidero.metrics.Metrics} (its own registry), made on first use, so that
-    every factory can instrument what it builds whether or not C{/metrics} is served."""
-    metrics = context.extra.get("metrics")
-    if metrics is None:
-        from sidero.metrics import Metrics
-
-        metrics = context.extra["metrics"] = Metrics()
-    return metrics
-
-
-def _timeline(context: AppContext) -> Any:
-    """The tree's boot timeline (L{sidero.timeline.BootTimeline}), made on first use."""
-    timeline = context.extra.get("timeline")
-    if timeline is None:
-        from sidero.timeline import BootTimeline
-
-        timeline = context.extra["timeline"] = BootTimeline(context.reactor.seconds)
-    return timeline
-
-
-def _server_logs(context: AppContext) -> Any:
-    """The tree's per-server log lines (L{sidero.serverlogs.ServerLogs}), made on first use;
-    log receivers append to it, C{sidero logs} and the dashboard read it."""
-    server_logs = context.extra.get("server_logs")
-    if server_logs is None:
-        from sidero.serverlogs import ServerLogs
-
-        server_logs = context.extra["server_logs"] = ServerLogs(context.reactor.seconds)
-    return server_logs
+                                   timeline=context.timeline, server_logs=context.server_logs)
 
 
 def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
@@ -684,7 +635,7 @@ def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
     from twisted.application.internet import TCPServer
     from twisted.web.server import Site
 
-    site = Site(_metrics(context).resource(), reactor=context.reactor)
+    site = Site(context.metrics.resource(), reactor=context.reactor)
     site.displayTracebacks = False
     site.noisy = False
     return TCPServer(settings.metrics_port, site, interface=settings.metrics_address or settings.listen_address,
@@ -698,12 +649,11 @@ def _health_checks(settings: Settings, context: AppContext) -> Any:
     readyz: those, C{informers} (every cache the protocols and controllers read has synced)
     and, with leader election, C{leader} (the elector knows who leads).
     """
-    checks = context.extra.get("health_checks")
-    if checks is not None:
-        return checks
+    if context.health_checks is not None:
+        return context.health_checks
     from sidero import health
 
-    checks = context.extra["health_checks"] = health.HealthChecks(context.reactor)
+    checks = context.health_checks = health.HealthChecks(context.reactor)
     ipxe = None
     if settings.enabled("http"):
         ipxe = health.http_ok(context.reactor, health.local_url(
@@ -714,14 +664,14 @@ def _health_checks(settings: Settings, context: AppContext) -> Any:
             checks.add(endpoint, "ipxe", ipxe)
 
     def informers() -> list[Any]:
-        found = list(context.extra.get("http_informers") or ())
-        manager = context.extra.get("controller_manager")
+        found = list(context.http_informers)
+        manager = context.controller_manager
         if manager is not None:
             found.extend(manager.informers)
         return found
 
     checks.add(health.READYZ, "informers", health.informers_synced(informers))
-    elector = context.extra.get("leader_elector")
+    elector = context.leader_elector
     if elector is not None:
         checks.add(health.READYZ, "leader", health.leadership_reported(elector))
     return checks
@@ -741,8 +691,7 @@ def _make_systemd(settings: Settings, context: AppContext) -> IService | None:
     from sidero.systemd import make_notifier_service
 
     try:
-        return make_notifier_service(context.reactor, _health_checks(settings, context),
-                                     environ=context.extra.get("environ"))
+        return make_notifier_service(context.reactor, _health_checks(settings, context))
     except ValueError as e:
         raise StartupError(str(e)) from e
 

@@ -6,6 +6,7 @@ model): a slow BMC cannot starve the Kubernetes client, and neither can stall a 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -31,6 +32,17 @@ class CallTimeout(Exception):
         self.seconds = seconds
 
 
+def daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    """A worker thread that never holds the interpreter open at exit.
+
+    Orderly shutdown stops every pool (and so joins its workers) before the process ends; a
+    worker still blocked in a call that outlived its deadline (a BMC that never answers, a hung
+    API server connection) must not keep the process, or a test run, from exiting. What such a
+    worker was doing is abandoned: store writes are transactions, so nothing is half-written.
+    """
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
 class ThreadPoolService(Service):
     """A named thread pool that starts and stops with the service tree.
 
@@ -41,6 +53,7 @@ class ThreadPoolService(Service):
         self.reactor = reactor
         self.setName(f"threads-{name}")
         self.pool = ThreadPool(minthreads=min_threads, maxthreads=max_threads, name=f"sidero-{name}")
+        self.pool.threadFactory = daemon_thread  # type: ignore[assignment]
 
     def startService(self) -> None:
         super().startService()

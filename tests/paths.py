@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 #: The repository root: the directory holding C{sidero/}, C{tests/} and C{deploy/}.
 REPO = Path(__file__).resolve().parent.parent
@@ -15,3 +17,17 @@ def tree_env(**extra: str) -> dict[str, str]:
     """This process's environment with C{PYTHONPATH} set to the tree, so a child Python imports
     this C{sidero} (plus C{extra} variables)."""
     return dict(os.environ, PYTHONPATH=str(REPO), **extra)
+
+
+def json_log_lines(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The JSON objects among a log file's lines (C{--log-format json}); others are skipped."""
+    out = []
+    with open(path, errors="replace") as f:
+        for line in f:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                out.append(event)
+    return out

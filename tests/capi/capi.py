@@ -61,10 +61,10 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.k8s import apiserver
 from tests.k8s.apiserver import KubeAPIServer, TinyCA, crd_manifests
+from tests.paths import REPO
 
 log = Logger()
 
-REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO / "scripts" / "build-capi"
 ENV_DIR = "SIDERO_CAPI_DIR"
 ENV_REQUIRE = "SIDERO_REQUIRE_CAPI"

@@ -25,12 +25,11 @@ import ast
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sidero.api import registry
 from sidero.api.registry import ResourceType
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "sidero"
 
 SKIPPED = {

@@ -19,8 +19,8 @@ from twisted.trial.unittest import TestCase
 from sidero import config
 from sidero.api import clusterctl, crdgen, registry
 from tests.capi import rbac
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 OUT_DIR = REPO / "deploy" / "clusterctl"
 CRD_DIR = REPO / "deploy" / "crds"
 

@@ -36,8 +36,8 @@ from tests.capi.capi import (
 from tests.capi.test_artifacts import check_cluster_template
 from tests.k8s import apiserver
 from tests.k8s.apiserver import KubeAPIServer
+from tests.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "deploy" / "clusterctl" / artifacts.TEMPLATE_FILE
 
 VALUES = {"CLUSTER_NAME": "test", "CONTROL_PLANE_ENDPOINT": "192.0.2.1", "CONTROL_PLANE_PORT": "6443",

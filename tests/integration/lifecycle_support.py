@@ -41,15 +41,9 @@ from sidero.management.client import ManagementClient
 from sidero.proto import agent_pb2 as pb
 from sidero.proto import agent_pb2_grpc as pb_grpc
 from tests.agent.trees import BlockDev, make_dev, make_sysfs
-from tests.paths import REPO, RUN_SIDERO, tree_env
+from tests.paths import REPO, RUN_SIDERO, json_log_lines, tree_env
+from tests.ports import free_tcp_port
 from tests.power.test_ipmi_sim import SimulatedBMC
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def tail(path: str, lines: int = 60) -> str:
@@ -139,16 +133,7 @@ class SideroProcess:
         )
 
     def log_events(self) -> list[dict[str, Any]]:
-        out = []
-        with open(self.log_path, errors="replace") as f:
-            for line in f:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
-                    out.append(event)
-        return out
+        return json_log_lines(self.log_path)
 
     def get(self, kind: ResourceType, name: str, namespace: str | None = None) -> dict[str, Any]:
         return self.client.get(kind, name, namespace)

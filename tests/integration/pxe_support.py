@@ -12,7 +12,6 @@ C{scripts/build-e2e-images} (L{e2e_images}) or C{scripts/build-agent-image} (L{a
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.netlab import NetLab
-from tests.paths import REPO, RUN_SIDERO, tree_env
+from tests.paths import REPO, RUN_SIDERO, json_log_lines, tree_env
 
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
@@ -152,16 +151,7 @@ class PXELabTestCase(TestCase):
 
     def read_events(self) -> list[dict[str, Any]]:
         """sidero's JSON log lines (--log-format json)."""
-        out = []
-        with open(self.sidero_log, errors="replace") as f:
-            for line in f:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
-                    out.append(event)
-        return out
+        return json_log_lines(self.sidero_log)
 
     def http_requests(self) -> list[dict[str, Any]]:
         return [e for e in self.read_events()

@@ -16,42 +16,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
-import time
-from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest
 
-from tests.netlab import NetLab, missing_requirements
-from tests.paths import RUN_SIDERO, tree_env
+from tests.integration.pxe_support import (
+    PXELabTestCase,
+    bios_nic,
+    e2e_images,
+    tail,
+    uefi_firmware,
+    uefi_nic,
+)
+from tests.netlab import missing_requirements
 
 UUID = "11111111-2222-3333-4444-555555555555"
-NET = 0  # 10.213.0.0/24: the site DHCP server is .1, sidero .2
+MAC = "52:54:00:12:34:56"
 VM_TIMEOUT = 150.0
 
 
-def e2e_images() -> str:
-    """Directory with vmlinuz and initramfs.xz (scripts/build-e2e-images), or SkipTest."""
-    path = os.environ.get("SIDERO_E2E_IMAGES") or os.path.join(
-        os.environ.get("SIDERO_CACHE_DIR", "/var/cache/sidero-test"), "e2e-images")
-    if not (os.path.isfile(os.path.join(path, "vmlinuz"))
-            and os.path.isfile(os.path.join(path, "initramfs.xz"))):
-        raise SkipTest(f"LOUD SKIP: no e2e kernel/initramfs in {path}; run scripts/build-e2e-images")
-    return path
-
-
-def sidero_command(*args: str) -> list[str]:
-    """Run the service tree from this source tree (see tests/integration/run_sidero.py)."""
-    return [sys.executable, str(RUN_SIDERO), *args]
-
-
-class PXEBootTests(TestCase):
+class PXEBootTests(PXELabTestCase):
     timeout = 400
+    NET = 0  # 10.213.0.0/24: the site DHCP server is .1, sidero .2
     #: More dnsmasq lines for the site DHCP server, and more sidero arguments.
     site_options: tuple[str, ...] = ()
     sidero_args: tuple[str, ...] = ()
@@ -60,75 +46,9 @@ class PXEBootTests(TestCase):
         reason = missing_requirements(["qemu-system-x86_64", "dnsmasq", "curl"])
         if reason:
             raise SkipTest(f"LOUD SKIP: {reason}")
-        images = e2e_images()
-        self.work = os.path.abspath(self.mktemp())
-        os.makedirs(self.work)
-        self.state = os.path.join(self.work, "state")
-        agent = os.path.join(self.state, "env", "agent-amd64")
-        os.makedirs(agent)
-        for name in ("vmlinuz", "initramfs.xz"):
-            shutil.copy(os.path.join(images, name), os.path.join(agent, name))
-        self.net = NetLab(f"sd{os.getpid() % 100000}", NET, self.work)
-        self.addCleanup(self.net.teardown)
-        self.net.setup_switch(tap=True)
-        site = self.net.add_host("dhcp", 1)
-        self.boot = self.net.add_host("boot", 2)
-        self.boot_ip = self.net.ip(2)
-        self.dnsmasq_log = os.path.join(self.work, "dnsmasq.log")
-        self.net.site_dnsmasq(site, ipv6_ra=True, log=self.dnsmasq_log,
-                              options=[o.format(sidero=self.net.ip(2)) for o in self.site_options])
-        self.sidero_log = os.path.join(self.work, "sidero.log")
-        # trial's temp paths can exceed the 107-byte limit of a unix socket path.
-        socket_dir = tempfile.mkdtemp(prefix="sd-")
-        self.addCleanup(shutil.rmtree, socket_dir, True)
-        self.sidero_proc = self.net.spawn(self.boot, sidero_command(
-            "--api-endpoint", self.boot_ip, "--api-port", "8081", "--state-dir", self.state,
-            "--talos-assets-url", "http://127.0.0.1:1",
-            "--dhcp-interface", "eth0", "--log-format", "json", "--no-enable-leader-election",
-            "--management-socket", os.path.join(socket_dir, "m.sock"), *self.sidero_args,
-            # wireguard-go's sockets are shared by every namespace: no tunnel named "siderolink".
-            "--disable-siderolink", "--disable-syslog",
-        ), self.sidero_log, env=tree_env())
-
-    async def wait_for(self, what: str, predicate: Any, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            await deferLater(reactor, 0.25, lambda: None)
-        self.fail(f"timed out after {timeout:g}s waiting for {what}; sidero exit status "
-                  f"{self.sidero_proc.poll()}\n--- sidero log tail:\n" + self.tail(self.sidero_log)
-                  + "\n--- dnsmasq log tail:\n" + self.tail(self.dnsmasq_log, 10))
-
-    def tail(self, path: str, lines: int = 40) -> str:
-        try:
-            with open(path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return "(missing)"
-
-    def sidero_ready(self) -> bool:
-        probe = subprocess.run(
-            ["ip", "netns", "exec", self.boot, "curl", "-sf", "-m", "1",
-             f"http://{self.boot_ip}:8081/readyz"], capture_output=True)
-        return probe.returncode == 0
-
-    def read_events(self) -> list[dict[str, Any]]:
-        """sidero's JSON log lines (--log-format json)."""
-        out = []
-        with open(self.sidero_log, errors="replace") as f:
-            for line in f:
-                try:
-                    event = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(event, dict):
-                    out.append(event)
-        return out
-
-    def http_requests(self) -> list[dict[str, Any]]:
-        return [e for e in self.read_events()
-                if str(e.get("msg", "")).startswith("HTTP ") and "uri" in e]
+        # wireguard-go's sockets are shared by every namespace: no tunnel named "siderolink".
+        self.start_lab(e2e_images(), "sd", *self.sidero_args, "--disable-siderolink", "--disable-syslog",
+                       site_options=self.site_options)
 
     async def boot_vm(self, console: str, *qemu_args: str) -> str:
         await self.wait_for("sidero to be ready", self.sidero_ready, 60)
@@ -141,10 +61,10 @@ class PXEBootTests(TestCase):
         ], os.path.join(self.work, "qemu.out"))
 
         def booted() -> bool:
-            return "SIDERO-E2E-BOOTED" in self.tail(console, 10_000) or proc.poll() is not None
+            return "SIDERO-E2E-BOOTED" in tail(console, 10_000) or proc.poll() is not None
 
         await self.wait_for("the VM to boot the served kernel", booted, VM_TIMEOUT + 10)
-        return self.tail(console, 10_000)
+        return tail(console, 10_000)
 
     def assert_chain(self, console: str, arch: str, boot_ipxe: bool = True) -> None:
         self.assertIn("SIDERO-E2E-BOOTED", console, "the served kernel did not boot:\n" + console[-3000:])
@@ -165,22 +85,12 @@ class PXEBootTests(TestCase):
                          "the site DHCP server did not lease the address")
 
     async def boot_bios(self) -> str:
-        return await self.boot_vm(
-            os.path.join(self.work, "console.log"), "-m", "512",
-            "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-            "-device", "e1000,netdev=n0,mac=52:54:00:12:34:56", "-boot", "n",
-        )
+        return await self.boot_vm(os.path.join(self.work, "console.log"), "-m", "512",
+                                  *bios_nic(MAC), "-boot", "n")
 
     async def boot_uefi(self) -> str:
-        vars_copy = os.path.join(self.work, "OVMF_VARS.fd")
-        shutil.copy("/usr/share/OVMF/OVMF_VARS_4M.fd", vars_copy)
-        return await self.boot_vm(
-            os.path.join(self.work, "console.log"), "-m", "512", "-machine", "q35",
-            "-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd",
-            "-drive", f"if=pflash,format=raw,file={vars_copy}",
-            "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-            "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56,romfile=,bootindex=1",
-        )
+        return await self.boot_vm(os.path.join(self.work, "console.log"), "-m", "512",
+                                  *uefi_firmware(self.work), *uefi_nic(MAC))
 
     async def test_bios_ipxe_rom(self) -> None:
         """SeaBIOS + Debian's iPXE ROM boots the agent kernel served over HTTP."""

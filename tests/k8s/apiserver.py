@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -57,6 +56,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest
 
 from tests.paths import REPO
+from tests.ports import free_port
 
 log = Logger()
 
@@ -123,13 +123,6 @@ def require_binary() -> Path:
         raise APIServerError(f"{ENV_REQUIRE}=1 but {reason}")
     log.warn("SKIPPING real-apiserver tests: {reason}", reason=reason)
     raise SkipTest(f"SKIPPED, real kube-apiserver unavailable: {reason}")
-
-
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago (the start retries if it is taken)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- certificates -----------------------------------------------------------------------------

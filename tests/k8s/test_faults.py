@@ -28,8 +28,9 @@ from sidero.k8s.store import INITIAL_EVENTS_END, KubernetesStore
 from sidero.store import errors
 from sidero.store.interfaces import BOOKMARK, MODIFIED, Object, WatchEvent
 from tests.k8s import apiserver
-from tests.k8s.apiserver import KubeAPIServer, TinyCA, free_port, write_kubeconfig
+from tests.k8s.apiserver import KubeAPIServer, TinyCA, write_kubeconfig
 from tests.k8s.support import make_pool, make_store, server_with_crds
+from tests.ports import free_port
 
 
 async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -30,25 +29,10 @@ from twisted.trial.unittest import TestCase
 from tests.k8s import apiserver
 from tests.k8s.apiserver import KubeAPIServer, crd_manifests
 from tests.paths import RUN_SIDERO
+from tests.ports import free_port
 
 AGENT_SCRIPT_MARK = b"/env/agent-amd64/vmlinuz"
 DISK_BOOT = b"#!ipxe\nexit\n"
-
-
-def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    """A free loopback port below the kernel's ephemeral range, so that no outgoing connection
-    (this machine makes many to the API server) takes it between now and the service's bind."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_low = int(f.read().split()[0])
-    for _ in range(200):
-        port = random.randrange(10_000, max(ephemeral_low, 10_001))
-        with socket.socket(socket.AF_INET, kind) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free loopback port below the ephemeral range")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -369,7 +369,7 @@ class WebhookThroughAPIServerTests(TestCase):
         from twisted.internet import reactor
 
         from sidero.k8s.client import load_api_client
-        from tests.k8s.apiserver import free_port
+        from tests.ports import free_port
 
         port = free_port()
         api_client = load_api_client(str(self.server.kubeconfig))

@@ -32,6 +32,7 @@ from sidero.power.ipmi import (
     make_endpoint,
 )
 from sidero.threads import CallTimeout, ThreadPoolService
+from tests.ports import free_udp_port
 
 reactor: Any = global_reactor
 
@@ -80,13 +81,6 @@ mc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr
 sel_enable 0x20 1000 0x0a
 mc_enable 0x20
 """
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class SimulatedBMC:

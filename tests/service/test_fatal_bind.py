@@ -10,8 +10,8 @@ import tempfile
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.integration.lifecycle_support import free_tcp_port
 from tests.paths import RUN_SIDERO, tree_env
+from tests.ports import free_tcp_port
 
 
 class FatalBindTests(SynchronousTestCase):

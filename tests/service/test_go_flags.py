@@ -217,7 +217,8 @@ class ProcessTests(TestCase):
     timeout = 120
 
     async def test_starts_with_every_spec_flag(self) -> None:
-        from tests.integration.lifecycle_support import SideroProcess, free_tcp_port, tail
+        from tests.integration.lifecycle_support import SideroProcess, tail
+        from tests.ports import free_tcp_port
 
         if shutil.which("curl") is None:
             raise SkipTest("LOUD SKIP: curl is not installed")

@@ -15,8 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sidero import health, tap
 from sidero.controllers.leader import ManualLeader
 from sidero.health import CheckResult, HealthChecks
+from tests.ports import free_tcp_port, free_udp_port
 from tests.service.test_metrics import wait_for
-from tests.service.test_tap import free_tcp_port, free_udp_port, settings_for
+from tests.service.test_tap import settings_for
 
 
 class ChecksTests(SynchronousTestCase):

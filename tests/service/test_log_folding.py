@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import socket
 from typing import Any
 
 from kubernetes import client as k8s_client
@@ -25,6 +24,7 @@ from sidero.backoff import Backoff
 from sidero.controllers.informer import Informer
 from sidero.k8s import client as kc
 from sidero.store.errors import Unavailable
+from tests.ports import free_port
 from tests.store.flaky import FlakyStore
 from tests.store.inline import open_inline_store
 
@@ -119,13 +119,6 @@ class TrackingSite(Site):
         channel = super().buildProtocol(addr)
         self.channels.append(channel)
         return channel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class OutageTests(TestCase):

@@ -31,7 +31,8 @@ from sidero.power.interfaces import PowerError
 from sidero.protocols.dhcp.protocol import DHCPCounters
 from sidero.protocols.tftp.protocol import TFTPStats
 from sidero.store.errors import NotFound
-from tests.service.test_tap import free_tcp_port, free_udp_port, settings_for
+from tests.ports import free_tcp_port, free_udp_port
+from tests.service.test_tap import settings_for
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -318,7 +319,7 @@ class ServiceTreeMetricsTests(TestCase):
         await root.when_started()
         response = await treq.get(f"http://127.0.0.1:{api_port}/boot.ipxe", persistent=False)
         await response.content()
-        metrics = root.context.extra["metrics"]
+        metrics = root.context.metrics
 
         async def reconciled() -> bool:
             return bool(value(metrics, "controller_runtime_reconcile_total",

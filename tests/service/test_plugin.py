@@ -16,14 +16,8 @@ import zipfile
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.config import SETTINGS
+from tests.ports import free_port
 from tests.service.wheelenv import DROPIN, REPO, WheelEnv, wheel_env
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class InstalledWheelTests(SynchronousTestCase):

@@ -23,10 +23,9 @@ from sidero.systemd import (
     make_notifier_service,
     watchdog_interval,
 )
-from tests.service.test_tap import free_tcp_port, free_udp_port, settings_for
-
-RUN_SIDERO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                          "integration", "run_sidero.py")
+from tests.paths import RUN_SIDERO
+from tests.ports import free_tcp_port, free_udp_port
+from tests.service.test_tap import settings_for
 
 
 def _api_ports(port: int) -> dict[str, str]:
@@ -246,7 +245,7 @@ class TwistdProcessNotifyTests(TestCase):
         env = {**os.environ, "NOTIFY_SOCKET": ns.address, "WATCHDOG_USEC": "2000000"}
         env.pop("WATCHDOG_PID", None)
         proc = subprocess.Popen(
-            [sys.executable, RUN_SIDERO, "--api-endpoint", "127.0.0.1", "--state-dir", state,
+            [sys.executable, str(RUN_SIDERO), "--api-endpoint", "127.0.0.1", "--state-dir", state,
              "--listen-address", "127.0.0.1", "--api-port", str(free_tcp_port()),
              "--metrics-port", str(free_tcp_port()), "--health-port", str(free_tcp_port()),
              "--tftp-port", str(free_udp_port()), "--disable-dhcp-proxy",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import tempfile
 from typing import Any
 
@@ -21,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from sidero import tap
 from sidero.app import AppContext, OrderedMultiService
 from sidero.config import Host, Settings, resolve
+from tests.ports import free_tcp_port, free_udp_port
 
 FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "siderolink",
              "log-receiver", "event-sink", "syslog", "management", "metrics", "health"]
@@ -250,20 +250,6 @@ class BuildServiceTests(SynchronousTestCase):
             tap.makeService(options)
         self._forget_bridge()
         self.assertIn("kubeconfig /k does not exist", stderr.getvalue())
-
-
-def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class ServiceTreeLifecycleTests(TestCase):

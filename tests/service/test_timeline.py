@@ -19,7 +19,8 @@ from sidero import tap
 from sidero.api.registry import SERVER
 from sidero.timeline import BootTimeline, normalise_mac, uuid_from_pxe_guid
 from tests.management.test_cli import REPO
-from tests.service.test_tap import free_tcp_port, free_udp_port, settings_for
+from tests.ports import free_tcp_port, free_udp_port
+from tests.service.test_tap import settings_for
 
 UUID = "4c4c4544-0047-4a10-8048-b4c04f4d4a32"
 MAC = "52:54:00:12:34:56"
@@ -187,7 +188,7 @@ class ServiceTreeTimelineTests(TestCase):
         store = self.root.context.store
         await store.create({"apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server",
                             "metadata": {"name": UUID}, "spec": {}})
-        logs = self.root.context.extra["server_logs"]
+        logs = self.root.context.server_logs
         logs.append(UUID, "[    0.000000] Linux version 6.1.0")
         proc = self.cli("logs", UUID, "-f")
         self.addCleanup(proc.kill)

@@ -27,7 +27,8 @@ from sidero.proto import provision_pb2_grpc as pb_grpc
 from sidero.siderolink.config import SideroLinkConfig, generate_private_key, public_key
 from sidero.siderolink.service import SideroLinkService
 from sidero.siderolink.wireguard import WireGuardError
-from tests.service.test_tap import free_tcp_port, settings_for
+from tests.ports import free_tcp_port
+from tests.service.test_tap import settings_for
 from tests.siderolink.fakes import FakeDevice
 from tests.siderolink.support import StoreTestCase, binding
 from tests.siderolink.test_eventsink import request
@@ -138,7 +139,7 @@ class TreeTests(TestCase):
         self.opener = Opener()
 
         def siderolink(s: Any, context: Any) -> Any:
-            context.extra["siderolink_opener"] = self.opener
+            context.siderolink_opener = self.opener
             return tap._make_siderolink(s, context)
 
         factories = [(n, siderolink if n == "siderolink" else f) for n, f in tap.FACTORIES]
@@ -166,7 +167,7 @@ class TreeTests(TestCase):
         response = await self.provision(binding()["metadata"]["name"])
         self.assertEqual(list(response.server_endpoint), ["192.0.2.44:51999"])
         [device] = self.opener.devices
-        identity = root.context.extra["siderolink_config"]
+        identity = root.context.siderolink_config
         self.assertEqual(device.calls[0][2:], (51999, f"{identity.server_address}/64"))
         self.assertEqual(response.server_public_key, identity.public_key)
         address = ipaddress.IPv6Interface(response.node_address_prefix)
@@ -212,8 +213,8 @@ class TreeTests(TestCase):
         self.assertNotIn("log-receiver", names)
         self.assertNotIn("event-sink", names)
         self.assertIn("siderolink", names)
-        self.assertNotIn("log_receiver_factory", root.context.extra)
-        self.assertNotIn("event_sink", root.context.extra)
+        self.assertIsNone(root.context.log_receiver_factory)
+        self.assertIsNone(root.context.event_sink)
 
     async def test_negative_address_filter(self) -> None:
         """--events-negative-address-filter reaches the sink: filtered addresses never get
@@ -222,7 +223,7 @@ class TreeTests(TestCase):
         store = root.context.store
         obj = binding()
         await store.create(obj)
-        sink = root.context.extra["event_sink"]
+        sink = root.context.event_sink
         tunnel = obj["spec"]["siderolink"]["address"].split("/")[0]
         for _ in range(100):  # the annotator reads the informer cache
             if sink.annotation_for(tunnel) is not None:

@@ -28,6 +28,7 @@ from sidero.protocols.dhcp.protocol import DHCPProxyProtocol
 from sidero.protocols.dhcp.service import DHCPProxyService, make_dhcp_proxy_service
 from tests.netlab import NetLab
 from tests.paths import REPO, tree_env
+from tests.ports import free_udp_port
 from tests.protocols.dhcp import packets as p
 
 ADDRS = [InterfaceAddress("lo", "127.0.0.1"), InterfaceAddress("eth0", "10.213.0.2"),
@@ -268,12 +269,6 @@ class RealSocketTests(SynchronousTestCase):
             s.close()
 
 
-def _free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RunnerTests(SynchronousTestCase):
     """The ``python -m sidero.protocols.dhcp`` runner as a real process on loopback."""
 
@@ -310,9 +305,9 @@ class RunnerTests(SynchronousTestCase):
         """The runner bound to lo ACKs a :4011-style REQUEST sent to its proxy port."""
         if os.geteuid() != 0:
             raise self.skipTest("SO_BINDTODEVICE needs root/CAP_NET_RAW: runner not exercised")
-        port = _free_udp_port()
+        port = free_udp_port()
         proc, log = self.spawn("--endpoint", "127.0.0.1", "--interface", "lo",
-                               "--dhcp-port", str(_free_udp_port()), "--proxy-port", str(port))
+                               "--dhcp-port", str(free_udp_port()), "--proxy-port", str(port))
         NetLab.wait_for(log, "DHCP proxy listening on lo", 20, proc)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(5)

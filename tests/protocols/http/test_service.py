@@ -4,7 +4,6 @@ the twistd tree's HTTP service loading the SideroLink identity before it starts.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import treq
@@ -22,6 +21,7 @@ from sidero.protocols.http.ipxe import LookupFailed
 from sidero.protocols.http.service import InformerBootLookup, PreparedService, store_serves
 from sidero.siderolink.config import config_from_secret
 from sidero.store.errors import Forbidden, NotFound, Unavailable
+from tests.ports import free_port
 from tests.service.test_tap import Recorder, settings_for
 from tests.store.test_embedded import inline_store, result_of
 
@@ -122,13 +122,6 @@ class StoreServesTests(SynchronousTestCase):
         self.failureResultOf(d, Unavailable)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class TreeTests(TestCase):
     """The real tree (embedded store, real reactor): the HTTP service's start-up."""
 
@@ -151,7 +144,7 @@ class TreeTests(TestCase):
                 await root.when_started()
                 secret = await root.context.store.get(SECRET, "siderolink", "default")
                 identity = config_from_secret(secret)
-                self.assertEqual(root.context.extra["siderolink_config"], identity)
+                self.assertEqual(root.context.siderolink_config, identity)
                 response = await treq.get(f"http://127.0.0.1:{port}/configdata?uuid=nope", persistent=False)
                 self.assertEqual(response.code, 404)
                 self.assertIn(b"missing serverbinding", await response.content())

@@ -19,6 +19,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from sidero.protocols.syslog.protocol import SyslogSink, SyslogTCPFactory, SyslogUDP
 from sidero.protocols.syslog.service import SyslogService
 from sidero.siderolink.annotator import Annotation
+from tests.ports import free_port
 
 BMC = Annotation(server_uuid="4c4c4544-0035-3910-8051-b4c04f4a4d32")
 
@@ -79,13 +80,6 @@ class ProtocolTests(SynchronousTestCase):
         s = SyslogSink(lines.append, lambda ip: None, overloaded=lambda: True)
         SyslogUDP(s).datagramReceived(b"<14>x", ("192.0.2.1", 1))
         self.assertEqual((lines, s.counters["overload"]), ([], 1))
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class LoggerTests(TestCase):
