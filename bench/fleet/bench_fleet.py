@@ -56,9 +56,10 @@ RUN_SIDERO = REPO / "tests" / "integration" / "run_sidero.py"
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port for a child process to bind (below the ephemeral range: see tests/ports.py)."""
+    from tests.ports import free_port as pick
+
+    return pick(kind)
 
 
 def vegeta_binary() -> str:
@@ -95,7 +96,11 @@ class Nginx:
             "  location /assets/ { } } }\n")
         self.proc = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
-        fleet.wait_for("nginx", lambda: _http_status(f"{self.url}/reference.txt") == 200, 10)
+        try:
+            fleet.wait_for("nginx", lambda: _http_status(f"{self.url}/reference.txt") == 200, 10)
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -139,6 +144,7 @@ class Sidero:
             "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
             "--api-port", str(self.port), "--http-port", str(self.port),
             "--disable-dhcp-proxy", "--disable-tftp", "--disable-siderolink", "--disable-syslog",
+            "--disable-log-receiver", "--disable-event-sink",
             "--disable-metrics", "--disable-health", "--management-socket", self.socket,
             "--talos-assets-url", assets_url, "--log-level", "warn", *extra,
         ]
@@ -186,12 +192,16 @@ class APIServer:
         self.server = KubeAPIServer(require_binary(), extra_args=["--max-requests-inflight=2000",
                                                                   "--max-mutating-requests-inflight=1000"])
         self.server.launch()
-        fleet.wait_for("kube-apiserver /readyz", lambda: self.server.probe()[0] == 200, 90, 0.2)
-        self.server.apply_crds(crd_manifests())
-        pki = self.server._path("pki")
-        self.rest = fleet.Rest(host="127.0.0.1", port=self.server.port, ca=str(pki / "ca.crt"),
-                               cert=(str(pki / "admin.crt"), str(pki / "admin.key")))
-        self.rest.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sidero-system"}})
+        try:
+            fleet.wait_for("kube-apiserver /readyz", lambda: self.server.probe()[0] == 200, 90, 0.2)
+            self.server.apply_crds(crd_manifests())
+            pki = self.server._path("pki")
+            self.rest = fleet.Rest(host="127.0.0.1", port=self.server.port, ca=str(pki / "ca.crt"),
+                                   cert=(str(pki / "admin.crt"), str(pki / "admin.key")))
+            self.rest.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "sidero-system"}})
+        except BaseException:
+            self.server.stop()
+            raise
 
     def requests_total(self) -> int:
         """apiserver_request_total summed over every label (all clients)."""
@@ -390,7 +400,8 @@ def allocate(apiserver: APIServer, args: argparse.Namespace) -> dict[str, float]
                    and (m.get("spec") or {}).get("serverRef"))
         return done >= n
 
-    converge = fleet.wait_for("allocations", bound, args.allocate_timeout, 1.0)
+    fleet.wait_for("allocations", bound, args.allocate_timeout, 1.0)
+    converge = time.monotonic() - started
     ours += polls
     after = apiserver.requests_total()
     ours += 1

@@ -35,6 +35,12 @@ from sidero.store.errors import NotFound
 from sidero.store.interfaces import IResourceStore, Object
 
 
+#: Seconds between two status writes of one class: while Servers register or change by the
+#: thousand, the big classes (C{any} lists every server) would otherwise be rewritten, whole,
+#: once per Server event, which is quadratic in the fleet.  Changes in between are coalesced.
+MIN_WRITE_INTERVAL = 0.5
+
+
 def _name(obj: Object) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
 
@@ -195,10 +201,14 @@ class ServerClassReconciler:
     log = Logger()
 
     def __init__(self, store: IResourceStore, servers: Informer | None = None,
-                 membership: ClassMembership | None = None) -> None:
+                 membership: ClassMembership | None = None, clock: IReactorTime | None = None,
+                 min_write_interval: float = 0.0) -> None:
         self.store = store
         self.servers = servers
         self.membership = membership
+        self.clock = clock
+        self.min_write_interval = min_write_interval
+        self._written: dict[str, float] = {}
 
     async def _all_servers(self) -> list[Object]:
         if self.servers is not None and self.servers.has_synced:
@@ -207,6 +217,11 @@ class ServerClassReconciler:
 
     async def reconcile(self, key: str) -> Result | None:
         _, name = split_key(key)
+        if self.clock is not None and self.min_write_interval > 0:
+            since = self.clock.seconds() - self._written.get(name, float("-inf"))
+            if since < self.min_write_interval:
+                # Coalesce: the changes of the meantime go into one write when it is due.
+                return Result(requeue_after=self.min_write_interval - since)
         if name == ANY_SERVER_CLASS:
             await ensure_any_server_class(self.store)
         try:
@@ -224,6 +239,10 @@ class ServerClassReconciler:
         if all(current.get(k) == v for k, v in wanted.items()):
             return None
         await self.store.patch(SERVER_CLASS, name, {"status": wanted}, subresource="status")
+        if self.clock is not None:
+            self._written[name] = self.clock.seconds()
+            if len(self._written) > 10_000:
+                self._written.clear()  # a bound; forgetting only allows one early write
         self.log.info(
             "ServerClass {name}: {available} available, {in_use} in use",
             name=name, available=len(wanted["serversAvailable"]), in_use=len(wanted["serversInUse"]),
@@ -232,18 +251,20 @@ class ServerClassReconciler:
 
 
 def make_serverclass_controller(
-    manager: ControllerManager, store: IResourceStore, clock: IReactorTime | None = None
+    manager: ControllerManager, store: IResourceStore, clock: IReactorTime | None = None,
+    min_write_interval: float = MIN_WRITE_INTERVAL,
 ) -> Controller:
     """Build the ServerClass controller, register it with C{manager} and return it.
 
     Server events reach it through L{ClassMembership} (only the classes they change); the
     controller still watches Servers so it starts once their cache has synced.
     """
+    clock = clock if clock is not None else manager.clock
     servers = manager.informer(SERVER)
     controller = Controller("serverclass", SERVER_CLASS, lambda key: reconciler.reconcile(key),
-                            clock=clock if clock is not None else manager.clock)
+                            clock=clock)
     membership = ClassMembership(servers, manager.informer(SERVER_CLASS), controller.enqueue)
-    reconciler = ServerClassReconciler(store, servers, membership)
+    reconciler = ServerClassReconciler(store, servers, membership, clock, min_write_interval)
     controller.watches(SERVER, _no_keys)
     manager.add_controller(controller)
     return controller

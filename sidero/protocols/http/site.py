@@ -19,6 +19,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import File, NoRangeStaticProducer, StaticProducer
 
 from sidero.protocols import bootfiles
+from sidero.protocols.http.configcache import ConfigDataCache
 from sidero.protocols.http.ipxe import (
     BootQuery,
     BootSettings,
@@ -26,7 +27,6 @@ from sidero.protocols.http.ipxe import (
     boot_script,
     decide,
 )
-from sidero.protocols.http.configcache import ConfigDataCache
 from sidero.protocols.http.metadata import MetadataLookup
 
 NOT_FOUND_BODY = b"404 page not found\n"
