@@ -34,7 +34,6 @@ from sidero.controllers.startup import ensure_any_server_class
 from sidero.store.errors import NotFound
 from sidero.store.interfaces import IResourceStore, Object
 
-
 #: Seconds between two status writes of one class: while Servers register or change by the
 #: thousand, the big classes (C{any} lists every server) would otherwise be rewritten, whole,
 #: once per Server event, which is quadratic in the fleet.  Changes in between are coalesced.

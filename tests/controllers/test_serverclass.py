@@ -9,9 +9,13 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.api.registry import SERVER, SERVER_CLASS
-from sidero.controllers.runtime import ControllerManager
 from sidero.api.selectors import SelectorError
-from sidero.controllers.serverclass import ClassMembership, ServerClassReconciler, make_serverclass_controller
+from sidero.controllers.runtime import ControllerManager
+from sidero.controllers.serverclass import (
+    ClassMembership,
+    ServerClassReconciler,
+    make_serverclass_controller,
+)
 from sidero.store import errors
 from sidero.store.embedded import EmbeddedStore
 from sidero.store.interfaces import Object
