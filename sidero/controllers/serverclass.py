@@ -100,8 +100,7 @@ class ClassMembership:
         classes.add_handler(on_add=self._class_changed,
                             on_update=lambda old, new: self._class_changed(new, old),
                             on_delete=self._class_deleted)
-        servers.add_handler(on_add=self._server_changed,
-                            on_update=lambda _old, new: self._server_changed(new),
+        servers.add_handler(on_add=self._server_changed, on_update=self._server_updated,
                             on_delete=self._server_deleted)
 
     # -- reads ---------------------------------------------------------------------------
@@ -149,11 +148,22 @@ class ClassMembership:
         for member in self._members.pop(name, set()):
             self._classes_of.get(member, set()).discard(name)
 
-    def _server_changed(self, server: Object) -> None:
+    def _server_updated(self, old: Object, new: Object) -> None:
+        """Most Server updates are status writes: labels and spec (all that matching reads)
+        unchanged means the same classes, and only C{inUse} can matter."""
+        if ((old.get("metadata") or {}).get("labels") == (new.get("metadata") or {}).get("labels")
+                and old.get("spec") == new.get("spec")):
+            self._server_changed(new, rematch=False)
+        else:
+            self._server_changed(new)
+
+    def _server_changed(self, server: Object, rematch: bool = True) -> None:
         name = _name(server)
         before = self._classes_of.get(name, set())
         after: set[str] = set()
-        if _eligible(server):
+        if not rematch:
+            after = set(before)
+        elif _eligible(server):
             for class_name, compiled in self._compiled.items():
                 try:
                     if compiled.matches(server):
