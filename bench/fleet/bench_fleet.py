@@ -113,6 +113,19 @@ class Nginx:
         self.proc.wait(10)
 
 
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of a process (with its workers' when C{children}: nginx)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    pids = [pid]
+    if children:
+        pids += [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    total = 0.0
+    for p in pids:
+        fields = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def _http_status(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
@@ -333,7 +346,10 @@ def run_once(store: str, args: argparse.Namespace, vegeta: str, work: Path) -> d
             "nginx static file": [f"{nginx.url}/reference.txt"],
         }
         for name, targets in routes.items():
+            pid, workers = (nginx.proc.pid, True) if name.startswith("nginx") else (sidero.proc.pid, False)
+            cpu = cpu_seconds(pid, workers)
             result[name] = summarise(attack(vegeta, targets, args.rate, args.duration, work))
+            result[name]["cpu_ms"] = (cpu_seconds(pid, workers) - cpu) * 1000 / max(result[name]["requests"], 1)
             if not sidero.alive():
                 raise RuntimeError(f"sidero died under load:\n{sidero.log_tail()}")
         result["rss_mib"] = sidero.rss_mib()
@@ -453,14 +469,14 @@ def med(values: list[float]) -> str:
 def table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     lines = [f"fleet: {args.servers} servers, {args.classes} classes, {args.machines} bound machines;"
              f" {args.rate} req/s for {args.duration:g}s per route; {args.runs} runs, median (min–max)",
-             "| store | measure | rate/s | p50 ms | p99 ms | max ms | errors |",
-             "|---|---|---|---|---|---|---|"]
+             "| store | measure | rate/s | p50 ms | p99 ms | max ms | errors | CPU ms/request |",
+             "|---|---|---|---|---|---|---|---|"]
     for store, runs in results.items():
         for route in ("/boot.ipxe", "/ipxe?uuid=", "/configdata?uuid=", "nginx static file"):
             rows = [r[route] for r in runs]
             lines.append(f"| {store} | {route} | {med([r['rate'] for r in rows])} | {med([r['p50'] for r in rows])}"
                          f" | {med([r['p99'] for r in rows])} | {med([r['max'] for r in rows])}"
-                         f" | {med([r['errors'] for r in rows])} |")
+                         f" | {med([r['errors'] for r in rows])} | {med([r['cpu_ms'] for r in rows])} |")
         for key, label in (("class_join_s", "ServerClass status after a server joins (s)"),
                            ("class_widen_s", "ServerClass status after its selector widens (s)"),
                            ("rss_mib", "sidero RSS (MiB)"), ("load_s", "fleet load (s)"),
@@ -473,7 +489,7 @@ def table(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace) ->
                            ("alloc_doubles", "machines with two bindings")):
             values = [float(r[key]) for r in runs if key in r]
             if values:
-                lines.append(f"| {store} | {label} | {med(values)} | | | | |")
+                lines.append(f"| {store} | {label} | {med(values)} | | | | | |")
     return "\n".join(lines)
 
 

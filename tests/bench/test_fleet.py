@@ -39,7 +39,7 @@ def _rows(table: str) -> dict[tuple[str, str], list[str]]:
     rows = {}
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) == 7 and cells[0] not in ("store", "---"):
+        if line.startswith("| ") and len(cells) == 8 and cells[0] not in ("store", "---"):
             rows[(cells[0], cells[1])] = cells[2:]
     return rows
 
@@ -55,7 +55,8 @@ class FleetBenchTests(TestCase):
     def check(self, table: str, store: str) -> dict[tuple[str, str], list[str]]:
         rows = _rows(table)
         for route in ROUTES:
-            rate, p50, p99, _max, errors = rows[(store, route)]
+            rate, p50, p99, _max, errors, cpu = rows[(store, route)]
+            self.assertGreaterEqual(float(cpu), 0.0)
             self.assertEqual(float(errors), 0.0, f"{store} {route}: {table}")
             self.assertGreater(float(rate), 0.0)
             self.assertLessEqual(float(p50), float(p99))
