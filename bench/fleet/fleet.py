@@ -52,10 +52,22 @@ def server_name(i: int) -> str:
     return f"{i:08x}-0000-4000-8000-{i:012x}"
 
 
-def server(i: int) -> dict[str, Any]:
+SERVER_FINALIZER = "storage.finalizers.server.k8s.io"
+
+
+def server_status(i: int, machines: int) -> dict[str, Any]:
+    """The status the Server controller gives server i once converged (fake power: on)."""
+    bound = i < machines
+    return {"ready": True, "power": "on", "inUse": bound, "isClean": not bound}
+
+
+def server(i: int, finalizer: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": server_name(i), "labels": {"rack": f"r{i % 50}", "zone": f"z{i % 10}"}}
+    if finalizer:
+        meta["finalizers"] = [SERVER_FINALIZER]
     return {
         "apiVersion": METAL, "kind": "Server",
-        "metadata": {"name": server_name(i), "labels": {"rack": f"r{i % 50}", "zone": f"z{i % 10}"}},
+        "metadata": meta,
         "spec": {
             "accepted": True,
             "hardware": {
@@ -118,12 +130,13 @@ def binding(k: int, server: str) -> dict[str, Any]:
             "spec": {"metalMachineRef": {"kind": "MetalMachine", "namespace": NAMESPACE, "name": f"mm-{k:05d}"}}}
 
 
-def boot_fleet(servers: int, classes: int, machines: int) -> Iterator[dict[str, Any]]:
-    """Every object of the boot benchmark: machine k is bound to server k."""
+def boot_fleet(servers: int, classes: int, machines: int, running: bool = False) -> Iterator[dict[str, Any]]:
+    """Every object of the boot benchmark: machine k is bound to server k.  C{running}: the
+    Servers carry the finalizer the controller adds (a fleet sidero already ran)."""
     for j in range(classes):
         yield server_class(j)
     for i in range(servers):
-        yield server(i)
+        yield server(i, finalizer=running)
     for k in range(machines):
         yield secret(k)
         yield metal_machine(k, server=server_name(k))
