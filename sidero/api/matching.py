@@ -177,12 +177,13 @@ def qualifiers_filter(server_class: Object) -> ServerFilter:
     label_selectors = qualifiers.get("labelSelectors") or []
 
     def match(server: Object) -> bool:
+        # Both must hold; the label pairs are dict lookups, so they go first.
+        if label_selectors and not label_selectors_match(label_selectors, server):
+            return False
         if hardware:
             info = _spec(server).get("hardware")
             if info is None or not any(pruned_equal(f, info) for f in hardware):
                 return False
-        if label_selectors and not label_selectors_match(label_selectors, server):
-            return False
         return True
 
     return match

@@ -63,6 +63,40 @@ def _eligible(server: Object) -> bool:
     return bool(spec.get("accepted")) and not spec.get("cordoned")
 
 
+Pair = tuple[str, Any]
+
+
+def _label_pairs(server: Object) -> frozenset[Pair]:
+    labels = (server.get("metadata") or {}).get("labels") or {}
+    try:
+        return frozenset(labels.items()) if isinstance(labels, dict) else frozenset()
+    except TypeError:  # a value that is not a string cannot equal a selector's anyway
+        return frozenset((k, v) for k, v in labels.items() if isinstance(v, str))
+
+
+def _required_pairs(server_class: Object) -> tuple[Pair, ...] | None:
+    """Label pairs of which every member has at least one, or None when the class does not
+    say: one pair of C{selector.matchLabels} (members have all of them), else every pair of
+    C{qualifiers.labelSelectors} (members have one of them; an empty map among them matches
+    nothing, so no pair is no member).  Used to match a class against the servers carrying a
+    pair rather than against all of them; the full match still decides."""
+    spec = server_class.get("spec") or {}
+    try:
+        match_labels = (spec.get("selector") or {}).get("matchLabels") or {}
+        if match_labels:
+            first = min(match_labels.items())
+            hash(first)
+            return (first,)
+        label_selectors = (spec.get("qualifiers") or {}).get("labelSelectors") or []
+        if label_selectors:
+            pairs = tuple(pair for selector in label_selectors for pair in (selector or {}).items())
+            hash(pairs)
+            return pairs
+    except (AttributeError, TypeError, ValueError):  # not maps of strings: match everything
+        return None
+    return None
+
+
 class _Compiled:
     """A class's selector and qualifiers as one filter, or the error its selector has."""
 
@@ -70,6 +104,7 @@ class _Compiled:
         self.spec = server_class.get("spec")
         self.error: SelectorError | None = None
         self._filters: tuple[ServerFilter, ...] = ()
+        self.pairs = _required_pairs(server_class)
         try:
             self._filters = (selector_filter(server_class), qualifiers_filter(server_class))
         except SelectorError as e:
@@ -98,6 +133,12 @@ class ClassMembership:
         self._members: dict[str, set[str]] = {}
         self._classes_of: dict[str, set[str]] = {}
         self._in_use: set[str] = set()
+        # Label pair -> classes requiring it (see _required_pairs); classes that do not.
+        self._classes_by_pair: dict[Pair, set[str]] = {}
+        self._unindexed: set[str] = set()
+        # Label pair -> servers carrying it, and each server's pairs.
+        self._servers_by_pair: dict[Pair, set[str]] = {}
+        self._pairs_of: dict[str, frozenset[Pair]] = {}
         classes.add_handler(on_add=self._class_changed,
                             on_update=lambda old, new: self._class_changed(new, old),
                             on_delete=self._class_deleted)
@@ -129,11 +170,23 @@ class ClassMembership:
         if (old is not None and name in self._compiled
                 and self._compiled[name].spec == server_class.get("spec")):
             return  # a status write: membership is the same
+        self._unregister_class(name)
         compiled = self._compiled[name] = _Compiled(server_class)
+        if compiled.pairs is None:
+            self._unindexed.add(name)
+        else:
+            for pair in compiled.pairs:
+                self._classes_by_pair.setdefault(pair, set()).add(name)
         previous = self._members.get(name, set())
         members = set()
         if compiled.error is None:
-            for server in self.servers.list():
+            if compiled.pairs is None:
+                candidates: Iterable[Object] = self.servers.list()
+            else:
+                names = set().union(*(self._servers_by_pair.get(p, ()) for p in compiled.pairs))
+                found = (self.servers.get(n) for n in sorted(names))
+                candidates = [c for c in found if c is not None]
+            for server in candidates:
                 if _eligible(server) and compiled.matches(server):
                     members.add(_name(server))
         for gone in previous - members:
@@ -143,9 +196,19 @@ class ClassMembership:
         self._members[name] = members
         self.on_change(name)
 
+    def _unregister_class(self, name: str) -> None:
+        old = self._compiled.pop(name, None)
+        self._unindexed.discard(name)
+        for pair in (old.pairs or ()) if old is not None else ():
+            classes = self._classes_by_pair.get(pair)
+            if classes is not None:
+                classes.discard(name)
+                if not classes:
+                    del self._classes_by_pair[pair]
+
     def _class_deleted(self, server_class: Object) -> None:
         name = _name(server_class)
-        self._compiled.pop(name, None)
+        self._unregister_class(name)
         for member in self._members.pop(name, set()):
             self._classes_of.get(member, set()).discard(name)
 
@@ -162,10 +225,15 @@ class ClassMembership:
         name = _name(server)
         before = self._classes_of.get(name, set())
         after: set[str] = set()
+        pairs = self._index_server(name, server) if rematch else frozenset()
         if not rematch:
             after = set(before)
         elif _eligible(server):
-            for class_name, compiled in self._compiled.items():
+            candidates = set(self._unindexed)
+            for pair in pairs:
+                candidates |= self._classes_by_pair.get(pair, set())
+            for class_name in candidates:
+                compiled = self._compiled[class_name]
                 try:
                     if compiled.matches(server):
                         after.add(class_name)
@@ -192,8 +260,28 @@ class ClassMembership:
         for class_name in sorted(changed):
             self.on_change(class_name)
 
+    def _index_server(self, name: str, server: Object) -> frozenset[Pair]:
+        """Keep the label index of C{server}; its label pairs."""
+        pairs = _label_pairs(server)
+        old = self._pairs_of.get(name, frozenset())
+        if pairs != old:
+            self._unindex_server(name, old - pairs)
+            for pair in pairs - old:
+                self._servers_by_pair.setdefault(pair, set()).add(name)
+            self._pairs_of[name] = pairs
+        return pairs
+
+    def _unindex_server(self, name: str, pairs: Iterable[Pair]) -> None:
+        for pair in pairs:
+            servers = self._servers_by_pair.get(pair)
+            if servers is not None:
+                servers.discard(name)
+                if not servers:
+                    del self._servers_by_pair[pair]
+
     def _server_deleted(self, server: Object) -> None:
         name = _name(server)
+        self._unindex_server(name, self._pairs_of.pop(name, frozenset()))
         self._in_use.discard(name)
         for class_name in sorted(self._classes_of.pop(name, set())):
             self._members.get(class_name, set()).discard(name)

@@ -233,3 +233,66 @@ class CoalescingTests(Base):
         self.clock.advance(0.5)
         self.assertEqual(self.status("east")["serversAvailable"], ["p", "q", "r"])
         self.assertEqual(writes, ["MODIFIED"])
+
+
+class MembershipAgreesWithMatchingTests(Base):
+    """Whatever happens to Servers and classes, the index says what matching every Server says."""
+
+    def test_random_changes(self) -> None:
+        import random
+
+        from sidero.controllers.serverclass import class_status
+
+        rng = random.Random(1234)
+        manager = ControllerManager(self.store, self.clock)
+        membership = ClassMembership(manager.informer(SERVER), manager.informer(SERVER_CLASS))
+        manager.startService()
+        self.addCleanup(lambda: self.ok(manager.stopService()))
+        zones, racks = ["a", "b", "c"], ["1", "2"]
+
+        def random_spec() -> dict[str, Any]:
+            choice = rng.randrange(5)
+            if choice == 0:
+                return {"selector": {"matchLabels": {"zone": rng.choice(zones)}}}
+            if choice == 1:
+                return {"qualifiers": {"labelSelectors": [{"zone": rng.choice(zones)}, {"rack": rng.choice(racks)}]}}
+            if choice == 2:
+                return {"selector": {"matchLabels": {"zone": rng.choice(zones), "rack": rng.choice(racks)}},
+                        "qualifiers": {"hardware": [{"system": {"manufacturer": rng.choice(["x", "y"])}}]}}
+            if choice == 3:
+                return {"qualifiers": {"labelSelectors": [{}]}}
+            return {"selector": {"matchExpressions": [{"key": "rack", "operator": "NotIn", "values": ["1"]}]}}
+
+        def random_labels() -> dict[str, str]:
+            labels = {}
+            if rng.random() < 0.8:
+                labels["zone"] = rng.choice(zones)
+            if rng.random() < 0.6:
+                labels["rack"] = rng.choice(racks)
+            return labels
+
+        for j in range(6):
+            self.ok(self.store.create(server_class(f"c{j}", **random_spec())))
+        for i in range(30):
+            self.ok(self.store.create(server(f"s{i:02d}", accepted=rng.random() < 0.9, labels=random_labels(),
+                                             hardware={"system": {"manufacturer": rng.choice(["x", "y"])}})))
+        self.clock.advance(1)
+        for step in range(150):
+            what = rng.randrange(4)
+            if what == 0:
+                self.ok(self.store.patch(SERVER, f"s{rng.randrange(30):02d}",
+                                         {"metadata": {"labels": random_labels() or None}}))
+            elif what == 1:
+                self.ok(self.store.patch(SERVER, f"s{rng.randrange(30):02d}",
+                                         {"status": {"inUse": rng.random() < 0.5}}, subresource="status"))
+            elif what == 2:
+                self.ok(self.store.patch(SERVER_CLASS, f"c{rng.randrange(6)}", {"spec": None}))
+                self.ok(self.store.patch(SERVER_CLASS, f"c{rng.randrange(6)}", {"spec": random_spec()}))
+            else:
+                self.ok(self.store.patch(SERVER, f"s{rng.randrange(30):02d}",
+                                         {"spec": {"cordoned": rng.random() < 0.3}}))
+            self.clock.advance(0.1)
+            servers = manager.informer(SERVER).list()
+            for cls in manager.informer(SERVER_CLASS).list():
+                self.assertEqual(membership.status_for(cls), class_status(cls, servers),
+                                 f"step {step}: class {cls['metadata']['name']} {cls.get('spec')}")
