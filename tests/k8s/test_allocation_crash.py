@@ -101,9 +101,13 @@ class AllocationCrashTests(TestCase):
         self.addCleanup(self.cleanup)
         lease = ["--leader-election-namespace", self.ns, "--leader-election-lease-duration", "3s",
                  "--leader-election-renew-deadline", "2s", "--leader-election-retry-period", "500ms"]
+        # No client-side rate limit: a replica is killed every 0.5-3 s, and at the default 20
+        # requests/s a new leader would spend longer than that on its start-up pass over every
+        # object, so the test would measure the limit instead of crash safety (the limit only
+        # delays requests; it cannot change what is written).
         self.replicas = [
             SideroProcess(str(self.server.kubeconfig), self.workdir, "--no-webhook-register",
-                          "--disable-webhook", *lease, name=f"replica-{i}")
+                          "--disable-webhook", "--kube-api-qps", "0", *lease, name=f"replica-{i}")
             for i in range(2)
         ]
 
