@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sidero.controllers.informer import Informer
     from sidero.controllers.lease import LeaseElector
     from sidero.controllers.runtime import ControllerManager
+    from sidero.dashboard.service import DashboardService
     from sidero.health import HealthChecks
     from sidero.metrics import Metrics
     from sidero.protocols.syslog.protocol import SyslogSink
@@ -84,6 +85,8 @@ class AppContext:
     syslog_sink: SyslogSink | None = None
     #: the liveness and readiness checks shared by the probe port and systemd.
     health_checks: HealthChecks | None = None
+    #: the operator dashboard's listener: C{dashboard}.
+    dashboard: DashboardService | None = None
     metrics: Metrics = field(init=False)
     timeline: BootTimeline = field(init=False)
     server_logs: ServerLogs = field(init=False)

@@ -47,6 +47,7 @@ SERVICES: tuple[str, ...] = (
     "controllers",
     "webhook",
     "management",
+    "dashboard",
     "metrics",
     "health",
 )
@@ -159,6 +160,22 @@ def parse_cidrs(text: str) -> tuple[IPNetwork, ...]:
 
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def parse_count(text: str) -> int:
+    """A positive whole number (a limit)."""
+    value = int(text.strip(), 10)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def parse_rate(text: str) -> float:
+    """A rate per second: a positive number, or 0 for no limit."""
+    value = float(text.strip())
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(text)
+    return value
 
 
 def parse_host(text: str) -> str:
@@ -534,6 +551,63 @@ SETTINGS: tuple[Setting, ...] = (
         " (<url>/<release>/vmlinuz-amd64); point it at a local mirror on air-gapped sites.",
     ),
     Setting(
+        "configdata_access", (_own("configdata_access"),), "owner", choice("owner", "any"),
+        "one of owner, any",
+        "Who may fetch /configdata?uuid= (it holds the cluster's secrets): owner = only a source"
+        " address known to belong to that server (its SideroLink address, the addresses it and"
+        " Talos reported, the address its /ipxe and agent calls came from) or one in"
+        " --configdata-trusted-networks; any = whoever knows the UUID, as the Go Sidero does.",
+    ),
+    Setting(
+        "configdata_trusted_networks", (_own("configdata_trusted_networks"),), "", parse_cidrs,
+        "comma-separated CIDRs (e.g. 10.0.0.0/24), or - for none",
+        "Sources allowed any /configdata with --configdata-access owner (a reverse proxy, a NAT"
+        " gateway in front of the nodes).", dash_empty=True,
+    ),
+    Setting(
+        "http_header_timeout", (_own("http_header_timeout"),), "10s", parse_duration,
+        "a Go duration such as 10s",
+        "Time an HTTP/1.1 request on the API port has from its first byte to its last (request"
+        " line, headers and body; slowloris) before it is answered 408 and closed.",
+    ),
+    Setting(
+        "http_max_connections", (_own("http_max_connections"),), "1024", parse_count,
+        "a positive number", "Open connections the API port accepts in total; more are closed"
+        " at once (and counted).",
+    ),
+    Setting(
+        "http_max_connections_per_source", (_own("http_max_connections_per_source"),), "64",
+        parse_count, "a positive number",
+        "Open connections the API port accepts from one source address; more are closed at once"
+        " (and counted).",
+    ),
+    Setting(
+        "dhcp_mac_rate", (_own("dhcp_mac_rate"),), "2", parse_rate,
+        "packets per second, or 0 for no limit",
+        "DHCP packets answered per second per client MAC (token bucket; the excess is dropped and"
+        " counted), so one noisy client cannot starve the others.",
+    ),
+    Setting(
+        "dhcp_mac_burst", (_own("dhcp_mac_burst"),), "10", parse_count, "a positive number",
+        "Packets one client MAC may send at once before --dhcp-mac-rate applies.",
+    ),
+    Setting(
+        "max_concurrent_wipes", (_own("max_concurrent_wipes"),), "10", parse_count,
+        "a positive number",
+        "Servers sent to the agent to be wiped at once (Ironic's max_concurrent_clean); the"
+        " rest wait their turn, none is refused.",
+    ),
+    Setting(
+        "max_concurrent_power", (_own("max_concurrent_power"),), "20", parse_count,
+        "a positive number",
+        "BMC power operations (IPMI, the HTTP power API) in flight at once; the rest queue.",
+    ),
+    Setting(
+        "max_concurrent_downloads", (_own("max_concurrent_downloads"),), "4", parse_count,
+        "a positive number",
+        "Environment asset downloads (kernels, initrds) at once; the rest queue.",
+    ),
+    Setting(
         "state_dir", (_own("state_dir"),), DEFAULT_STATE_DIR, parse_required_path, "a directory path",
         "Data directory (state.db, env/, tftp/, ipxe/).",
         default_doc=f"{DEFAULT_STATE_DIR}; when not root and it is not writable,"
@@ -572,6 +646,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "management_socket", (_own("management_socket"),), "", parse_path, "a file path",
         "Unix socket of the local management API.", default_doc="<state-dir>/sidero.sock",
+    ),
+    _port("dashboard_port", (_own("dashboard_port"),), "8082",
+          "TCP port of the read-only operator dashboard."),
+    Setting(
+        "dashboard_address", (_own("dashboard_address"),), "127.0.0.1", parse_listen_address,
+        "an IP address, or empty for all",
+        "Address the dashboard binds; anything but a loopback address needs"
+        " --dashboard-password-file.",
+    ),
+    Setting(
+        "dashboard_password_file", (_own("dashboard_password_file"),), "", parse_path,
+        "a file path",
+        "File whose first line is the dashboard's login password (with it, a login is asked"
+        " on loopback too).", default_doc="none: no login, loopback only",
     ),
     Setting(
         "log_format", (_own("log_format"),), "text", choice("text", "json"), "one of text, json",
@@ -718,6 +806,16 @@ class Settings:
     webhook_register: bool = True
     webhook_url: str = ""
     talos_assets_url: str = TALOS_RELEASES_URL
+    configdata_access: str = "owner"
+    configdata_trusted_networks: tuple[IPNetwork, ...] = ()
+    http_header_timeout: float = 10.0
+    http_max_connections: int = 1024
+    http_max_connections_per_source: int = 64
+    dhcp_mac_rate: float = 2.0
+    dhcp_mac_burst: int = 10
+    max_concurrent_wipes: int = 10
+    max_concurrent_power: int = 20
+    max_concurrent_downloads: int = 4
     state_dir: str = DEFAULT_STATE_DIR
     kubeconfig: str = ""
     store: str = "embedded"
@@ -728,6 +826,9 @@ class Settings:
     dhcp_interface: str = ""
     ipxe_dir: str = ""
     management_socket: str = DEFAULT_STATE_DIR + "/sidero.sock"
+    dashboard_port: int = 8082
+    dashboard_address: str = "127.0.0.1"
+    dashboard_password_file: str = ""
     log_format: str = "text"
     log_level: str = "info"
     disabled: frozenset[str] = field(default_factory=frozenset)
@@ -907,7 +1008,8 @@ def resolve(
             " bound; set --management-socket", {"path": values["management_socket"],
                                                 "limit": UNIX_PATH_MAX},
         ))
-    for name in ("kubeconfig", "ipxe_dir", "dhcp_interface", "listen_address"):
+    for name in ("kubeconfig", "ipxe_dir", "dhcp_interface", "listen_address",
+                 "dashboard_password_file"):
         if values[name] is None:
             values[name] = ""
     for name in ("metrics_address", "health_address"):

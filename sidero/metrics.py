@@ -139,9 +139,21 @@ class Metrics:
         """Expose a L{sidero.protocols.tftp.protocol.TFTPStats}."""
         self._sources.tftp.append(stats)
 
-    def add_api_port(self, counters: Callable[[], dict[str, int]]) -> None:
-        """Expose the API port's connection classification (HTTP/1.1 vs gRPC)."""
+    def add_api_port(self, counters: Callable[[], dict[str, int]],
+                     refused: Callable[[], dict[str, int]] | None = None) -> None:
+        """Expose the API port's connection classification (HTTP/1.1 vs gRPC) and what its
+        limits refused (L{sidero.protocols.http.limits.REASONS})."""
         self._sources.api_port.append(counters)
+        if refused is not None:
+            self._sources.api_port_refused.append(refused)
+
+    def add_limits(self, limits: Callable[[], Iterable[Any]]) -> None:
+        """Expose concurrency limits (L{sidero.limits}: C{name} and C{stats()})."""
+        self._sources.limits.append(limits)
+
+    def add_dashboard(self, counters: Callable[[], dict[str, int]]) -> None:
+        """Expose the dashboard's counters (C{open} streams, and event totals)."""
+        self._sources.dashboard.append(counters)
 
     def add_informers(self, informers: Callable[[], Iterable[Any]]) -> None:
         """Expose informers (lists, relists, watch restarts, cache size, synced)."""
@@ -208,8 +220,11 @@ class _Sources:
         self.dhcp: list[Any] = []
         self.tftp: list[Any] = []
         self.api_port: list[Callable[[], dict[str, int]]] = []
+        self.api_port_refused: list[Callable[[], dict[str, int]]] = []
+        self.limits: list[Callable[[], Iterable[Any]]] = []
         self.informers: list[Callable[[], Iterable[Any]]] = []
         self.controllers: list[Callable[[], Iterable[Any]]] = []
+        self.dashboard: list[Callable[[], dict[str, int]]] = []
 
     def describe(self) -> list[Metric]:
         return []  # families vary with what was added; no duplicate-name check needed
@@ -230,6 +245,48 @@ class _Sources:
             for k, v in sorted(totals.items()):
                 conns.add_metric([k], v)
             yield conns
+        if self.api_port_refused:
+            refused = CounterMetricFamily(
+                "sidero_api_port_refused", "API port connections and requests refused by a limit,"
+                " by reason", labels=["reason"])
+            totals = {}
+            for counters in self.api_port_refused:
+                for k, v in counters().items():
+                    totals[k] = totals.get(k, 0) + v
+            for k, v in sorted(totals.items()):
+                refused.add_metric([k], v)
+            yield refused
+        limits = [limit for source in self.limits for limit in source()]
+        if limits:
+            families = {
+                key: GaugeMetricFamily(f"sidero_limit_{key}", doc, labels=["limit"])
+                for key, doc in (
+                    ("max", "Concurrency limit (wipe, power, download)"),
+                    ("in_flight", "Operations holding a slot of the limit"),
+                    ("queued", "Operations waiting for a slot (queued, never refused)"),
+                )
+            }
+            for limit in limits:
+                stats = limit.stats()
+                families["max"].add_metric([limit.name], stats["limit"])
+                families["in_flight"].add_metric([limit.name], stats["in_flight"])
+                families["queued"].add_metric([limit.name], stats["queued"])
+            yield from families.values()
+        if self.dashboard:
+            streams = GaugeMetricFamily("sidero_dashboard_streams", "Dashboard event streams open")
+            events = CounterMetricFamily(
+                "sidero_dashboard_events", "Dashboard streams opened and refused, slow streams"
+                " closed, rows sent, logins and failed logins, requests refused for their Host",
+                labels=["event"])
+            totals = {}
+            for counters in self.dashboard:
+                for k, v in counters().items():
+                    totals[k] = totals.get(k, 0) + v
+            streams.add_metric([], totals.pop("open", 0))
+            for k, v in sorted(totals.items()):
+                events.add_metric([k], v)
+            yield streams
+            yield events
         informers = [i for source in self.informers for i in source()]
         if informers:
             yield from self._informers(informers)

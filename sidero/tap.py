@@ -161,7 +161,9 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     from sidero.controllers.serverclass import make_serverclass_controller
     from sidero.controllers.startup import install_startup_runnables
     from sidero.k8s.workload import WorkloadNodes
+    from sidero.limits import ConcurrencyLimit, WipeSlots
     from sidero.power.factory import PowerManagerFactory
+    from sidero.power.limited import LimitedPowerManager
 
     elector = _make_elector(settings, context)
     metrics = context.metrics
@@ -170,22 +172,27 @@ def _make_controllers(settings: Settings, context: AppContext) -> IService | Non
     metrics.add_controllers(lambda: manager.controllers)
     install_startup_runnables(manager, context.store, assets_url=settings.talos_assets_url)
     recorder = EventRecorder(context.store, context.reactor)
+    wipes = WipeSlots(settings.max_concurrent_wipes)
+    downloads = ConcurrencyLimit("download", settings.max_concurrent_downloads)
+    power_limit = ConcurrencyLimit("power", settings.max_concurrent_power)
+    metrics.add_limits(lambda: (wipes, downloads, power_limit))
     make_environment_controller(
         manager, context.store, settings.state_dir, context.reactor,
-        pool=context.pools["disk"], assets_url=settings.talos_assets_url,
+        pool=context.pools["disk"], assets_url=settings.talos_assets_url, downloads=downloads,
     )
     make_serverclass_controller(manager, context.store)
     power = PowerManagerFactory.from_settings(
         context.reactor, context.store, context.pools["ipmi"], settings)
     def power_for(server: dict[str, Any]) -> Deferred[Any]:
-        return power.for_server(server).addCallback(metrics.instrument_power)
+        return power.for_server(server).addCallback(
+            lambda manager: LimitedPowerManager(metrics.instrument_power(manager), power_limit))
 
     make_server_controller(
         manager, context.store, power_for,
         reboot_timeout=settings.server_reboot_timeout, pxe_mode=settings.ipmi_pxe_method,
         clock=context.reactor, recorder=recorder,
         # A BMC that dropped a power-off (seen with silent failures) gets it again.
-        power_off_recheck=DEFAULT_REQUEUE_AFTER,
+        power_off_recheck=DEFAULT_REQUEUE_AFTER, wipes=wipes,
     )
     # The Cluster API provider (spec 2.5-2.7). Machines and Clusters are read from the store
     # when needed, not watched, so these run (and serve standalone MetalMachines) even where
@@ -254,6 +261,7 @@ def _make_webhook(settings: Settings, context: AppContext) -> IService | None:
 
 
 def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None:
+    from sidero.protocols.dhcp.ratelimit import PerClientLimiter
     from sidero.protocols.dhcp.service import make_dhcp_proxy_service
 
     service = make_dhcp_proxy_service(
@@ -264,6 +272,8 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         dhcp_port=settings.dhcp_port,
         proxy_port=settings.dhcp_proxy_port,
         fatal=_is_root(),
+        limiter=PerClientLimiter(settings.dhcp_mac_rate, settings.dhcp_mac_burst,
+                                 context.reactor.seconds),
     )
     counters = getattr(service, "counters", None)
     if counters is not None:
@@ -422,6 +432,8 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
             api_port=settings.api_port,
             boot_from_disk_method=settings.boot_from_disk_method,
             extra_agent_kernel_args=settings.extra_agent_kernel_args,
+            configdata_access=settings.configdata_access,
+            configdata_trusted=settings.configdata_trusted_networks,
         ),
         env_dir=env_dir,
         tftp_roots=settings.tftp_roots,
@@ -458,18 +470,31 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
 
         listener = make_api_port_service(
             context.reactor, metrics.instrument_resource(site.resource(), timeline), grpc_server,
-            settings.http_port, interface=settings.listen_address,
+            settings.http_port, interface=settings.listen_address, limits=_http_limits(settings),
         )
         factory = getattr(listener, "factory", None)
         if factory is not None:
-            metrics.add_api_port(lambda: dict(factory.counters))
+            metrics.add_api_port(lambda: dict(factory.counters), lambda: dict(factory.refused))
     else:
         listener = make_http_service(
             context.reactor, metrics.instrument_resource(site.resource(), timeline), settings.http_port,
-            interface=settings.listen_address,
+            interface=settings.listen_address, limits=_http_limits(settings),
         )
+        refused = getattr(listener, "refused", None)
+        if refused is not None:
+            metrics.add_api_port(dict, lambda: dict(refused))
     listener.setServiceParent(group)
     return group
+
+
+def _http_limits(settings: Settings) -> Any:
+    from sidero.protocols.http.limits import HTTPLimits
+
+    return HTTPLimits(
+        request_timeout=settings.http_header_timeout,
+        max_connections=settings.http_max_connections,
+        max_connections_per_source=settings.http_max_connections_per_source,
+    )
 
 
 # --- SideroLink: the tunnel, Provision, the log receiver, the event sink, syslog -----------------
@@ -487,7 +512,8 @@ def _waiting_group(context: AppContext) -> OrderedMultiService:
 
 def _own_informer(context: AppContext, kind: Any, parent: OrderedMultiService) -> Any:
     """The controller manager's shared informer of C{kind}, or (controllers disabled) one of
-    our own, made once and run by the first SideroLink service that asks for it."""
+    our own, made once and run by the first SideroLink service (or the dashboard) that asks
+    for it."""
     manager = context.controller_manager
     if manager is not None:
         return manager.informer(kind)
@@ -569,7 +595,9 @@ def _make_siderolink(settings: Settings, context: AppContext) -> IService | None
     )
     link.setServiceParent(group)
     context.siderolink = link
-    servicer = ProvisionServicer(context.reactor, ProvisionAPI(context.store, link))
+    provision = ProvisionAPI(context.store, link)
+    provision.timeline = context.timeline
+    servicer = ProvisionServicer(context.reactor, provision)
     context.grpc_services.append(lambda server: add_to_server(servicer, server))
     return group
 
@@ -580,7 +608,8 @@ def _make_log_receiver(settings: Settings, context: AppContext) -> IService | No
 
     group = _waiting_group(context)
     factory = KmsgFactory(_server_log_writer(settings, context),
-                          _annotator(context, group).for_tunnel_ip)
+                          _annotator(context, group).for_tunnel_ip,
+                          server_logs=context.server_logs, timeline=context.timeline)
     make_log_receiver_service(context.reactor, factory, _tunnel_host(context)).setServiceParent(group)
     context.log_receiver_factory = factory
     return group
@@ -597,6 +626,7 @@ def _make_event_sink(settings: Settings, context: AppContext) -> IService | None
     group = _waiting_group(context)
     api = EventSinkAPI(context.store, context.reactor, _annotator(context, group).for_tunnel_ip,
                        settings.events_negative_address_filter)
+    api.timeline = context.timeline
     context.event_sink = api
     make_event_sink_service(context.reactor, EventSinkServicer(context.reactor, api),
                             _tunnel_host(context)).setServiceParent(group)
@@ -611,7 +641,8 @@ def _make_syslog(settings: Settings, context: AppContext) -> IService | None:
     group = _waiting_group(context)
     writer = _server_log_writer(settings, context)
     sink = SyslogSink(writer.write, _annotator(context, group).for_source_ip,
-                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water)
+                      overloaded=lambda: writer.queued_bytes > 2 * writer.high_water,
+                      server_logs=context.server_logs)
     context.syslog_sink = sink
     SyslogService(context.reactor, sink, udp_port=settings.syslog_port,
                   tcp_port=settings.syslog_tcp_port, interface=settings.listen_address,
@@ -628,6 +659,46 @@ def _make_management(settings: Settings, context: AppContext) -> IService | None
 
     return make_management_service(context.reactor, context.store, settings.management_socket,
                                    timeline=context.timeline, server_logs=context.server_logs)
+
+
+def _make_dashboard(settings: Settings, context: AppContext) -> IService | None:
+    """The read-only operator dashboard on its own listener (C{--dashboard-port}), from
+    informer caches, the boot timeline and the server log buffer.  Off loopback it needs a
+    password file: the provisioning network must not read inventories and kernel logs."""
+    from sidero.api.registry import ENVIRONMENT, SERVER, SERVER_BINDING, SERVER_CLASS
+    from sidero.dashboard import auth
+    from sidero.dashboard.live import LiveHub
+    from sidero.dashboard.service import DashboardService
+    from sidero.dashboard.site import DashboardApp
+
+    password = None
+    if settings.dashboard_password_file:
+        try:
+            password = auth.read_password_file(settings.dashboard_password_file)
+        except auth.PasswordFileError as e:
+            raise StartupError(f"--dashboard-password-file: {e}") from e
+        if auth.loosely_readable(settings.dashboard_password_file):
+            log.warn("dashboard password file {path} can be read by other users (chmod 600 it)",
+                     path=settings.dashboard_password_file)
+    elif not auth.is_loopback_address(settings.dashboard_address):
+        raise StartupError(
+            f"the dashboard on {settings.dashboard_address or 'every address'} needs a login:"
+            " set --dashboard-password-file, bind --dashboard-address to 127.0.0.1 or ::1,"
+            " or --disable-dashboard")
+    group = OrderedMultiService(context.reactor)
+    servers, bindings, classes, environments = (
+        _own_informer(context, kind, group)
+        for kind in (SERVER, SERVER_BINDING, SERVER_CLASS, ENVIRONMENT))
+    hub = LiveHub(context.reactor, servers, bindings, classes, environments,
+                  timeline=context.timeline, server_logs=context.server_logs)
+    app = DashboardApp(hub, context.reactor, password=password)
+    service = DashboardService(context.reactor, app, hub, settings.dashboard_port,
+                               interface=settings.dashboard_address)
+    service.setServiceParent(group)
+    context.metrics.add_dashboard(lambda: {"open": len(hub.streams), **hub.counters,
+                                           **app.counters})
+    context.dashboard = service
+    return group
 
 
 def _make_metrics(settings: Settings, context: AppContext) -> IService | None:
@@ -709,6 +780,7 @@ FACTORIES: list[tuple[str, Factory]] = [
     ("event-sink", _make_event_sink),
     ("syslog", _make_syslog),
     ("management", _make_management),
+    ("dashboard", _make_dashboard),
     ("metrics", _make_metrics),
     ("health", _make_health),
     ("systemd", _make_systemd),

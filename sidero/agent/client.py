@@ -2,7 +2,8 @@
 """The agent's side of the Agent gRPC API (spec §3.7, §4 steps 5-10).
 
 Plaintext HTTP/2 (h2c) to C{sidero.endpoint}.  Every call except the heartbeat is retried on
-any error: one attempt per C{retry_interval} (30 s), each bounded by C{call_timeout} (30 s),
+any error but RESOURCE_EXHAUSTED (a request past the server's 4 MiB limit, which no retry
+can fix): one attempt per C{retry_interval} (30 s), each bounded by C{call_timeout} (30 s),
 until C{retry_timeout} (5 min) has passed; then the last error is raised.  Sleeping and the
 clock are injectable so unit tests never wait.
 """
@@ -44,6 +45,19 @@ class RetriesExhausted(Exception):
     """A call kept failing for the whole retry window; the message names the call and error."""
 
 
+class RequestTooLarge(RetriesExhausted):
+    """The server refused the request's size (RESOURCE_EXHAUSTED: its 4 MiB message limit).
+
+    Sending the same bytes again cannot succeed, so this is raised after the first attempt;
+    it is a L{RetriesExhausted}, so the agent handles it as any call that cannot get through.
+    """
+
+
+def _too_large(error: BaseException) -> bool:
+    return (isinstance(error, grpc.RpcError) and hasattr(error, "code")
+            and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
 def describe(error: BaseException) -> str:
     if isinstance(error, grpc.RpcError):
         code = error.code() if hasattr(error, "code") else None
@@ -66,6 +80,8 @@ def retry(
             return call()
         except Exception as e:
             error = describe(e)
+            if _too_large(e):
+                raise RequestTooLarge(f"{name} refused by the server as too large: {error}") from e
             if monotonic() + interval > deadline:
                 raise RetriesExhausted(f"{name} failed after {attempt} attempts: {error}") from e
             log.info("{name} failed (attempt {attempt}): {error}; retrying in {interval}s",

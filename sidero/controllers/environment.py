@@ -47,6 +47,7 @@ from sidero.controllers.runtime import (
     split_key,
 )
 from sidero.controllers.startup import ensure_default_environment
+from sidero.limits import ConcurrencyLimit
 from sidero.store.errors import NotFound
 from sidero.store.interfaces import IResourceStore
 from sidero.threads import ThreadPoolService
@@ -232,17 +233,28 @@ class Downloader:
         pool: BlockingRunner,
         agent: IAgent | None = None,
         timeout: float = DOWNLOAD_TIMEOUT,
+        limit: ConcurrencyLimit | None = None,
     ) -> None:
         self.clock: IReactorTime = reactor
         self.pool = pool
         self.agent: IAgent = agent if agent is not None else RedirectAgent(Agent(reactor))
         self.timeout = timeout
+        #: downloads at once (C{--max-concurrent-downloads}); the rest queue.
+        self.limit = limit
 
     async def fetch(self, url: str, directory: str, filename: str, sha512: str = "") -> Downloaded:
         """Download C{url} to C{directory/filename}; verify C{sha512} (hex) when given.
 
+        Waits for a slot of C{limit} first (the time limit starts with the download).
+
         @raise AssetError: on any failure; nothing under the final name changed then.
         """
+        if self.limit is not None:
+            result: Downloaded = await self.limit.run(self._fetch, url, directory, filename, sha512)
+            return result
+        return await self._fetch(url, directory, filename, sha512)
+
+    async def _fetch(self, url: str, directory: str, filename: str, sha512: str) -> Downloaded:
         if not url:
             raise AssetError("missing URL")
         expected = sha512.strip().lower()
@@ -412,6 +424,7 @@ def make_environment_controller(
     talos_release: str = TALOS_RELEASE,
     assets_url: str = TALOS_RELEASES_URL,
     timeout: float = DOWNLOAD_TIMEOUT,
+    downloads: ConcurrencyLimit | None = None,
 ) -> Controller:
     """Build the Environment controller, register it with C{manager} and return it.
 
@@ -424,7 +437,7 @@ def make_environment_controller(
         service = ThreadPoolService(reactor, "environment", max_threads=4)
         service.setServiceParent(manager)
         pool = service
-    downloader = Downloader(reactor, pool, agent=agent, timeout=timeout)
+    downloader = Downloader(reactor, pool, agent=agent, timeout=timeout, limit=downloads)
     reconciler = EnvironmentReconciler(store, state_dir, downloader, pool, talos_release, assets_url)
     controller = Controller("environment", ENVIRONMENT, reconciler.reconcile, clock=clock)
     manager.add_controller(controller)

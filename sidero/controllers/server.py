@@ -11,6 +11,12 @@ into a Conflict and a retry rather than a lost update.
 
 The power manager comes from an injected C{power_for(server)} so tests and the real factory
 (C{sidero.power.factory}) plug in the same way.
+
+Wipes are limited (C{--max-concurrent-wipes}, L{sidero.limits.WipeSlots}): a server that needs
+one waits for a slot before it is power cycled into the agent, and holds it until it is clean
+(or no longer needs a wipe).  A wipe the agent started by itself (an accepted machine that
+registered dirty) is counted once its heartbeat shows it, even past the limit; the limit bounds
+what this controller starts.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from sidero.controllers.runtime import (
     Result,
     split_key,
 )
+from sidero.limits import WipeSlots
 from sidero.store.errors import NotFound
 from sidero.store.interfaces import IResourceStore, Object
 
@@ -105,12 +112,15 @@ class ServerReconciler:
         reboot_timeout: float = DEFAULT_SERVER_REBOOT_TIMEOUT,
         pxe_mode: str = DEFAULT_PXE_MODE,
         power_off_recheck: float | None = None,
+        wipes: WipeSlots | None = None,
         bindings: Informer | None = None,
     ) -> None:
         self.store = store
         #: the ServerBinding informer; None reads bindings from the store.
         self.bindings = bindings
         self.power_for = power_for
+        #: wipe slots (None: no limit).
+        self.wipes = wipes
         self.recorder = recorder
         self.clock = clock
         self.reboot_timeout = reboot_timeout
@@ -125,6 +135,8 @@ class ServerReconciler:
         try:
             server = await self.store.get(SERVER, name)
         except NotFound:
+            if self.wipes is not None:
+                self.wipes.release(name)
             return None
         try:
             power = await self.power_for(server)
@@ -236,6 +248,10 @@ class ServerReconciler:
             self.log.warn("server {name}: {message}", name=name, message=message)
             return _Step(False, DEFAULT_REQUEUE_AFTER)
 
+        wiping = bool(spec.get("accepted")) and not in_use and not is_clean
+        if self.wipes is not None and not wiping:
+            self.wipes.release(name)
+
         if not spec.get("accepted"):
             status["isClean"] = False
             return _Step(False)
@@ -281,9 +297,16 @@ class ServerReconciler:
         if cycle is not None and cycle.get("status") == conditions.FALSE:
             since = conditions.parse_rfc3339(cycle.get("lastTransitionTime", ""))
             if since is not None and self.clock.seconds() - since < self.reboot_timeout:
+                if self.wipes is not None:
+                    self.wipes.adopt(name)
                 return _Step(False, wait)
         if power_error is not None:
             return warn(f"Failed to determine power status: {power_error}.")
+        if self.wipes is not None and not self.wipes.acquire(name):
+            # Queued, not refused: woken when a slot frees, else the periodic check.
+            self.log.debug("server {name}: waiting for a wipe slot ({queued} queued)",
+                           name=name, queued=self.wipes.queued)
+            return _Step(False, DEFAULT_REQUEUE_AFTER)
         try:
             await power.set_pxe(pxe_mode)
         except Exception as e:
@@ -350,17 +373,21 @@ def make_server_controller(
     clock: IReactorTime | None = None,
     recorder: EventRecorder | None = None,
     power_off_recheck: float | None = None,
+    wipes: WipeSlots | None = None,
 ) -> Controller:
     """Build the Server controller, register it with C{manager} and return it.
 
     @param power_off_recheck: see L{ServerReconciler.power_off_recheck}.
+    @param wipes: the wipe limit; a freed slot enqueues the next waiting server.
     """
     clock = clock if clock is not None else manager.clock
     if recorder is None:
         recorder = EventRecorder(store, clock)
     reconciler = ServerReconciler(store, power_for, recorder, clock, reboot_timeout, pxe_mode,
-                                  power_off_recheck, bindings=manager.informer(SERVER_BINDING))
+                                  power_off_recheck, wipes, bindings=manager.informer(SERVER_BINDING))
     controller = Controller("server", SERVER, reconciler.reconcile, clock=clock)
+    if wipes is not None:
+        wipes.wake = controller.enqueue
     controller.watches(SERVER_BINDING, lambda binding: [_name(binding)])
     manager.add_controller(controller)
     return controller

@@ -14,6 +14,10 @@ and the MetalMachine controller copies addresses and conditions onto the MetalMa
 Each event is logged (C{incoming event}) with the node, id, type, annotation and
 event-specific fields, as the Go events manager does.
 
+Events that tell where a boot is (sequences, phase starts, config errors, addresses, services
+running or failed) are also recorded on the boot timeline against the node's server
+(L{timeline_step}); tasks and other service transitions are left out (dozens per boot).
+
 Like the agent API this awaits the store (ARCHITECTURE.md says why): the binding is read,
 changed and patched (a conflicting write starts over from a fresh read); a failed write is
 returned to Talos, which retries.  Unknown event types are answered at once and change
@@ -44,7 +48,12 @@ from sidero.api import conditions
 from sidero.api.registry import SERVER_BINDING
 from sidero.controllers.patch import patch_changes
 from sidero.proto import common_pb2, events_pb2, events_pb2_grpc, machine_pb2
-from sidero.protocols.grpc.server import ReactorUnavailable, call_on_reactor, call_timeout
+from sidero.protocols.grpc.server import (
+    GRPC_OPTIONS,
+    ReactorUnavailable,
+    call_on_reactor,
+    call_timeout,
+)
 from sidero.siderolink.annotator import Annotation, normalise_ip
 from sidero.siderolink.listen import TunnelListenerService
 from sidero.store.errors import Conflict, NotFound, StoreError
@@ -165,6 +174,30 @@ def event_fields(message: Message) -> dict[str, Any]:
     return {}
 
 
+#: Service transitions worth a timeline step (the others repeat for every service).
+_TIMELINE_SERVICE_ACTIONS = ("RUNNING", "FAILED")
+
+
+def timeline_step(message: Message) -> tuple[str, dict[str, Any]] | None:
+    """The boot timeline step (name, details) of an event, or None for one not recorded."""
+    fields = event_fields(message)
+    if isinstance(message, machine_pb2.SequenceEvent):
+        return "talos-sequence", fields
+    if isinstance(message, machine_pb2.PhaseEvent):
+        return ("talos-phase", fields) if message.action == machine_pb2.PhaseEvent.START else None
+    if isinstance(message, machine_pb2.ConfigLoadErrorEvent):
+        return "talos-config-load-error", fields
+    if isinstance(message, machine_pb2.ConfigValidationErrorEvent):
+        return "talos-config-invalid", fields
+    if isinstance(message, machine_pb2.AddressEvent):
+        return "talos-addresses", {"hostname": fields["hostname"],
+                                   "addresses": ",".join(fields["addresses"])}
+    if isinstance(message, machine_pb2.ServiceStateEvent):
+        if fields["action"] in _TIMELINE_SERVICE_ACTIONS:
+            return "talos-service", fields
+    return None
+
+
 def mutation_for(message: Message, tunnel_ip: str,
                  negative: Iterable[Network]) -> Mutation | None:
     """How an event changes its node's ServerBinding (spec §3.11 "Mapping"), or None."""
@@ -241,6 +274,8 @@ class EventSinkAPI:
         self.annotation_for = annotation_for
         self.negative_filter = tuple(negative_filter)
         self.counters = {"events": 0, "unknown_types": 0, "errors": 0}
+        #: The boot timeline (L{sidero.timeline.ITimeline}), or None.
+        self.timeline: Any = None
 
     async def publish(self, peer: str, request: events_pb2.EventRequest) -> events_pb2.EventResponse:
         decoded = decode(request)
@@ -264,6 +299,9 @@ class EventSinkAPI:
             except Exception:
                 self.counters["errors"] += 1
                 raise
+        step = timeline_step(message) if self.timeline is not None else None
+        if step is not None and annotation is not None and annotation.server_uuid:
+            self.timeline.record(step[0], source="talos", uuid=annotation.server_uuid, **step[1])
         failed = isinstance(message, machine_pb2.SequenceEvent) and message.HasField("error")
         self.log.emit(LogLevel.error if failed else LogLevel.info, text.replace("{", "{{")
                       .replace("}", "}}"), **fields)
@@ -328,7 +366,7 @@ def make_event_sink_server(servicer: EventSinkServicer, max_workers: int = 4) ->
     """An unstarted grpcio server carrying the sink (the service binds and starts it)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-events"),
-        options=[("grpc.so_reuseport", 0)],
+        options=list(GRPC_OPTIONS),
     )
     events_pb2_grpc.add_EventSinkServiceServicer_to_server(servicer, server)
     return server

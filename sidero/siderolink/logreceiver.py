@@ -11,6 +11,11 @@ compact, numbers as float64, C{<>&} and U+2028/2029 escaped.
 A line that is not a JSON object, or one longer than L{MAX_LINE} without a newline, is
 dropped and counted and that connection is closed (the node reconnects); other connections
 are unaffected.
+
+A message from a known node is also kept, as one readable line, in the server's log buffer
+(L{sidero.serverlogs}: C{sidero logs SERVER -f}, the dashboard), and a connection's first
+message records the step C{siderolink-logs} on the boot timeline: the tunnel is up and
+Talos' logging reached us.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from sidero.serverlogs import IServerLogs, kmsg_text
 from sidero.siderolink.annotator import Annotation, normalise_ip
 from sidero.siderolink.listen import TunnelListenerService
 from sidero.siderolink.output import LineWriter
+from sidero.timeline import ITimeline
 
 #: The Go Sidero's LogReceiverPort (spec §0.3).
 LOG_RECEIVER_PORT = 4001
@@ -150,6 +157,7 @@ class KmsgProtocol(Protocol):
         self.peer_ip = normalise_ip(str(getattr(addr, "host", ""))) or ""
         self.buffer = b""
         self.closing = False
+        self.first = True
 
     def connectionMade(self) -> None:
         self.factory.counters["connections"] += 1
@@ -178,7 +186,8 @@ class KmsgProtocol(Protocol):
             self._reject("malformed", str(e))
             return
         for message in messages:
-            self.factory.emit(self.peer_ip, message)
+            self.factory.emit(self.peer_ip, message, first=self.first)
+            self.first = False
 
     def _reject(self, counter: str, why: str) -> None:
         self.factory.counters[counter] += 1
@@ -202,7 +211,8 @@ class KmsgProtocol(Protocol):
                                       peer=self.peer_ip, why=str(e))
                 return
             for message in messages:
-                self.factory.emit(self.peer_ip, message)
+                self.factory.emit(self.peer_ip, message, first=self.first)
+                self.first = False
 
 
 class KmsgFactory(Factory):
@@ -210,22 +220,29 @@ class KmsgFactory(Factory):
 
     @ivar counters: C{connections}, C{messages} written, C{malformed} and C{too_long} lines
         dropped.
+    @ivar server_logs: where known nodes' lines are also kept (None: nowhere).
+    @ivar timeline: where a connection's first message is recorded (None: not recorded).
     """
 
     log = Logger()
 
     def __init__(self, writer: LineWriter,
-                 annotation_for: Callable[[str], Annotation | None]) -> None:
+                 annotation_for: Callable[[str], Annotation | None],
+                 server_logs: IServerLogs | None = None, timeline: ITimeline | None = None,
+                 ) -> None:
         self.writer = writer
         self.annotation_for = annotation_for
+        self.server_logs = server_logs
+        self.timeline = timeline
         self.counters = {"connections": 0, "messages": 0, "malformed": 0, "too_long": 0}
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
         return KmsgProtocol(self, addr)
 
-    def emit(self, peer_ip: str, message: dict[str, Any]) -> None:
+    def emit(self, peer_ip: str, message: dict[str, Any], first: bool = False) -> None:
+        annotation = self.annotation_for(peer_ip)
         try:
-            line = go_json(annotate(message, self.annotation_for(peer_ip))) + "\n"
+            line = go_json(annotate(message, annotation)) + "\n"
         except (ValueError, TypeError) as e:
             self.counters["malformed"] += 1
             self.log.warn("kernel logs from {peer}: cannot encode a message: {error}",
@@ -233,6 +250,14 @@ class KmsgFactory(Factory):
             return
         self.counters["messages"] += 1
         self.writer.write(line)
+        server = annotation.server_uuid if annotation is not None else ""
+        if not server:
+            return
+        if self.server_logs is not None:
+            self.server_logs.append(server, kmsg_text(message))
+        if first and self.timeline is not None:
+            self.timeline.record("siderolink-logs", source="siderolink", uuid=server,
+                                 node=peer_ip)
 
 
 def make_log_receiver_service(reactor: Any, factory: KmsgFactory,

@@ -94,6 +94,7 @@ class ProvisionAPI:
     """Provision on the reactor thread, over the store.
 
     @param random_bytes: the salt source of new node addresses (tests pass a fixed one).
+    @ivar timeline: where each answered Provision is recorded (C{siderolink-provision}).
     """
 
     log = Logger()
@@ -105,6 +106,7 @@ class ProvisionAPI:
         self.store = store
         self.link = link
         self.random_bytes = random_bytes
+        self.timeline: Any = None
 
     async def provision(self, request: pb.ProvisionRequest) -> pb.ProvisionResponse:
         reason = self.link.unavailable
@@ -143,6 +145,9 @@ class ProvisionAPI:
                     continue
             self.log.info("SideroLink: node {uuid} provisioned at {address}", uuid=uuid,
                           address=address.with_prefixlen)
+            if self.timeline is not None:
+                self.timeline.record("siderolink-provision", source="siderolink", uuid=uuid,
+                                     address=address.with_prefixlen, endpoint=endpoint)
             return pb.ProvisionResponse(
                 server_endpoint=[endpoint],
                 server_public_key=identity.public_key,

@@ -12,7 +12,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 
-from sidero.agent.client import AgentClient, Heartbeat, RetriesExhausted, retry
+from sidero.agent.client import AgentClient, Heartbeat, RequestTooLarge, RetriesExhausted, retry
 from sidero.api.registry import SERVER
 from sidero.proto import agent_pb2 as pb
 from sidero.protocols.grpc.port import make_api_port_service
@@ -138,6 +138,21 @@ class RealPortTests(TestCase):
             {"type": "InternalIP", "address": "fd00::5"}])
         self.assertIs(server["status"]["isClean"], True)
         self.assertEqual(server["spec"]["bmc"]["endpoint"], "10.9.9.9")
+
+        # A 5 MiB inventory is past the server's 4 MiB limit (grpc-go's default): grpcio
+        # answers RESOURCE_EXHAUSTED before the servicer runs, the client does not retry it
+        # (a retry would sleep first: none did), and the port still serves the next call.
+        big = pb.HardwareInformation(system=pb.SystemInformation(
+            uuid=UUID, manufacturer="M" * (5 * 1024 * 1024)))
+        sleeps: list[float] = []
+        client.sleep = sleeps.append
+        with self.assertRaises(RequestTooLarge) as too_large:
+            await deferToThread(client.create_server, big, "node-1")
+        self.assertIn(grpc.StatusCode.RESOURCE_EXHAUSTED.name, str(too_large.exception))
+        self.assertIn("vs. 4194304", str(too_large.exception))
+        self.assertEqual(sleeps, [])
+        self.assertEqual((await store.get(SERVER, UUID))["spec"]["hostname"], "node-1")
+        await deferToThread(client.heartbeat, UUID, 5)
 
         refused = AgentClient.connect("127.0.0.1:1", retry_interval=0.1, retry_timeout=0.5,
                                       call_timeout=0.5)

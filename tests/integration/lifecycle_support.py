@@ -74,6 +74,7 @@ class SideroProcess:
             "--api-port", str(self.port), "--http-port", str(self.port),
             "--disable-dhcp-proxy", "--disable-tftp", "--disable-siderolink", "--disable-syslog",
             "--metrics-port", str(free_tcp_port()), "--health-port", str(free_tcp_port()),
+            "--dashboard-port", str(free_tcp_port()),
             "--talos-assets-url", "http://127.0.0.1:1",
             "--no-enable-leader-election", "--server-reboot-timeout", reboot_timeout,
             "--management-socket", self.socket, "--log-format", "json", *extra,

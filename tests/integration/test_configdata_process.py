@@ -3,6 +3,10 @@
 Objects go in through the management CLI as an operator would apply them; the config comes
 out through curl.  The SideroLink documents must point at the tunnel address derived from
 the C{default/siderolink} Secret the process created at start (spec §2.4, §3.8).
+
+The process runs with the default C{--configdata-access owner}: the bindings carry
+C{spec.addresses: [127.0.0.1]} (what the event sink records from Talos' AddressEvent), so
+curl on loopback is their node; a uuid with no such address is refused 403.
 """
 
 from __future__ import annotations
@@ -81,9 +85,10 @@ class ConfigDataProcessTests(TestCase):
         """A Cluster-API-shaped binding and an annotated lab MetalMachine both get their
         patched config with the node label and this installation's SideroLink documents."""
         await self.wait_ready()
-        self.assertEqual(await deferToThread(self.curl, "nobody"), (404, (
-            b"server is not allocated (missing serverbinding): "
-            b'serverbindings.infrastructure.cluster.x-k8s.io "nobody" not found\n')))
+        # Not the Go answer (404 "server is not allocated"): a source that is not the
+        # server's learns nothing, not even whether it exists.
+        self.assertEqual(await deferToThread(self.curl, "nobody"),
+                         (403, b"forbidden: configdata is served only to its server\n"))
 
         bootstrap = "version: v1alpha1\nmachine:\n  type: worker\n  kubelet: {}\n"
         self.apply(
@@ -108,7 +113,8 @@ class ConfigDataProcessTests(TestCase):
             {"apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha3", "kind": "ServerBinding",
              "metadata": {"name": UUID},
              "spec": {"metalMachineRef": {"kind": "MetalMachine", "namespace": NS, "name": "metal-0"},
-                      "serverClassRef": {"kind": "ServerClass", "name": "lab"}}},
+                      "serverClassRef": {"kind": "ServerClass", "name": "lab"},
+                      "addresses": ["127.0.0.1"]}},
             # The extension: no Cluster API Machine, the Secret named by an annotation.
             {"apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server", "metadata": {"name": LAB_UUID},
              "spec": {"accepted": True}},
@@ -119,7 +125,8 @@ class ConfigDataProcessTests(TestCase):
                           "annotations": {"metal.sidero.dev/bootstrap-data-secret": "lab-config"}}, "spec": {}},
             {"apiVersion": "infrastructure.cluster.x-k8s.io/v1alpha3", "kind": "ServerBinding",
              "metadata": {"name": LAB_UUID},
-             "spec": {"metalMachineRef": {"kind": "MetalMachine", "namespace": NS, "name": "lab-0"}}},
+             "spec": {"metalMachineRef": {"kind": "MetalMachine", "namespace": NS, "name": "lab-0"},
+                      "addresses": ["127.0.0.1"]}},
         )
 
         identity = config_from_secret(self.sidero.get(SECRET, "siderolink", "default"))

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import socket
 import time
+import urllib.request
 import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
@@ -280,8 +282,9 @@ class IPMILifecycleTests(LifecycleTestCase):
 class FleetConvergenceTests(LifecycleTestCase):
     """Machines behind the HTTP power API all end clean, ready and off despite power failures."""
 
-    async def run_fleet(self, *flags: str) -> list[PowerAPI]:
-        """Register, accept and wait for FLEET_SIZE machines to end clean, ready and off."""
+    async def run_fleet(self, *flags: str, on_poll: Callable[[], Any] | None = None) -> list[PowerAPI]:
+        """Register, accept and wait for FLEET_SIZE machines to end clean, ready and off
+        (C{on_poll} is called at each check while waiting)."""
         sidero = self.start_sidero(*flags)
         await self.wait_for("sidero to be ready", sidero.ready, 60)
         machines = [Machine(uuid=new_uuid(), index=10 + i, work=os.path.join(self.work, f"m{i}"))
@@ -311,6 +314,8 @@ class FleetConvergenceTests(LifecycleTestCase):
         names = sorted(m.uuid for m in machines)
 
         def converged() -> bool:
+            if on_poll is not None:
+                on_poll()
             servers = {s["metadata"]["name"]: s for s in sidero.items(SERVER)}
             pending = {}
             for api in apis:
@@ -360,3 +365,29 @@ class FleetConvergenceTests(LifecycleTestCase):
         (the service passes power_off_recheck; spec 2.2 alone would leave such a server on)."""
         await self.run_fleet("--test-power-silent-failure", "0.1")
         self.assertTrue(self.injected("silent"), "no silent power failure was injected")
+
+    async def test_wipes_queued(self) -> None:
+        """With --max-concurrent-wipes 2, the eight accepted servers wait their turn: /metrics
+        never shows more than two wiping, shows a queue, and every server still ends wiped,
+        clean, ready and off (queued, never refused)."""
+        samples: list[tuple[float, float, float]] = []
+
+        def sample() -> None:
+            port = self.sidero.args[self.sidero.args.index("--metrics-port") + 1]
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            values = {}
+            for name in ("sidero_limit_max", "sidero_limit_in_flight", "sidero_limit_queued"):
+                found = re.search(rf'^{name}{{limit="wipe"}} (\S+)$', text, re.M)
+                assert found is not None, text
+                values[name] = float(found[1])
+            samples.append((values["sidero_limit_max"], values["sidero_limit_in_flight"],
+                            values["sidero_limit_queued"]))
+
+        await self.run_fleet("--max-concurrent-wipes", "2", on_poll=sample)
+        sample()  # after convergence: every slot free, nobody waiting
+        self.assertTrue(samples)
+        self.assertEqual({s[0] for s in samples}, {2.0})
+        self.assertLessEqual(max(s[1] for s in samples), 2.0, samples)
+        self.assertGreater(max(s[2] for s in samples), 0.0, samples)
+        self.assertEqual(samples[-1][1:], (0.0, 0.0), samples)

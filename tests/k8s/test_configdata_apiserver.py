@@ -105,7 +105,9 @@ class MetadataOnAPIServerTests(TestCase):
             informers["Server"], informers["ServerBinding"], informers["ServerClass"], informers["Environment"],
             metal_machines=informers["MetalMachine"], secrets=informers["Secret"], machines_known=False)
         lookup.set_machines(None)  # what the service does when discovery says "not served"
-        site = BootSite(lookup, BootSettings("127.0.0.1", 8081), self.mktemp(), [])
+        # About the Kubernetes store's lookups, not who may ask: any source (the Go behaviour).
+        site = BootSite(lookup, BootSettings("127.0.0.1", 8081, configdata_access="any"),
+                        self.mktemp(), [])
         site.set_siderolink_server_address(str(identity.server_address))
         port = reactor.listenTCP(0, Site(site.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)

@@ -59,6 +59,7 @@ class SideroProcess:
             "--tftp-port", str(free_port(socket.SOCK_DGRAM)),
             "--webhook-port", str(self.webhook_port),
             "--metrics-port", str(free_port()), "--health-port", str(free_port()),
+            "--dashboard-port", str(free_port()),
             "--webhook-cert-dir", os.path.join(workdir, name, "webhook-certs"),
             "--talos-assets-url", "http://127.0.0.1:1", "--log-format", "json", *extra,
         ]

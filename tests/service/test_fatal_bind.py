@@ -27,7 +27,8 @@ class FatalBindTests(SynchronousTestCase):
             [sys.executable, str(RUN_SIDERO), "--state-dir", self.state,
              "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
              "--api-port", port, "--http-port", port, "--health-port", str(free_tcp_port()),
-             "--metrics-port", str(free_tcp_port()), "--talos-assets-url", "http://127.0.0.1:1",
+             "--metrics-port", str(free_tcp_port()), "--dashboard-port", str(free_tcp_port()),
+             "--talos-assets-url", "http://127.0.0.1:1",
              "--management-socket", os.path.join(self.sockets, "m.sock"), *args],
             capture_output=True, text=True, timeout=60, env=tree_env(), stdin=subprocess.DEVNULL)
 

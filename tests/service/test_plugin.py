@@ -149,7 +149,8 @@ class InstalledWheelTests(SynchronousTestCase):
             ["-n", "--pidfile=", "sidero", "--state-dir", state_dir,
              "--api-endpoint", "127.0.0.1", "--listen-address", "127.0.0.1",
              "--api-port", str(api_port), "--http-port", str(api_port), "--disable-dhcp-proxy",
-             "--tftp-port", str(free_port(socket.SOCK_DGRAM))],
+             "--tftp-port", str(free_port(socket.SOCK_DGRAM)),
+             "--dashboard-port", str(free_port(socket.SOCK_STREAM))],
             self.env.env(), state_dir, api_port,
         )
         self.assertIn("Main loop terminated", text)
@@ -170,6 +171,7 @@ class InstalledWheelTests(SynchronousTestCase):
             SIDERO_CONTROLLER_MANAGER_DISABLE_DHCP_PROXY="true",
             SIDERO_TFTP_PORT=str(free_port(socket.SOCK_DGRAM)),
             SIDERO_LOG_FORMAT="json",
+            SIDERO_DASHBOARD_PORT=str(free_port(socket.SOCK_STREAM)),
         )
         tac = os.path.join(REPO, "tap", "sidero.tac")
         text = self.run_until_started(["-n", "--pidfile=", "-y", tac], env, state_dir, api_port)

@@ -248,7 +248,7 @@ class TwistdProcessNotifyTests(TestCase):
             [sys.executable, str(RUN_SIDERO), "--api-endpoint", "127.0.0.1", "--state-dir", state,
              "--listen-address", "127.0.0.1", "--api-port", str(free_tcp_port()),
              "--metrics-port", str(free_tcp_port()), "--health-port", str(free_tcp_port()),
-             "--tftp-port", str(free_udp_port()), "--disable-dhcp-proxy",
+             "--dashboard-port", str(free_tcp_port()), "--tftp-port", str(free_udp_port()), "--disable-dhcp-proxy",
              "--management-socket", os.path.join(ns.dir, "m.sock"),
              "--talos-assets-url", "http://127.0.0.1:1"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

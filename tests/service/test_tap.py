@@ -23,7 +23,7 @@ from sidero.config import Host, Settings, resolve
 from tests.ports import free_tcp_port, free_udp_port
 
 FULL_TREE = ["threads", "store", "controllers", "dhcp-proxy", "tftp", "http", "siderolink",
-             "log-receiver", "event-sink", "syslog", "management", "metrics", "health"]
+             "log-receiver", "event-sink", "syslog", "management", "dashboard", "metrics", "health"]
 
 
 def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
@@ -33,6 +33,8 @@ def settings_for(state_dir: str, *argv_flags: str, **flags: str) -> Settings:
     # Never github.com from a test: a closed loopback port makes the default Environment's
     # downloads fail at once (a logged warning, retried with backoff).
     given.setdefault("talos_assets_url", "http://127.0.0.1:1")
+    # The dashboard's default port (8082) would be shared by every tree a test starts.
+    given.setdefault("dashboard_port", str(free_tcp_port()))
     for name in argv_flags:
         given[name] = "true"
     host = Host(is_root=True, home="/nonexistent", addresses=lambda: [])
@@ -173,7 +175,7 @@ class BuildServiceTests(SynchronousTestCase):
     def test_disable_removes_service(self) -> None:
         """--disable-<name> leaves that child out and keeps the rest."""
         for name in ["controllers", "dhcp-proxy", "tftp", "http", "siderolink", "log-receiver",
-                     "event-sink", "syslog"]:
+                     "event-sink", "syslog", "dashboard"]:
             with self.subTest(name=name):
                 flag = "disable_" + name.replace("-", "_")
                 root = tap.build_service(settings_for(self.state_dir, flag), MemoryReactorClock())

@@ -134,7 +134,8 @@ class ServiceTreeTimelineTests(TestCase):
         self.settings = settings_for(
             os.path.abspath(self.mktemp()), "disable_dhcp_proxy", "disable_siderolink", "disable_syslog",
             api_port=str(self.api_port), http_port=str(self.api_port), metrics_port=str(free_tcp_port()), health_port=str(free_tcp_port()),
-            tftp_port=str(free_udp_port()), listen_address="127.0.0.1")
+            tftp_port=str(free_udp_port()), listen_address="127.0.0.1",
+            server_log=os.path.join(os.path.abspath(self.mktemp()), "servers.log"))
         self.root = tap.build_service(self.settings, global_reactor)
         self.root.exit_on_start_failure = False
         self.root.startService()
@@ -205,3 +206,41 @@ class ServiceTreeTimelineTests(TestCase):
         out, err, code = await self.run_cli("logs", "no-such-server")
         self.assertEqual(code, 1)
         self.assertIn("not found", err)
+
+    async def test_siderolink_and_talos_steps_through_the_tree(self) -> None:
+        """The tree's log receiver and event sink feed the server's log buffer and timeline:
+        C{sidero describe server} shows the SideroLink and Talos steps, C{sidero logs} the
+        kernel line (the tunnel itself is tested in tests/siderolink/test_netns.py)."""
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import deferLater
+
+        from sidero.proto import machine_pb2
+        from tests.siderolink.support import TUNNEL, binding
+        from tests.siderolink.test_eventsink import request
+
+        context = self.root.context
+        await context.store.create({"apiVersion": "metal.sidero.dev/v1alpha2", "kind": "Server",
+                                    "metadata": {"name": UUID}, "spec": {"accepted": True}})
+        await context.store.create(binding(UUID))
+        assert context.siderolink_annotator is not None and context.log_receiver_factory is not None
+        assert context.event_sink is not None
+        for _ in range(200):
+            if context.siderolink_annotator.for_tunnel_ip(TUNNEL) is not None:
+                break
+            await deferLater(global_reactor, 0.02, lambda: None)
+        context.log_receiver_factory.emit(TUNNEL, {
+            "msg": "Linux version 6.12.40-talos", "facility": "kern", "priority": "notice",
+            "talos-time": "2025-08-04T09:12:01.018245617Z"}, first=True)
+        await Deferred.fromCoroutine(context.event_sink.publish(
+            f"ipv6:%5B{TUNNEL}%5D:43210",
+            request(machine_pb2.SequenceEvent(sequence="boot", action=machine_pb2.SequenceEvent.START))))
+        out, err, code = await self.run_cli("describe", "server", UUID)
+        self.assertEqual(code, 0, err)
+        timeline = out[out.index("Boot Timeline:"):out.index("Events:")]
+        self.assertIn("siderolink-logs", timeline)
+        sequence_line = next(line for line in timeline.splitlines() if "talos-sequence" in line)
+        self.assertIn("sequence=boot", sequence_line)
+        self.assertIn("action=START", sequence_line)
+        out, err, code = await self.run_cli("logs", UUID)
+        self.assertEqual((out, code), ("2025-08-04T09:12:01.018245617Z kern.notice: Linux version"
+                                       " 6.12.40-talos\n", 0), err)

@@ -128,6 +128,37 @@ class EventSinkAPITests(StoreTestCase):
         for type_ in ("TalosInstalled", "TalosConfigLoaded", "TalosConfigValidated"):
             self.assertTrue(conditions.is_true(self.stored(), type_), type_)
 
+    def test_timeline_steps(self) -> None:
+        """Sequences, phase starts, config errors, addresses and services running are boot
+        steps of the node's server; tasks, phase stops and other service states are not."""
+        from sidero.timeline import BootTimeline
+
+        self.api.timeline = timeline = BootTimeline(self.clock.seconds)
+        for message in (
+            machine_pb2.ConfigLoadErrorEvent(error="failed to fetch config"),
+            machine_pb2.PhaseEvent(phase="install", action=machine_pb2.PhaseEvent.START),
+            machine_pb2.PhaseEvent(phase="install", action=machine_pb2.PhaseEvent.STOP),
+            machine_pb2.TaskEvent(task="installer", action=machine_pb2.TaskEvent.START),
+            machine_pb2.ServiceStateEvent(service="apid", action=machine_pb2.ServiceStateEvent.PREPARING),
+            machine_pb2.ServiceStateEvent(service="apid", action=machine_pb2.ServiceStateEvent.RUNNING),
+            machine_pb2.AddressEvent(hostname="talos-abc", addresses=["172.20.0.5", "fe80::1"]),
+            sequence("boot", machine_pb2.SequenceEvent.START),
+        ):
+            self.ok(self.publish(message))
+        steps = [(e.step, e.source, e.details) for e in timeline.for_machine(uuid=UUID)]
+        self.assertEqual(steps, [
+            ("talos-config-load-error", "talos", {"error": "failed to fetch config"}),
+            ("talos-phase", "talos", {"phase": "install", "action": "START"}),
+            ("talos-service", "talos", {"service": "apid", "action": "RUNNING"}),
+            ("talos-addresses", "talos", {"hostname": "talos-abc", "addresses": "172.20.0.5,fe80::1"}),
+            ("talos-sequence", "talos", {"sequence": "boot", "action": "START"}),
+        ])
+        # An unknown node's events are nobody's steps.
+        self.failureResultOf(self.publish(machine_pb2.AddressEvent(hostname="x"),
+                                          peer="ipv6:%5Bfdae::99%5D:1"))
+        self.publish(sequence("boot", machine_pb2.SequenceEvent.STOP), peer="ipv6:%5Bfdae::99%5D:1")
+        self.assertEqual(len(list(timeline.machines_known())), 1)
+
     def test_install_sequence_outcomes(self) -> None:
         """install NOOP with a FATAL error: installed when the error is the reboot, failed
         otherwise; no error at all counts as FATAL (code 0), as in Go."""

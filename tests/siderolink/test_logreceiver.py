@@ -172,6 +172,40 @@ class ProtocolTests(SynchronousTestCase):
         self.assertEqual(self.lines()[-1], {"msg": "who"})
         self.assertEqual(self.factory.counters["messages"], 6)
 
+    def test_known_nodes_lines_kept_for_their_server(self) -> None:
+        """A known node's messages also go to its server's log buffer as readable lines, and
+        each connection's first message is one C{siderolink-logs} boot step; an unknown
+        source's lines are only written."""
+        from twisted.internet.task import Clock
+
+        from sidero.serverlogs import ServerLogs
+        from sidero.timeline import BootTimeline
+
+        clock = Clock()
+        self.factory.server_logs = logs = ServerLogs(clock.seconds)
+        self.factory.timeline = timeline = BootTimeline(clock.seconds)
+        proto, _ = self.connect()
+        proto.dataReceived(KMSG)
+        kept = [line.text for line in logs.lines(ANNOTATION.server_uuid)]
+        self.assertEqual(len(kept), 5)
+        self.assertTrue(kept[0].startswith("2025-08-04T09:12:01.018245617Z kern.notice: Linux version"),
+                        kept[0])
+        self.assertEqual(kept[3], "2025-08-04T09:12:03.936395100Z daemon.warning: [talos] task"
+                                  " startAllServices (1/1): waiting for 6 services")
+        again, _ = self.connect()
+        again.dataReceived(b'{"msg":"second connection"}\n')
+        other, _ = self.connect("fdae::99")
+        other.dataReceived(b'{"msg":"who"}\n')
+        self.assertEqual(logs.lines(ANNOTATION.server_uuid)[-1].text, "second connection")
+        again.dataReceived(b'{"msg":"\\u001b]0;owned\\u0007\\u001b[2Jred\\nsecond line\\ttab"}\n')
+        self.assertEqual(logs.lines(ANNOTATION.server_uuid)[-1].text,
+                         "\\x1b]0;owned\\x07\\x1b[2Jred\\x0asecond line\ttab")
+        self.assertEqual(logs.lines("fdae::99"), [])
+        steps = timeline.for_machine(uuid=ANNOTATION.server_uuid)
+        self.assertEqual([(e.step, e.details["node"]) for e in steps],
+                         [("siderolink-logs", "fdae::2"), ("siderolink-logs", "fdae::2")])
+        self.assertEqual(len(list(timeline.machines_known())), 1)
+
     def test_malformed_line_closes_only_that_connection(self) -> None:
         """A bad line is dropped and counted and its connection closed; lines before it were
         written; another node's connection goes on."""
@@ -239,7 +273,12 @@ class LoopbackTests(TestCase):
         self.addCleanup(pool.stopService)
         writer = LineWriter(pool, out)
         self.addCleanup(writer.close)
-        factory = KmsgFactory(writer, {"127.0.0.1": ANNOTATION}.get)
+        from sidero.serverlogs import ServerLogs
+
+        logs = ServerLogs(global_reactor.seconds)
+        followed: list[str] = []
+        logs.follow(ANNOTATION.server_uuid, lambda line: followed.append(line.text))
+        factory = KmsgFactory(writer, {"127.0.0.1": ANNOTATION}.get, server_logs=logs)
 
         async def host() -> str:
             return "127.0.0.1"
@@ -274,5 +313,8 @@ class LoopbackTests(TestCase):
         self.assertEqual(len(lines), 5)
         self.assertEqual(json.loads(lines[2])["metal_machine"], "mm-0")
         self.assertEqual(factory.counters["malformed"], 1)
+        # The same five, readable, followed live in the server's buffer (sidero logs -f).
+        self.assertEqual(len(followed), 5)
+        self.assertTrue(followed[2].endswith("eth0: (PCI:33MHz:32-bit) 52:54:00:12:34:56"), followed[2])
         good.transport.loseConnection()  # type: ignore[union-attr]
         await good.closed

@@ -350,6 +350,7 @@ class SideroLinkNetnsTests(TestCase):
                           "namespace": "default", "metal_machine": MM, "cluster": CLUSTER,
                           "error": "yaml: line 3: bad indentation"})
 
+        await self.dashboard_shows_the_node()
         await self.syslog_from_the_node()
         await self.stranger_gets_nothing(server_key, server_ip, subnet)
         await self.restart_keeps_the_peer(node_key, server_ip)
@@ -369,6 +370,18 @@ class SideroLinkNetnsTests(TestCase):
                 return last
             await deferLater(reactor, 0.25, lambda: None)
         raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
+
+    async def dashboard_shows_the_node(self) -> None:
+        """The dashboard (loopback of sidero's namespace: no login) shows the node's SideroLink
+        and Talos boot steps and its kernel log lines, from the real tunnel's traffic."""
+        page = await deferToThread(self.sh, self.srv, "curl", "-sf", f"http://127.0.0.1:8082/servers/{UUID}")
+        timeline = page[page.index('id="timeline"'):page.index('id="logs"')]
+        for step in ("siderolink-provision", "siderolink-logs", "talos-config-load-error",
+                     "talos-addresses", "talos-phase", "talos-service", "talos-sequence"):
+            self.assertIn(f'data-step="{step}"', timeline)
+        logs = page[page.index('id="logs"'):]
+        self.assertIn("kern.notice: Linux version 6.12.40-talos", logs)
+        self.assertIn("[talos] &lt;siderolink&gt; &amp; &quot;quotes&quot;", logs)
 
     async def syslog_from_the_node(self) -> None:
         """util-linux logger on the node's LAN address (the one Talos reported) to sidero's

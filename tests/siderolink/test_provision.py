@@ -98,6 +98,21 @@ class ProvisionAPITests(SynchronousTestCase):
         self.assertEqual(self.stored()["spec"]["siderolink"],
                          {"address": expected.with_prefixlen, "publicKey": NODE_KEY})
 
+    def test_recorded_on_the_timeline(self) -> None:
+        """Each answered Provision is a C{siderolink-provision} step of the node; a refused one
+        is not."""
+        from sidero.timeline import BootTimeline
+
+        self.api.timeline = timeline = BootTimeline(self.clock.seconds)
+        self.fails(self.api.provision(pb.ProvisionRequest(node_uuid=UUID, node_public_key=NODE_KEY)))
+        self.assertEqual(timeline.for_machine(uuid=UUID), [])
+        self.ok(self.store.create(binding()))
+        response = self.provision()
+        (entry,) = timeline.for_machine(uuid=UUID)
+        self.assertEqual((entry.step, entry.source, entry.details),
+                         ("siderolink-provision", "siderolink",
+                          {"address": response.node_address_prefix, "endpoint": "192.0.2.1:51821"}))
+
     def test_address_is_kept_across_provisions(self) -> None:
         """A reboot (new key) or a node of the Go Sidero (address already in the binding)
         keeps its address; only the key changes."""

@@ -21,6 +21,7 @@ from twisted.logger import (
 )
 
 from sidero.protocols.dhcp.policy import BootFiles
+from sidero.protocols.dhcp.ratelimit import PerClientLimiter
 from sidero.protocols.dhcp.service import DHCPProxyService
 
 
@@ -36,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--x86-efi-file", default=BootFiles.x86_efi)
     p.add_argument("--arm64-efi-file", default=BootFiles.arm64_efi)
     p.add_argument("--ipxe-script", default=BootFiles.ipxe_script)
+    p.add_argument("--mac-rate", type=float, default=2.0,
+                   help="packets per second answered per client MAC (0: no limit)")
+    p.add_argument("--mac-burst", type=int, default=10)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warn", "error"])
     return p.parse_args(argv)
 
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         dhcp_port=args.dhcp_port, proxy_port=args.proxy_port or None,
         boot_files=BootFiles(bios=args.bios_file, x86_efi=args.x86_efi_file,
                              arm64_efi=args.arm64_efi_file, ipxe_script=args.ipxe_script),
+        limiter=PerClientLimiter(args.mac_rate, args.mac_burst, reactor.seconds),
     )
     service.privilegedStartService()
     service.startService()

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from sidero.protocols.dhcp import codec, policy
 from sidero.protocols.dhcp.codec import MalformedPacket
 from sidero.protocols.dhcp.policy import Ignore, ProxyConfig
+from sidero.protocols.dhcp.ratelimit import RATE_LIMITED, PerClientLimiter
 
 #: Largest datagram we look at; DHCP messages are rarely above 576 bytes and a jumbo
 #: frame is 9000. Anything bigger is dropped before parsing (bounded work per packet).
@@ -113,8 +114,11 @@ class DHCPProxyProtocol(DatagramProtocol):
 
     def __init__(self, config: ProxyConfig, *, proxy_port: bool, clock: IReactorTime,
                  counters: DHCPCounters | None = None,
-                 rate_limit: RateLimitedLog | None = None) -> None:
+                 rate_limit: RateLimitedLog | None = None,
+                 limiter: PerClientLimiter | None = None) -> None:
         self.config = config
+        #: per-MAC token bucket shared by both ports (None: no limit).
+        self.limiter = limiter
         self.proxy_port = proxy_port
         self.counters = counters if counters is not None else DHCPCounters()
         self.rate_limit = rate_limit if rate_limit is not None else RateLimitedLog(clock)
@@ -140,6 +144,9 @@ class DHCPProxyProtocol(DatagramProtocol):
         except MalformedPacket as e:
             self.counters.malformed += 1
             self._drop("malformed packet: {reason}", addr, reason=e.reason)
+            return
+        if self.limiter is not None and not self.limiter.allow(msg.mac):
+            self.counters.ignored[RATE_LIMITED] = self.counters.ignored.get(RATE_LIMITED, 0) + 1
             return
         decision = policy.decide(msg, self.config, proxy_port=self.proxy_port,
                                  source=(addr[0], addr[1]))

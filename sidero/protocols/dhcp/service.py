@@ -35,6 +35,7 @@ from sidero.protocols.dhcp.protocol import (
     DHCPProxyProtocol,
     RateLimitedLog,
 )
+from sidero.protocols.dhcp.ratelimit import PerClientLimiter
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
@@ -81,7 +82,8 @@ class DHCPProxyService(MultiService):
                  read_addresses: AddressReader = netlink_ipv4_addresses,
                  resolve: Callable[[str], str] = resolve_ipv4,
                  open_socket: SocketOpener = open_bound_socket,
-                 counters: DHCPCounters | None = None, fatal: bool = False) -> None:
+                 counters: DHCPCounters | None = None, fatal: bool = False,
+                 limiter: PerClientLimiter | None = None) -> None:
         super().__init__()
         self.setName("dhcp-proxy")
         self.reactor = reactor
@@ -96,6 +98,7 @@ class DHCPProxyService(MultiService):
         self._open_socket = open_socket
         self.counters = counters if counters is not None else DHCPCounters()
         self.rate_limit = RateLimitedLog(reactor)
+        self.limiter = limiter
         self.fatal = fatal
         self.config: ProxyConfig | None = None
         self.configs: dict[str, ProxyConfig] = {}
@@ -143,7 +146,8 @@ class DHCPProxyService(MultiService):
                     try:
                         proto = DHCPProxyProtocol(config, proxy_port=is_proxy, clock=self.reactor,
                                                   counters=self.counters,
-                                                  rate_limit=self.rate_limit)
+                                                  rate_limit=self.rate_limit,
+                                                  limiter=self.limiter)
                         proto.timeline = getattr(self, "timeline", None)
                         ports.append(self.reactor.adoptDatagramPort(
                             sock.fileno(), socket.AF_INET, proto, maxPacketSize=MAX_PACKET + 1))

@@ -13,6 +13,12 @@ first bytes of a connection decide it:
     replayed into an ordinary twisted.web HTTP channel of the site, which keeps the
     connection from then on (keep-alive, pipelining, timeouts all as usual).
 
+Bounds (L{sidero.protocols.http.limits.HTTPLimits}): at most C{max_connections} open
+connections and C{max_connections_per_source} from one source address (more are closed at
+once, counted in C{refused}), so a flood of idle connections cannot take every descriptor; the
+HTTP side has a per-request deadline and header/body limits; gRPC message and stream limits
+are grpcio's options (L{sidero.protocols.grpc.server.GRPC_OPTIONS}).
+
 The splice keeps grpcio in charge of HTTP/2 and gRPC (framing, HPACK, flow control, unknown
 methods answered UNIMPLEMENTED); Twisted only moves bytes.  HTTP/2 requests that are not gRPC
 also reach grpcio (Go routes those to its HTTP mux); no known client sends them.
@@ -38,11 +44,21 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from twisted.web.server import Site
 
+from sidero.protocols.grpc.h2guard import FrameGuard
+from sidero.protocols.http.limits import (
+    H2_FLOOD,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_FROM_SOURCE,
+    HTTPLimits,
+    guarded_channel,
+    new_refusals,
+)
+
 #: The HTTP/2 client connection preface (RFC 9113 §3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 #: Seconds a connection may take to send enough bytes to be told apart.
-DEFAULT_SNIFF_TIMEOUT = 30.0
+DEFAULT_SNIFF_TIMEOUT = 10.0
 
 SNIFFING, HTTP, CONNECTING, GRPC, CLOSED = "sniffing", "http", "connecting", "grpc", "closed"
 
@@ -100,9 +116,11 @@ class SplitProtocol(Protocol):
         self.backend: _Backend | None = None
         self._connecting: Deferred[Any] | None = None
         self._timer: IDelayedCall | None = None
+        self.guard: FrameGuard | None = None
 
     def connectionMade(self) -> None:
         self.factory.connections.add(self)
+        self.factory.opened(self.addr)
         self._timer = self.factory.reactor.callLater(self.factory.sniff_timeout, self._too_slow)
 
     def _too_slow(self) -> None:
@@ -123,9 +141,13 @@ class SplitProtocol(Protocol):
             self.http.dataReceived(data)
         elif self.state == GRPC:
             assert self.backend is not None
+            if self._flooding(data):
+                return
             self.backend.transport.write(data)  # type: ignore[union-attr]
         elif self.state == CONNECTING:
             # Read before the pause took effect; sent once the backend is there.
+            if self._flooding(data):
+                return
             self.buffer += data
         elif self.state == SNIFFING:
             self.buffer += data
@@ -147,8 +169,26 @@ class SplitProtocol(Protocol):
         if self.state == HTTP:
             channel.dataReceived(data)
 
+    def _flooding(self, data: bytes) -> bool:
+        """Whether C{data} pushes this connection past a control-frame limit (then it is
+        aborted and counted; L{sidero.protocols.grpc.h2guard})."""
+        if self.guard is None:
+            return False
+        kind = self.guard.feed(data)
+        if kind is None:
+            return False
+        self.factory.count_refusal(H2_FLOOD, _host(self.addr), f"a flood of HTTP/2 {kind} frames")
+        self.state = CLOSED
+        self.transport.abortConnection()  # type: ignore[union-attr]
+        if self.backend is not None:
+            self.backend.transport.abortConnection()  # type: ignore[union-attr]
+        return True
+
     def _become_grpc(self) -> None:
         self._stop_timer()
+        self.guard = FrameGuard(self.factory.reactor.seconds)
+        if self._flooding(self.buffer):
+            return
         self.state = CONNECTING
         self.factory.counters["grpc"] += 1
         # Stop reading until there is somewhere to put the bytes.
@@ -184,12 +224,15 @@ class SplitProtocol(Protocol):
     def backend_lost(self) -> None:
         """grpcio closed its side (GOAWAY after bad input, shutdown): close the client too."""
         if self.state == GRPC:
+            self.factory.counters["grpc_closed_by_backend"] += 1
             self.transport.loseConnection()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         state, self.state = self.state, CLOSED
         self._stop_timer()
-        self.factory.connections.discard(self)
+        if self in self.factory.connections:
+            self.factory.connections.discard(self)
+            self.factory.closed(self.addr)
         if state == HTTP and self.http is not None:
             self.http.connectionLost(reason if reason is not None else Failure(ConnectionDone()))
         elif state == GRPC and self.backend is not None:
@@ -205,23 +248,69 @@ class ApiPortFactory(Factory):
         (a callable, because the grpcio port is only known once the backend has started).
     @ivar connections: open client connections; @ivar backends: open grpcio connections.
     @ivar counters: connections classified (C{http}, C{grpc}), C{sniff_timeouts},
-        C{backend_failures}.
+        C{backend_failures}, C{grpc_closed_by_backend} (grpcio hung up first: a GOAWAY after
+        a flood or bad input, or shutdown).
+    @ivar refused: connections and requests refused, by reason
+        (L{sidero.protocols.http.limits.REASONS}); the HTTP channels count into it too.
+    @ivar per_source: open connections by source host.
     """
+
+    log = Logger()
 
     def __init__(
         self, reactor: Any, site: Site, backend_endpoint: Callable[[], IStreamClientEndpoint],
-        sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
+        sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT, limits: HTTPLimits | None = None,
+        refused: dict[str, int] | None = None,
     ) -> None:
         self.reactor = reactor
         self.site = site
         self.backend_endpoint = backend_endpoint
         self.sniff_timeout = sniff_timeout
+        self.limits = limits if limits is not None else HTTPLimits()
         self.connections: set[SplitProtocol] = set()
         self.backends: set[_Backend] = set()
-        self.counters = {"http": 0, "grpc": 0, "sniff_timeouts": 0, "backend_failures": 0}
+        self.per_source: dict[str, int] = {}
+        self.counters = {"http": 0, "grpc": 0, "sniff_timeouts": 0, "backend_failures": 0,
+                         "grpc_closed_by_backend": 0}
+        self.refused = refused if refused is not None else new_refusals()
+        self._last_refusal_log = -float("inf")
+        self._unlogged = 0
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        host = _host(addr)
+        # Returning None makes Twisted close the accepted socket at once.
+        if len(self.connections) >= self.limits.max_connections:
+            self.count_refusal(TOO_MANY_CONNECTIONS, host, "too many open connections")
+            return None
+        if self.per_source.get(host, 0) >= self.limits.max_connections_per_source:
+            self.count_refusal(TOO_MANY_FROM_SOURCE, host, "too many connections from it")
+            return None
         return SplitProtocol(self, addr)
+
+    def count_refusal(self, reason: str, host: str, what: str) -> None:
+        """Count a refused connection; log one line per 10 s at most during a flood."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        self._unlogged += 1
+        now = self.reactor.seconds()
+        if now - self._last_refusal_log >= 10.0:
+            self._last_refusal_log = now
+            self.log.warn("API port: closed a connection from {host}: {what} ({open} open,"
+                          " {from_source} from it; {count} refusals since the last line)",
+                          host=host, what=what, open=len(self.connections),
+                          from_source=self.per_source.get(host, 0), count=self._unlogged)
+            self._unlogged = 0
+
+    def opened(self, addr: IAddress | None) -> None:
+        host = _host(addr)
+        self.per_source[host] = self.per_source.get(host, 0) + 1
+
+    def closed(self, addr: IAddress | None) -> None:
+        host = _host(addr)
+        left = self.per_source.get(host, 0) - 1
+        if left > 0:
+            self.per_source[host] = left
+        else:
+            self.per_source.pop(host, None)
 
     def doStart(self) -> None:
         super().doStart()
@@ -230,6 +319,10 @@ class ApiPortFactory(Factory):
     def doStop(self) -> None:
         self.site.doStop()
         super().doStop()
+
+
+def _host(addr: IAddress | None) -> str:
+    return str(getattr(addr, "host", addr))
 
 
 class GrpcBackendService(Service):
@@ -362,16 +455,21 @@ def make_api_port_service(
     backend_address: str = "127.0.0.1:0",
     sniff_timeout: float = DEFAULT_SNIFF_TIMEOUT,
     stop_grace: float = 5.0,
+    limits: HTTPLimits | None = None,
 ) -> IService:
     """The API port service, named C{http}: HTTP/1.1 for C{site_resource} and h2c gRPC for the
     server C{grpc_server_factory} builds (unstarted; this service binds and starts it).
     See L{ApiPortService}.
     """
+    limits = limits if limits is not None else HTTPLimits()
+    refused = new_refusals()
     site = Site(site_resource, reactor=reactor)
     site.displayTracebacks = False
+    site.protocol = guarded_channel(limits, refused)  # type: ignore[assignment]
     backend = GrpcBackendService(reactor, grpc_server_factory, backend_address, stop_grace)
     backend.setName("grpc-backend")
-    factory = ApiPortFactory(reactor, site, backend.endpoint, sniff_timeout=sniff_timeout)
+    factory = ApiPortFactory(reactor, site, backend.endpoint, sniff_timeout=sniff_timeout,
+                             limits=limits, refused=refused)
     listener = TCPServer(port, factory, interface=interface, reactor=reactor, backlog=LISTEN_BACKLOG)
     listener.setName("listener")
     listener.factory = factory  # type: ignore[attr-defined]

@@ -495,16 +495,32 @@ class AgentServicer(pb_grpc.AgentServicer):
         return self._call("UpdateBMCInfo", context, lambda: self.api.update_bmc_info(request))
 
 
+#: grpc-go's server defaults, set explicitly (grpcio's C core would differ in places): 4 MiB
+#: per received message (a larger one fails RESOURCE_EXHAUSTED before any handler runs), 4 MiB
+#: sent, 100 concurrent streams per connection, no pings without data answered forever
+#: (grpcio's strike counter GOAWAYs a ping flood), and an HTTP/2 header list of 16 KiB.
+MAX_MESSAGE = 4 * 1024 * 1024
+GRPC_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_concurrent_streams", 100),
+    ("grpc.max_metadata_size", 16 * 1024),
+    ("grpc.http2.max_ping_strikes", 2),
+)
+
+
 def make_grpc_server(
     servicer: AgentServicer, max_workers: int = 8, interceptors: Sequence[Any] = (),
 ) -> grpc.Server:
     """An unstarted grpcio server carrying C{servicer}; the API port binds and starts it.
 
-    SO_REUSEPORT is off so an ephemeral loopback port can never be shared with a stranger.
+    SO_REUSEPORT is off so an ephemeral loopback port can never be shared with a stranger;
+    message and stream limits are L{GRPC_OPTIONS}.
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-agent"),
-        options=[("grpc.so_reuseport", 0)],
+        options=list(GRPC_OPTIONS),
         interceptors=list(interceptors),
     )
     pb_grpc.add_AgentServicer_to_server(servicer, server)

@@ -8,6 +8,7 @@ Lookups go through L{BootLookup}, so the decision is a pure function of the cach
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,10 @@ class BootSettings:
     boot_from_disk_method: str = "ipxe-exit"
     extra_agent_kernel_args: str = ""
     siderolink_server_address: str = ""
+    #: who may fetch /configdata: "owner" (its server's addresses, L{metadata.access}) or "any".
+    configdata_access: str = "owner"
+    #: sources allowed any /configdata in "owner" mode (a proxy, a NAT gateway).
+    configdata_trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 class LookupFailed(Exception):

@@ -7,6 +7,10 @@ ServerClass and Server patches, sidero's node label and the SideroLink documents
 through L{MetadataLookup} (informer caches in production), so this is a pure function of
 them; every status and message is the spec's.
 
+Privacy (beyond Sidero, L{access}): the config holds the cluster's secrets and the UUID that
+names it is no secret (every PXE DISCOVER broadcasts it in option 97), so by default a config
+is served only to a source address known to belong to its server.
+
 Extension: a MetalMachine with no owner Machine but the annotation
 C{metal.sidero.dev/bootstrap-data-secret: <name>} takes its bootstrap data from that Secret in
 its own namespace, so a lab without Cluster API can boot a node.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ from sidero.api.registry import (
     split_api_version,
 )
 from sidero.protocols.http.ipxe import BootLookup, BootSettings, LookupFailed
+from sidero.siderolink.annotator import normalise_ip
 from sidero.store.errors import not_found
 from sidero.talos.configpatch import (
     ConfigPatchError,
@@ -48,6 +54,8 @@ from sidero.talos.configpatch import (
 BOOTSTRAP_SECRET_ANNOTATION = "metal.sidero.dev/bootstrap-data-secret"
 #: Reason of the Warning Event recorded on the Server when a patch fails.
 PATCH_EVENT_REASON = "Config Patch"
+#: Reason of the Warning Event recorded on the Server when a stranger asked for its config.
+REFUSED_EVENT_REASON = "ConfigDataRefused"
 DEFAULT_NAMESPACE = "default"
 
 
@@ -273,3 +281,56 @@ def configdata(uuid: str, lookup: MetadataLookup, settings: BootSettings) -> Con
         if e.event_on is not None:
             event = PatchEvent(e.event_on, PATCH_EVENT_REASON, e.message)
         return ConfigData(e.status, (e.message + "\n").encode(), event)
+
+
+def owner_addresses(uuid: str, lookup: MetadataLookup) -> set[str]:
+    """The addresses that belong to server C{uuid}: its SideroLink tunnel address and the
+    addresses Talos reported (the ServerBinding's C{spec.siderolink.address} and
+    C{spec.addresses}, both learnt over the WireGuard tunnel), and the addresses its agent
+    registered from the boot NIC (the Server's C{status.addresses}).  Not its BMC's.
+
+    Raises L{LookupFailed} when a cache cannot answer (the caller answers 500)."""
+    found: set[str] = set()
+    binding = lookup.server_binding(uuid)
+    if binding is not None:
+        spec = _spec(binding)
+        link = spec.get("siderolink")
+        if isinstance(link, Mapping) and link.get("address"):
+            found.add(normalise_ip(str(link["address"])) or "")
+        for text in spec.get("addresses") or []:
+            found.add(normalise_ip(str(text)) or "")
+    server = lookup.server(uuid)
+    if server is not None:
+        status = server.get("status")
+        for entry in (status.get("addresses") or []) if isinstance(status, Mapping) else []:
+            if isinstance(entry, Mapping) and entry.get("address"):
+                found.add(normalise_ip(str(entry["address"])) or "")
+    found.discard("")
+    return found
+
+
+def access(uuid: str, source: str, lookup: MetadataLookup, settings: BootSettings) -> ConfigData | None:
+    """None when C{source} may fetch the config of C{uuid}; else the answer to send: C{403}
+    (with a Warning Event on the Server when it exists), or C{500} when a cache cannot say.
+
+    The same 403 answers a stranger whether or not the server exists or is allocated, so a
+    refusal discloses nothing; the check runs before any Secret is read.  Never raises.
+    """
+    if settings.configdata_access == "any":
+        return None
+    ip = normalise_ip(source)
+    if ip is not None:
+        address = ipaddress.ip_address(ip)
+        if any(address in network for network in settings.configdata_trusted):
+            return None
+    try:
+        owned = owner_addresses(uuid, lookup) if uuid else set()
+        if ip is not None and ip in owned:
+            return None
+        server = lookup.server(uuid) if uuid else None
+    except LookupFailed as e:
+        return ConfigData(500, f"failure checking the addresses of server {uuid}: {e}\n".encode())
+    message = (f"configdata of server {uuid} refused to {source}: not an address of that server"
+               " (its SideroLink address, Talos-reported or agent-registered addresses)")
+    event = PatchEvent(server, REFUSED_EVENT_REASON, message) if server is not None else None
+    return ConfigData(403, b"forbidden: configdata is served only to its server\n", event)

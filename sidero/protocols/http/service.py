@@ -17,6 +17,7 @@ from sidero.api.registry import ResourceType
 from sidero.app import OrderedMultiService
 from sidero.controllers.informer import Informer
 from sidero.protocols.http.ipxe import LookupFailed
+from sidero.protocols.http.limits import HTTPLimits, guarded_channel, new_refusals
 from sidero.store.errors import Forbidden, NotFound
 
 log = Logger(namespace="sidero.protocols.http")
@@ -127,12 +128,20 @@ class PreparedService(OrderedMultiService):
 
 def make_http_service(
     reactor: Any, resource: IResource, port: int, interface: str = "",
+    limits: HTTPLimits | None = None,
 ) -> IService:
-    """A TCP listener named C{http} serving C{resource} (HTTP/1.1)."""
-    site = Site(resource)
+    """A TCP listener named C{http} serving C{resource} (HTTP/1.1; no gRPC), with the API
+    port's request limits (L{sidero.protocols.http.limits}); its C{refused} attribute counts
+    what they refused."""
+    site = Site(resource, reactor=reactor)
     site.displayTracebacks = False
-    service = TCPServer(port, site, interface=interface, reactor=reactor)
+    refused = new_refusals()
+    site.protocol = guarded_channel(limits or HTTPLimits(), refused)  # type: ignore[assignment]
+    from sidero.protocols.grpc.port import LISTEN_BACKLOG
+
+    service = TCPServer(port, site, interface=interface, reactor=reactor, backlog=LISTEN_BACKLOG)
     service.setName("http")
+    service.refused = refused  # type: ignore[attr-defined]
     return service
 
 

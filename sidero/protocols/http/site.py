@@ -27,7 +27,7 @@ from sidero.protocols.http.ipxe import (
     boot_script,
     decide,
 )
-from sidero.protocols.http.metadata import MetadataLookup
+from sidero.protocols.http.metadata import MetadataLookup, access
 
 NOT_FOUND_BODY = b"404 page not found\n"
 
@@ -201,7 +201,10 @@ class BootSite:
     def config_data(self, request: IRequest) -> bytes:
         values = (request.args or {}).get(b"uuid")
         uuid = values[0].decode("utf-8", "replace") if values else ""
-        result = self.configdata(uuid, self.lookup, self.settings)
+        source = str(getattr(request.getClientAddress(), "host", ""))
+        result = access(uuid, source, self.lookup, self.settings)
+        if result is None:
+            result = self.configdata(uuid, self.lookup, self.settings)
         fields: dict[str, Any] = {"uuid": uuid, "status": result.status}
         if result.status != 200:
             # The error message, never a config body (those hold the cluster's secrets).

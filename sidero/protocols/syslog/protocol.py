@@ -5,7 +5,9 @@ newline-terminated).  Each message becomes one JSON line, annotated when its sou
 belongs to a known server (L{sidero.siderolink.annotator}).
 
 A message that cannot be read is dropped and counted (rate-limited log); on TCP a broken
-frame (a bad length, a frame longer than L{MAX_MESSAGE}) also closes that connection.
+frame (a bad length, a frame longer than L{MAX_MESSAGE}) also closes that connection.  A
+message from a known server is also kept, as one readable line, in that server's log buffer
+(L{sidero.serverlogs}).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from sidero.protocols.syslog.codec import MAX_MESSAGE, SyslogError, parse
+from sidero.serverlogs import IServerLogs, syslog_text
 from sidero.siderolink.annotator import Annotation, normalise_ip
 from sidero.siderolink.logreceiver import go_json
 
@@ -30,15 +33,18 @@ class SyslogSink:
 
     @ivar counters: C{messages} written, C{malformed} dropped, C{connections} (TCP),
         C{overload}: datagrams dropped while the writer is far behind.
+    @ivar server_logs: where known servers' messages are also kept (None: nowhere).
     """
 
     log = Logger()
 
     def __init__(self, write: Emit, annotation_for: Callable[[str], Annotation | None],
-                 overloaded: Callable[[], bool] = lambda: False) -> None:
+                 overloaded: Callable[[], bool] = lambda: False,
+                 server_logs: IServerLogs | None = None) -> None:
         self.write = write
         self.annotation_for = annotation_for
         self.overloaded = overloaded
+        self.server_logs = server_logs
         self.counters = {"messages": 0, "malformed": 0, "connections": 0, "overload": 0}
 
     def message(self, data: bytes, source: str, transport: str) -> None:
@@ -59,6 +65,8 @@ class SyslogSink:
             record.update(annotation.fields())
         self.counters["messages"] += 1
         self.write(go_json(record) + "\n")
+        if self.server_logs is not None and annotation is not None and annotation.server_uuid:
+            self.server_logs.append(annotation.server_uuid, syslog_text(record))
 
     def dropped(self, source: str, why: str) -> None:
         self.counters["malformed"] += 1

@@ -1,10 +1,18 @@
 """/configdata end to end on loopback: the embedded store (real SQLite thread, sidero's
 admission), informers, the SideroLink identity loaded or created in the store, BootSite on a
-real listening port, and real HTTP clients (treq and curl) fetching a bound server's config."""
+real listening port, and real HTTP clients (treq and curl) fetching a bound server's config.
+
+/configdata is served only to its server's addresses by default (--configdata-access owner):
+the Server's agent-registered address is 127.0.0.1 here, as the agent's
+ReconcileServerAddresses would record it for a node on this host; the tests about the spec's
+error statuses for unknown servers switch to C{any} (the Go behaviour), and
+L{ConfigDataLoopbackTests.test_stranger_refused} checks the refusal itself."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
+import ipaddress
 import json
 import shutil
 from typing import Any
@@ -100,6 +108,7 @@ class ConfigDataLoopbackTests(TestCase):
                 ref["uid"] = uids[ref["name"]]  # a dangling owner would be garbage-collected
             created = await self.store.create(obj)
             uids[created["metadata"]["name"]] = created["metadata"]["uid"]
+        await self.set_server_addresses("127.0.0.1")
         self.identity = await load_or_create(self.store)
         self.informers = {kind.kind: Informer(self.store, kind, clock=reactor) for kind in KINDS}
         for informer in self.informers.values():
@@ -117,6 +126,26 @@ class ConfigDataLoopbackTests(TestCase):
         self.port = reactor.listenTCP(0, Site(self.site.resource()), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(self.port.stopListening)
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    async def set_server_addresses(self, *addresses: str) -> None:
+        """What the agent's ReconcileServerAddresses writes (status.addresses)."""
+        server = await self.store.get(registry.SERVER, UUID)
+        server.setdefault("status", {})["addresses"] = [
+            {"type": "InternalIP", "address": a} for a in addresses]
+        await self.store.update_status(server)
+
+    def allow_any(self) -> None:
+        self.site.settings = dataclasses.replace(self.site.settings, configdata_access="any")
+
+    async def curl6(self, url: str) -> tuple[int, bytes]:
+        """curl over IPv6 loopback (treq's URL handling cannot take [::1])."""
+        if shutil.which("curl") is None:
+            self.skipTest("LOUD SKIP: curl is not installed")
+        out, err, code = await getProcessOutputAndValue(
+            "curl", ["-sS", "-g", "-w", "\n%{http_code}", url])
+        self.assertEqual(code, 0, err)
+        body, _, status = out.rpartition(b"\n")
+        return int(status), body
 
     async def fetch(self, path: str) -> tuple[int, bytes, str]:
         response = await treq.get(self.base + path, persistent=False)
@@ -165,6 +194,7 @@ class ConfigDataLoopbackTests(TestCase):
         """Each request is logged with its uuid and status; the config (secrets) never is."""
         from twisted.logger import capturedLogs, formatEvent
 
+        self.allow_any()
         with capturedLogs() as events:
             await self.fetch(f"/configdata?uuid={UUID}")
             await self.fetch("/configdata?uuid=xxx-yyy")
@@ -185,7 +215,9 @@ class ConfigDataLoopbackTests(TestCase):
         self.assertEqual(load_yaml(body)[0]["machine"]["network"]["hostname"], "node-1")
 
     async def test_not_found_and_errors(self) -> None:
-        """No uuid, an unknown uuid, a missing bootstrap Secret."""
+        """No uuid, an unknown uuid, a missing bootstrap Secret (the spec's statuses, as any
+        client gets them from the Go Sidero: C{--configdata-access any})."""
+        self.allow_any()
         self.assertEqual((await self.fetch("/configdata"))[:2], (500, b"received metadata request with empty uuid\n"))
         self.assertEqual((await self.fetch("/configdata?uuid=xxx-yyy"))[:2], (404, (
             b"server is not allocated (missing serverbinding): "
@@ -221,3 +253,41 @@ class ConfigDataLoopbackTests(TestCase):
         after = await self.snapshot()
         after.pop("Event"), before.pop("Event")
         self.assertEqual(after, before)
+
+    async def test_stranger_refused(self) -> None:
+        """A source that is not one of the server's addresses gets 403 and no config, whether
+        or not the uuid exists (so a refusal discloses nothing); a Warning Event names the
+        source on the Server.  Trusted networks and the Talos-reported addresses of the
+        ServerBinding (over IPv6 loopback here) are let through."""
+        await self.set_server_addresses("10.1.2.3")
+        await self.wait_for_cache(
+            "Server", lambda i: i.get(UUID)["status"]["addresses"][0]["address"] == "10.1.2.3")
+        for path in (f"/configdata?uuid={UUID}", "/configdata?uuid=xxx-yyy", "/configdata"):
+            status, body, _ = await self.fetch(path)
+            self.assertEqual((status, body), (403, b"forbidden: configdata is served only to its server\n"))
+        for _ in range(200):
+            events = (await self.store.list(registry.EVENT)).items
+            if events:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual([(e["type"], e["reason"], e["involvedObject"]["name"]) for e in events],
+                         [("Warning", "ConfigDataRefused", UUID)])
+        self.assertIn("refused to 127.0.0.1", events[0]["message"])
+
+        self.site.settings = dataclasses.replace(
+            self.site.settings, configdata_trusted=(ipaddress.ip_network("127.0.0.0/8"),))
+        self.assertEqual((await self.fetch(f"/configdata?uuid={UUID}"))[0], 200)
+        self.site.settings = dataclasses.replace(self.site.settings, configdata_trusted=())
+
+        port6 = reactor.listenTCP(0, Site(self.site.resource()), interface="::1")  # type: ignore[attr-defined]
+        self.addCleanup(port6.stopListening)
+        base6 = f"http://[::1]:{port6.getHost().port}"
+        self.assertEqual((await self.curl6(f"{base6}/configdata?uuid={UUID}"))[0], 403)
+        binding = await self.store.get(registry.SERVER_BINDING, UUID)
+        binding["spec"]["addresses"] = ["::1"]
+        await self.store.update(binding)
+        await self.wait_for_cache("ServerBinding", lambda i: i.get(UUID)["spec"].get("addresses"))
+        status, body = await self.curl6(f"{base6}/configdata?uuid={UUID}")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(load_yaml(body)[0]["machine"]["token"], "c2VjcmV0LXRva2Vu")
+        self.assertEqual((await self.fetch(f"/configdata?uuid={UUID}"))[0], 403)

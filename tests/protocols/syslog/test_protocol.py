@@ -88,9 +88,12 @@ class LoggerTests(TestCase):
     async def test_logger_udp_and_tcp(self) -> None:
         if shutil.which("logger") is None:
             raise SkipTest("LOUD SKIP: util-linux logger is not installed")
+        from sidero.serverlogs import ServerLogs
+
         lines: list[dict[str, Any]] = []
+        kept = ServerLogs(global_reactor.seconds)
         s = SyslogSink(lambda line: lines.append(json.loads(line)),
-                       {"127.0.0.1": BMC}.get)
+                       {"127.0.0.1": BMC}.get, server_logs=kept)
         udp, tcp = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_STREAM)
         service = SyslogService(global_reactor, s, udp_port=udp, tcp_port=tcp, interface="127.0.0.1")
         service.privilegedStartService()
@@ -119,6 +122,14 @@ class LoggerTests(TestCase):
         fan = by_msg["fan failure"]
         self.assertEqual((fan["protocol"], fan["facility"], fan["priority"]), ("rfc3164", "daemon", "warning"))
         self.assertEqual(by_msg["counted"]["transport"], "tcp")
+        # The known server's buffer (sidero logs, the dashboard) has them as readable lines.
+        readable = [line.text for line in kept.lines(str(BMC.server_uuid))]
+        self.assertEqual(len(readable), 4)
+        fan_line = next(t for t in readable if t.endswith("fan failure"))
+        self.assertIn("daemon.warning", fan_line)
+        self.assertIn(" bmc: fan failure", fan_line)
+        wipe_line = next(t for t in readable if "wiping /dev/sda" in t)
+        self.assertRegex(wipe_line, r"^\d{4}-\d\d-\d\dT\S+ user\.notice \S+ agent: wiping /dev/sda$")
 
     async def test_bind_failure_is_not_fatal(self) -> None:
         """A port in use is one error and no exception: the rest of sidero runs."""
