@@ -547,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tempfile.mkdtemp(prefix=f"sidero-bench-fleet-{store}-"))
             try:
                 results.setdefault(store, []).append(run_once(store, args, vegeta, work))
+                sys.stderr.write(table(results, args) + "\n")  # progress: the table so far
             finally:
                 shutil.rmtree(work, ignore_errors=True)
     print(table(results, args))
