@@ -168,7 +168,10 @@ class Sidero:
             "--talos-assets-url", assets_url, "--log-level", "warn",
             # The load comes from loopback, not from the machines' own addresses: trust it (the
             # check itself still runs on every request).
-            "--configdata-trusted-networks", "127.0.0.0/8", *extra,
+            "--configdata-trusted-networks", "127.0.0.0/8",
+            # vegeta stands for a thousand machines from one address: the per-source connection
+            # limit (64, against one client hogging the port) would refuse it.
+            "--http-max-connections", "8192", "--http-max-connections-per-source", "8192", *extra,
         ]
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SIDERO_", "KUBERNETES_")) and k not in ("KUBECONFIG", "NOTIFY_SOCKET")}
