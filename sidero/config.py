@@ -105,6 +105,15 @@ _DURATION_UNITS = {
 _DURATION_PART = re.compile(r"([0-9]*(?:\.[0-9]*)?)(ns|us|µs|μs|ms|s|m|h)")
 
 
+def parse_workers(text: str) -> int:
+    """A process count from 1 to 64, or C{auto}: one per CPU, at most 4."""
+    if text.strip().lower() == "auto":
+        return max(1, min(os.cpu_count() or 1, 4))
+    if not re.fullmatch(r"[0-9]{1,2}", text) or not 1 <= int(text) <= 64:
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_duration(text: str) -> float:
     """A Go C{time.ParseDuration} string (C{20m}, C{1h30m}, C{1.5s}, C{0}) in seconds.
 
@@ -629,6 +638,12 @@ SETTINGS: tuple[Setting, ...] = (
         default_doc="all addresses",
     ),
     _port("tftp_port", (_own("tftp_port"),), "69", "TFTP UDP port."),
+    Setting(
+        "tftp_workers", (_own("tftp_workers"),), "auto", parse_workers,
+        "a number from 1 to 64, or auto",
+        "Processes serving the TFTP port, each with its own SO_REUSEPORT socket (one Python"
+        " thread cannot keep up with a rack booting at once); auto = one per CPU, at most 4.",
+    ),
     _port("dhcp_port", (_own("dhcp_port"),), "67", "DHCP proxy UDP port."),
     _port("dhcp_proxy_port", (_own("dhcp_proxy_port"),), "4011", "PXE proxyDHCP (BINL) UDP port."),
     Setting(
@@ -821,6 +836,7 @@ class Settings:
     store: str = "embedded"
     listen_address: str = ""
     tftp_port: int = 69
+    tftp_workers: int = 1
     dhcp_port: int = 67
     dhcp_proxy_port: int = 4011
     dhcp_interface: str = ""

@@ -33,7 +33,9 @@ from sidero.threads import ThreadPoolService
 log = Logger(namespace="sidero.tap")
 
 #: Thread pools (name, max threads): Kubernetes client, disk/sqlite, IPMI, subprocesses.
-THREAD_POOLS: tuple[tuple[str, int], ...] = (("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2))
+#: "sendfile" sends boot assets (sidero.protocols.http.sendfile): one thread per core is enough.
+THREAD_POOLS: tuple[tuple[str, int], ...] = (
+    ("k8s", 8), ("disk", 4), ("ipmi", 8), ("subprocess", 2), ("sendfile", 2))
 
 class Options(SettingsOptions):
     """C{twistd sidero} options: every row of the settings table."""
@@ -274,6 +276,7 @@ def _make_dhcp_proxy(settings: Settings, context: AppContext) -> IService | None
         fatal=_is_root(),
         limiter=PerClientLimiter(settings.dhcp_mac_rate, settings.dhcp_mac_burst,
                                  context.reactor.seconds),
+        trace=settings.log_level == "debug",
     )
     counters = getattr(service, "counters", None)
     if counters is not None:
@@ -296,6 +299,7 @@ def _make_tftp(settings: Settings, context: AppContext) -> IService | None:
         interface=settings.listen_address,
         chain_script=script,
         fatal_bind=_is_root(),
+        workers=settings.tftp_workers,
     )
     for child in service:  # type: ignore[attr-defined]
         protocol = getattr(child, "protocol", None)
@@ -439,6 +443,7 @@ def _make_http(settings: Settings, context: AppContext) -> IService | None:
         tftp_roots=settings.tftp_roots,
         ready=ready,
         events=context.event_recorder or EventRecorder(context.store, context.reactor),
+        sendfile_run=getattr(context.pools.get("sendfile"), "run", None),
     )
     timeline = context.timeline
     site.timeline = timeline

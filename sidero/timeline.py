@@ -14,6 +14,7 @@ C{sidero describe server} and the management API.
 
 from __future__ import annotations
 
+import re
 import uuid as _uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -28,6 +29,10 @@ DEFAULT_PER_MACHINE = 200
 DEFAULT_MACHINES = 4096
 #: Limit on one detail value, so a hostile query string cannot bloat the recorder.
 MAX_DETAIL = 256
+# Names already in canonical form (what the protocols pass) skip the general parsing: the
+# DHCP proxy records a step per reply, at tens of thousands of replies a second.
+_CANONICAL_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class ITimeline(Interface):
@@ -75,6 +80,8 @@ def normalise_mac(value: str | bytes | None) -> str | None:
         return None
     if isinstance(value, bytes):
         return value.hex(":") if len(value) == 6 else None
+    if _CANONICAL_MAC.fullmatch(value):
+        return value
     digits = value.replace(":", "").replace("-", "").replace(".", "").lower()
     if len(digits) != 12 or any(c not in "0123456789abcdef" for c in digits):
         return None
@@ -85,6 +92,8 @@ def normalise_uuid(value: str | None) -> str | None:
     """A lowercase canonical UUID, or None if C{value} is not one."""
     if not value:
         return None
+    if _CANONICAL_UUID.fullmatch(value):
+        return value
     try:
         return str(_uuid.UUID(value.strip()))
     except ValueError:
@@ -99,10 +108,17 @@ def uuid_from_pxe_guid(option97: bytes | None) -> str | None:
     guid = option97[1:]
     if guid in (b"\x00" * 16, b"\xff" * 16):
         return None
-    return str(_uuid.UUID(bytes_le=guid))
+    # str(uuid.UUID(bytes_le=guid)), without building the object (once per DHCP reply).
+    h = (guid[3::-1] + guid[5:3:-1] + guid[7:5:-1] + guid[8:]).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _detail(value: Any) -> Any:
+    kind = type(value)
+    if kind is str:
+        return value if len(value) <= MAX_DETAIL else value[:MAX_DETAIL] + "..."
+    if value is None or kind is bool or kind is int:
+        return value
     if isinstance(value, str) and len(value) > MAX_DETAIL:
         return value[:MAX_DETAIL] + "..."
     if isinstance(value, bytes):
@@ -163,6 +179,11 @@ class BootTimeline:
     def _link(self, table: OrderedDict[str, str], name: str, better: str, prefix: str,
               better_prefix: str) -> None:
         """Remember C{name} -> C{better}; steps filed under C{name} move to C{better}."""
+        if table.get(name) == better:
+            # Known link (every DHCP reply of a machine): since it was made, steps naming
+            # C{name} were filed under C{better}, so there is nothing to move.
+            table.move_to_end(name)
+            return
         if table.get(name) != better:
             table[name] = better
             while len(table) > self.machines * 2:

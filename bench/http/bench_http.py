@@ -1,10 +1,14 @@
-"""HTTP throughput: a 100 MiB initrd to 20 concurrent clients, sidero vs nginx (same run).
+"""HTTP throughput of boot assets: N concurrent curl downloads of one initrd, sidero vs nginx.
 
-Both servers serve the same file from the same directory on loopback; the clients are curl
-processes (20 at once, each downloading the whole file, discarding it). Prints MB/s for each
-and the ratio sidero/nginx.
+Benchmark (not a test). Both servers serve the same file from the same directory on loopback
+in the same run: ``twistd sidero`` (embedded store, API port) and nginx with ``sendfile on``
+(its default ``worker_processes auto``). Each round starts N curl processes at once, each
+downloading the whole file to /dev/null; the servers take turns, round after round, so both
+see the same machine load. Every download is checked (curl's exit status and byte count).
+Prints one table: per server the median MB/s over the rounds and the spread (min–max), and
+the ratio sidero/nginx (median of the per-round ratios, with their spread).
 
-    python -m bench.http.bench_http [--clients 20] [--size-mib 100] [--rounds 2]
+    python -m bench.http.bench_http [--clients 20] [--size-mib 100] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -12,86 +16,88 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from tests.paths import RUN_SIDERO
+from bench.sidero_proc import free_port, start_nginx, start_sidero, stop_all, wait_http
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ASSET = "/env/bench/initramfs.xz"
 
 
-def wait_http(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if subprocess.run(["curl", "-sf", "-o", "/dev/null", url]).returncode == 0:
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"server at {url} did not come up")
-
-
-def download_all(url: str, clients: int) -> float:
+def download_all(url: str, clients: int, size: int) -> float:
+    """Seconds for C{clients} concurrent whole-file downloads of C{url}; all must succeed."""
     start = time.monotonic()
-    procs = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(clients)]
-    if any(p.wait() != 0 for p in procs):
-        raise SystemExit(f"a download from {url} failed")
-    return time.monotonic() - start
+    procs = [subprocess.Popen(["curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{size_download}",
+                               url], stdout=subprocess.PIPE) for _ in range(clients)]
+    outs = [p.communicate()[0] for p in procs]
+    elapsed = time.monotonic() - start
+    bad = [(p.returncode, o) for p, o in zip(procs, outs, strict=True)
+           if p.returncode != 0 or int(o or b"0") != size]
+    if bad:
+        raise SystemExit(f"{len(bad)} of {clients} downloads from {url} failed: {bad[:3]}")
+    return elapsed
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=20)
-    parser.add_argument("--size-mib", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    work = tempfile.mkdtemp(prefix="sidero-bench-http-")
+def run(clients: int, size_mib: int, rounds: int) -> dict[str, list[float]]:
+    """MB/s per round for C{sidero} and C{nginx}, and the per-round C{ratio}."""
+    work = Path(tempfile.mkdtemp(prefix="sidero-bench-http-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        env_dir = os.path.join(work, "state", "env", "bench")
-        os.makedirs(env_dir)
-        with open(os.path.join(env_dir, "initramfs.xz"), "wb") as f:
-            f.write(os.urandom(args.size_mib << 20))
+        env_dir = work / "state" / "env" / "bench"
+        env_dir.mkdir(parents=True)
+        size = size_mib << 20
+        with open(env_dir / "initramfs.xz", "wb") as f:
+            for _ in range(size_mib):
+                f.write(os.urandom(1 << 20))
         ours, theirs = free_port(), free_port()
-        procs.append(subprocess.Popen(
-            [sys.executable, str(RUN_SIDERO),
-             "--state-dir", os.path.join(work, "state"), "--api-endpoint", "127.0.0.1",
-             "--api-port", str(ours), "--listen-address", "127.0.0.1",
-             "--disable-dhcp-proxy", "--disable-tftp", "--disable-siderolink", "--disable-syslog",
-             "--log-level", "warn",
-             "--management-socket", os.path.join(work, "m.sock")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        conf = os.path.join(work, "nginx.conf")
-        with open(conf, "w") as f:
-            f.write(f"user root; daemon off; worker_processes auto; pid {work}/nginx.pid; error_log {work}/nginx.err;\n"
-                    "events { worker_connections 1024; }\n"
-                    f"http {{ access_log off; sendfile on; server {{ listen 127.0.0.1:{theirs};"
-                    f" location /env/ {{ alias {work}/state/env/; }} }} }}\n")
-        procs.append(subprocess.Popen(["nginx", "-c", conf], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        path = "/env/bench/initramfs.xz"
-        wait_http(f"http://127.0.0.1:{ours}/healthz")
-        wait_http(f"http://127.0.0.1:{theirs}{path}")
-        total_mb = args.clients * args.size_mib * 1.048576
-        results: dict[str, float] = {}
-        for name, port in (("sidero", ours), ("nginx", theirs)):
-            best = min(download_all(f"http://127.0.0.1:{port}{path}", args.clients)
-                       for _ in range(args.rounds))
-            results[name] = total_mb / best
-            print(f"{name:7s} {args.clients} x {args.size_mib} MiB in {best:6.2f}s = {results[name]:8.1f} MB/s")
-        print(f"ratio sidero/nginx = {results['sidero'] / results['nginx']:.2f}")
+        procs.append(start_sidero(work, ours, log=work / "sidero.log"))
+        procs.append(start_nginx(work, theirs, {"/env/": work / "state" / "env"}))
+        wait_http(f"http://127.0.0.1:{ours}/healthz", procs[0])
+        wait_http(f"http://127.0.0.1:{theirs}{ASSET}", procs[1])
+        total_mb = clients * size / 1e6
+        results: dict[str, list[float]] = {"sidero": [], "nginx": [], "ratio": []}
+        for _ in range(rounds):
+            for name, port in (("sidero", ours), ("nginx", theirs)):
+                seconds = download_all(f"http://127.0.0.1:{port}{ASSET}", clients, size)
+                results[name].append(total_mb / seconds)
+            results["ratio"].append(results["sidero"][-1] / results["nginx"][-1])
+        return results
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
+        stop_all(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
+def table(results: dict[str, list[float]], clients: int, size_mib: int) -> str:
+    rounds = len(results["ratio"])
+    lines = [f"HTTP: {clients} concurrent curl x {size_mib} MiB on loopback, {rounds} rounds",
+             f"{'server':<8} {'median MB/s':>12} {'min':>9} {'max':>9}"]
+    for name in ("sidero", "nginx"):
+        v = results[name]
+        lines.append(f"{name:<8} {statistics.median(v):>12.1f} {min(v):>9.1f} {max(v):>9.1f}")
+    r = results["ratio"]
+    lines.append(f"{'ratio':<8} {statistics.median(r):>12.2f} {min(r):>9.2f} {max(r):>9.2f}"
+                 "   (sidero/nginx, per round)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--size-mib", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    for tool in ("curl", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"bench skipped: {tool} is not installed (scripts/install-test-deps)")
+            return 2
+    results = run(args.clients, args.size_mib, args.rounds)
+    print(table(results, args.clients, args.size_mib))
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -112,8 +112,17 @@ class AgentClient:
 
     @classmethod
     def connect(cls, endpoint: str, **kwargs: Any) -> AgentClient:
-        """An insecure (plaintext HTTP/2) channel to C{host:port}; connects lazily."""
-        channel = grpc.insecure_channel(endpoint)
+        """An insecure (plaintext HTTP/2) channel to C{host:port}; connects lazily.
+
+        gRPC's own reconnect backoff (growing to 120 s, during which calls fail at once with
+        the last connection error) is capped at the retry interval: a sidero that was down and
+        came back (a restart, a crash) is reached at the next attempt, not minutes later.
+        """
+        backoff_ms = max(100, int(float(kwargs.get("retry_interval", RETRY_INTERVAL)) * 1000))
+        channel = grpc.insecure_channel(endpoint, options=[
+            ("grpc.initial_reconnect_backoff_ms", min(1000, backoff_ms)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+        ])
         return cls(pb_grpc.AgentStub(channel), channel=channel, **kwargs)
 
     def close(self) -> None:

@@ -115,6 +115,8 @@ class Controller(Service):
         self._primary: Informer | None = None
         self.queue: WorkQueue[str] | None = None
         self._workers: Deferred[None] | None = None
+        #: fires when the reconciles of the last run have ended (None when none are left).
+        self._draining: Deferred[None] | None = None
         #: told of each reconcile's result and duration (L{sidero.metrics.Metrics.reconciled}).
         self.metrics: Any = None
 
@@ -181,7 +183,20 @@ class Controller(Service):
         super().startService()
         queue: WorkQueue[str] = WorkQueue(self.clock, name=name_of(self), rate_limiter=self._rate_limiter())
         self.queue = queue
-        synced = gatherResults([i.synced for i in self._informers])
+        waits: list[Deferred[Any]] = [i.synced for i in self._informers]
+        if self._draining is not None:
+            # Restarted (leadership lost and gained again) while the last run's reconciles
+            # are still going: two reconciles of one key must never overlap, so the new run
+            # waits for them.
+            drained: Deferred[None] = Deferred()
+
+            def last_run_ended(result: None) -> None:
+                drained.callback(None)
+                return result
+
+            self._draining.addCallback(last_run_ended)
+            waits.append(drained)
+        synced = gatherResults(waits)
         synced.addCallback(lambda _: self._begin(queue))
 
     def _begin(self, queue: WorkQueue[str]) -> None:
@@ -207,7 +222,17 @@ class Controller(Service):
         waits: list[Deferred[Any]] = [queue.shut_down()]
         if workers is not None:
             waits.append(workers)
-        return DeferredList(waits).addCallback(lambda _: None)
+        stopped = DeferredList(waits).addCallback(lambda _: None)
+        if not stopped.called:
+            self._draining = stopped
+
+            def ended(result: None) -> None:
+                if self._draining is stopped:
+                    self._draining = None
+                return result
+
+            stopped.addCallback(ended)
+        return stopped
 
     # -- one reconcile ------------------------------------------------------------------
 

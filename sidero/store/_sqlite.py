@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -81,14 +82,11 @@ class Database:
             parent = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(parent):
                 os.makedirs(parent, mode=0o700, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        if self.path != ":memory:":
-            # Secrets live here: only the owner may read the file (and its -wal, which copies its mode).
-            os.chmod(self.path, 0o600)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit survives power loss, which NORMAL does not promise under WAL.
-            conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
+            self._check_intact()
+        try:
+            conn = self._connect()
+        except sqlite3.DatabaseError as e:
+            raise self._damaged(str(e)) from None
         rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if "schema" not in rows:
             conn.execute("INSERT INTO meta VALUES ('schema', ?), ('rv', '0'), ('floor', '0')",
@@ -100,6 +98,62 @@ class Database:
         self.rv = self._pending_rv = int(rows["rv"])
         self.floor = int(rows["floor"])
         self._conn = conn
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path == ":memory:":
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        else:
+            # psow=0: do not count on the disk's "powersafe overwrite" (a torn sector write
+            # leaving the rest of the sector alone).  SQLite then pads every commit to a
+            # 4096-byte boundary of the WAL, so tearing the next commit's first sector can
+            # never reach back into frames already acknowledged.
+            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?psow=0"
+            conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        try:
+            if self.path != ":memory:":
+                # Secrets live here: only the owner may read the file (and its -wal, which copies
+                # its mode).
+                os.chmod(self.path, 0o600)
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if mode != "wal":
+                    raise errors.StoreError(f"the store database {self.path} cannot use a write-ahead "
+                                            f"log (journal mode {mode!r}); it needs a local filesystem")
+                # FULL: a commit is on disk (the WAL fsynced) before it is acknowledged, so it
+                # survives power loss, which NORMAL does not promise under WAL.
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_intact(self) -> None:
+        """Refuse a damaged database before anything writes to it.
+
+        The check reads through a read-only connection: closing a read-write one would
+        checkpoint the WAL into the damaged file and delete the WAL, destroying what a
+        recovery tool could still use.  Power loss alone never damages the file (WAL frames
+        carry checksums, a torn tail is ignored, checkpointed pages are still in the WAL), so
+        this finds media or filesystem damage, or a file that is not ours.
+        """
+        if not any(os.path.exists(p) and os.path.getsize(p) > 0 for p in (self.path, self.path + "-wal")):
+            return
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True)
+            try:
+                rows = conn.execute("PRAGMA quick_check").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as e:
+            raise self._damaged(str(e)) from None
+        if rows != [("ok",)]:
+            raise self._damaged("; ".join(str(r[0]) for r in rows[:3]).replace("\n", " "))
+
+    def _damaged(self, problem: str) -> errors.StoreError:
+        return errors.StoreError(
+            f"the store database {self.path} is damaged ({problem[:300]}); it was left as it is: "
+            "restore it from a backup, or move it and its -wal file away to start with an empty store")
 
     def close(self) -> None:
         if self._conn is not None:
@@ -169,6 +223,10 @@ class Database:
         """
         if rv < self.floor:
             raise errors.Gone(f"too old resource version: {rv} ({self.floor + 1})")
+        if rv > self.rv:
+            # Not from this database's history (an older copy restored, or writes lost): the
+            # watcher would skip every change up to its rv without a word.  Gone makes it relist.
+            raise errors.Gone(f"too large resource version: {rv} (current {self.rv})")
         rows = self.conn.execute(
             "SELECT rv, kind, type, data, prev FROM events WHERE kind = ? AND rv > ? ORDER BY rv",
             (kind, rv),

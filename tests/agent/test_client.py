@@ -4,10 +4,12 @@ port (grpcio backend spliced behind our one-port listener, embedded store)."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import grpc
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
@@ -18,6 +20,7 @@ from sidero.proto import agent_pb2 as pb
 from sidero.protocols.grpc.port import make_api_port_service
 from sidero.protocols.grpc.server import AgentServicer, make_grpc_server
 from sidero.store.embedded import EmbeddedStore
+from tests.ports import free_tcp_port
 
 UUID = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
 
@@ -160,3 +163,35 @@ class RealPortTests(TestCase):
         with self.assertRaises(RetriesExhausted) as e:
             await deferToThread(refused.mark_wiped, UUID)
         self.assertIn(grpc.StatusCode.UNAVAILABLE.name, str(e.exception))
+
+    async def test_reaches_a_restarted_service_at_the_next_attempt(self) -> None:
+        """After the service was away long enough for gRPC's reconnect backoff to grow past
+        the retry interval (10 s: attempts at about 1, 2.6, 5.2, 9.3, 15.9 s without the cap), a call
+        succeeds within about one retry interval of the service's return (a sidero restart
+        after kill -9 must not leave agents waiting minutes)."""
+        store = EmbeddedStore(reactor, ":memory:")
+        await store.open()
+        self.addCleanup(store.close)
+        servicer = AgentServicer(reactor, store, server_reboot_timeout=60)
+        port = free_tcp_port()
+        client = AgentClient.connect(f"127.0.0.1:{port}", retry_interval=0.5, retry_timeout=40)
+        self.addCleanup(client.close)
+        hw = pb.HardwareInformation(system=pb.SystemInformation(uuid=UUID, manufacturer="M"))
+        answered: list[float] = []
+
+        def register() -> None:
+            client.create_server(hw, "node-1")
+            answered.append(time.monotonic())
+
+        calling = deferToThread(register)
+        await deferLater(reactor, 10.0, lambda: None)
+        self.assertEqual(answered, [])
+        service = make_api_port_service(reactor, Resource(), lambda: make_grpc_server(servicer),
+                                        port, interface="127.0.0.1")
+        service.startService()
+        self.addCleanup(service.stopService)
+        up = time.monotonic()
+        await calling
+        self.assertLess(answered[0] - up, 2.0, "the service was back but the agent did not try")
+        server = await store.get(SERVER, UUID)
+        self.assertEqual(server["spec"]["hostname"], "node-1")

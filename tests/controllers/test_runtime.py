@@ -240,6 +240,42 @@ class ManagerTests(SynchronousTestCase):
         elector.gain()
         self.assertEqual(sorted(rec.calls), ["any", "any", "other"])
 
+    def test_regained_leadership_waits_for_the_last_run(self) -> None:
+        """Leadership lost and gained again while a reconcile of the last term is still
+        running: the new term's reconcile of that key waits for it (found by the crash test:
+        one replica allocated two servers to one MetalMachine this way)."""
+        elector = ManualLeader()
+        manager = ControllerManager(self.store, self.clock, elector=elector)
+        running: list[str] = []
+        overlaps: list[str] = []
+        gates: list[Deferred[None]] = []
+
+        async def reconcile(key: str) -> None:
+            if key in running:
+                overlaps.append(key)
+            running.append(key)
+            gate: Deferred[None] = Deferred()
+            gates.append(gate)
+            try:
+                await gate
+            finally:
+                running.remove(key)
+
+        controller = manager.add_controller(Controller("sc", SERVER_CLASS, reconcile, clock=self.clock))
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        elector.gain()
+        self.assertEqual(running, ["any"])
+        elector.lose()
+        elector.gain()
+        self.assertTrue(controller.running)
+        self.assertEqual((running, overlaps), (["any"], []))
+        gates[0].callback(None)
+        self.assertEqual((running, overlaps), (["any"], []))
+        self.assertEqual(len(gates), 2)
+        gates[1].callback(None)
+        self.assertEqual(running, [])
+
     def test_runnables_retry_until_success(self) -> None:
         """A start-up runnable runs on gaining leadership and is retried with backoff on failure."""
         manager = ControllerManager(self.store, self.clock)

@@ -112,6 +112,19 @@ class SideroProcess:
     def exit_status(self) -> int | None:
         return None if self.process is None else self.process.poll()
 
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash: nothing is flushed or closed) and reap it."""
+        proc, self.process = self.process, None
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+
+    def log(self) -> str:
+        return tail(self.log_path, 200)
+
     def stop(self) -> None:
         proc, self.process = self.process, None
         if proc is not None and proc.poll() is None:
@@ -235,7 +248,7 @@ _REGISTERED = re.compile(
     r"reboot_timeout=([0-9.]+)")
 
 
-def run_agent(machine: Machine, endpoint: str) -> AgentRun:
+def run_agent(machine: Machine, endpoint: str, retry_timeout: float = 30.0) -> AgentRun:
     """One PXE boot of C{machine}: the real agent (C{python -m sidero.agent}); blocking.
 
     No network set-up (the endpoint is on loopback), no BMC, and exit instead of rebooting.
@@ -247,8 +260,8 @@ def run_agent(machine: Machine, endpoint: str) -> AgentRun:
     proc = subprocess.run(
         [sys.executable, "-m", "sidero.agent", "--cmdline", cmdline, "--sysfs", machine.sysfs,
          "--dev", os.path.join(machine.work, "dev"), "--no-network", "--no-bmc", "--no-reboot",
-         "--retry-interval", "0.5", "--retry-timeout", "30"],
-        capture_output=True, text=True, timeout=AGENT_TIMEOUT, stdin=subprocess.DEVNULL,
+         "--retry-interval", "0.5", "--retry-timeout", str(retry_timeout)],
+        capture_output=True, text=True, timeout=AGENT_TIMEOUT + 2 * max(0.0, retry_timeout - 30.0), stdin=subprocess.DEVNULL,
         cwd=REPO, env=tree_env(),
     )
     output = proc.stdout + proc.stderr

@@ -80,6 +80,23 @@ class SideroProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
 
+    def ready(self) -> bool:
+        """/readyz on the API port answers 200."""
+        try:
+            return self.get("/readyz")[0] == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (a crash) and reap it."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
     def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:

@@ -1,7 +1,8 @@
 """Run the DHCP proxy alone: ``python -m sidero.protocols.dhcp --endpoint IP ...``.
 
 Meant for namespaces in tests, benchmarks and the QEMU end-to-end harness. Logs go to
-stdout as text; on SIGTERM/SIGINT the counters are printed as one JSON line
+stdout as text (``--log-level debug`` adds a line per reply); steps go to an in-memory boot
+timeline as in ``twistd sidero``; on SIGTERM/SIGINT the counters are printed as one JSON line
 (``dhcp-proxy counters {...}``) before exit.
 """
 
@@ -23,6 +24,7 @@ from twisted.logger import (
 from sidero.protocols.dhcp.policy import BootFiles
 from sidero.protocols.dhcp.ratelimit import PerClientLimiter
 from sidero.protocols.dhcp.service import DHCPProxyService
+from sidero.timeline import BootTimeline
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         boot_files=BootFiles(bios=args.bios_file, x86_efi=args.x86_efi_file,
                              arm64_efi=args.arm64_efi_file, ipxe_script=args.ipxe_script),
         limiter=PerClientLimiter(args.mac_rate, args.mac_burst, reactor.seconds),
+        trace=level == LogLevel.debug,
     )
+    # Fed as in twistd sidero, so what runs here (tests, benchmarks) costs what the product does.
+    service.timeline = BootTimeline(reactor.seconds)
     service.privilegedStartService()
     service.startService()
 

@@ -11,8 +11,10 @@ protocol can count it; nothing here does I/O.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from ipaddress import IPv4Address
 
 from sidero.protocols.dhcp import codec
@@ -73,6 +75,9 @@ class ProxyConfig:
     endpoint: str
     api_port: int
     boot_files: BootFiles = field(default_factory=BootFiles)
+    #: the reply parts, filled lazily by L{decide}: at most 2 x 5 x 2 entries.
+    _parts: dict[tuple[int, Firmware, bool], _ReplyParts] = field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         IPv4Address(self.server_ip)  # raises ValueError early, not per packet
@@ -81,15 +86,35 @@ class ProxyConfig:
         return f"http://{self.endpoint}:{self.api_port}/{path}"
 
 
+
 @dataclass(frozen=True)
 class Reply:
-    """A reply to send: the message and where to send it."""
+    """A reply to send: its bytes (C{data}) and where to send them.
 
-    message: DHCPMessage
+    C{data} is built from the reply's precomputed parts with the client's fields patched in
+    (L{_ReplyParts}); C{message} is the same reply as a L{DHCPMessage}, built only when asked
+    for (tests, tools), and C{codec.encode(message) == data} always (a property test checks).
+    """
+
+    data: bytes
     address: tuple[str, int]
     firmware: Firmware
     ipxe: bool
     bootfile: str
+    ack: bool
+    _request: DHCPMessage = field(repr=False, compare=False)
+    _options: tuple[tuple[int, bytes], ...] = field(repr=False, compare=False)
+    _file: bytes = field(repr=False, compare=False)
+    _siaddr: str = field(repr=False, compare=False)
+
+    @cached_property
+    def message(self) -> DHCPMessage:
+        msg = self._request
+        return DHCPMessage(
+            op=codec.BOOTREPLY, htype=msg.htype, hlen=msg.hlen, hops=0, xid=msg.xid, secs=0,
+            flags=msg.flags, ciaddr="0.0.0.0", yiaddr="0.0.0.0", siaddr=self._siaddr,
+            giaddr=msg.giaddr, chaddr=msg.chaddr, file=self._file, options=self._options,
+        )
 
 
 @dataclass(frozen=True)
@@ -182,6 +207,69 @@ def _bootfile(fw: Firmware, ipxe: bool, cfg: ProxyConfig) -> tuple[str, bool]:
     return cfg.http_url(f"tftp/{files.arm64_efi}"), False
 
 
+@dataclass(frozen=True)
+class _ReplyParts:
+    """What a reply of one kind (message type, firmware, iPXE or not) always carries, worked
+    out once per configuration instead of once per packet (the boot file, option 66...)."""
+
+    head: tuple[tuple[int, bytes], ...]  # the options before 97 (the client's GUID)
+    bootfile: str
+    file: bytes  # the header's file field
+    pxe: bool  # a PXE ROM (option 43 follows 97), not an HTTP-boot client
+    siaddr: bytes
+    #: the wire from sname on: sname, file, magic cookie, the head options encoded
+    tail: bytes
+
+
+#: PXE ROMs: discovery control 8 = "boot the file we name, no boot-server discovery".
+_DISCOVERY_CONTROL = (
+    (codec.OPT_VENDOR_SPECIFIC, codec.encode_suboptions([(codec.PXE_DISCOVERY_CONTROL, b"\x08")])),
+)
+
+
+def _reply_parts(reply_type: int, fw: Firmware, ipxe: bool, cfg: ProxyConfig) -> _ReplyParts:
+    bootfile, via_tftp = _bootfile(fw, ipxe, cfg)
+    http_client = fw in _HTTP_FIRMWARE
+    head: list[tuple[int, bytes]] = [
+        (codec.OPT_MESSAGE_TYPE, bytes((reply_type,))),
+        (codec.OPT_SERVER_ID, IPv4Address(cfg.server_ip).packed),
+        (codec.OPT_VENDOR_CLASS, b"HTTPClient" if http_client else b"PXEClient"),
+    ]
+    if via_tftp:
+        head.append((codec.OPT_TFTP_SERVER, cfg.server_ip.encode()))
+    raw_file = bootfile.encode()
+    head.append((codec.OPT_BOOTFILE, raw_file))
+    file = raw_file if len(raw_file) < 128 else b""
+    tail = (bytes(64) + file.ljust(128, b"\x00") + codec.MAGIC_COOKIE
+            + codec.encode_tlv(head, end=False))
+    return _ReplyParts(head=tuple(head), bootfile=bootfile, file=file, pxe=not http_client,
+                       siaddr=IPv4Address(cfg.server_ip).packed, tail=tail)
+
+
+#: op .. chaddr of a reply: BOOTREPLY, the client's htype/hlen/xid/flags, secs 0, ciaddr and
+#: yiaddr 0, our siaddr, the relay's giaddr, the client's chaddr (the fields patched per packet).
+_REPLY_HEAD = struct.Struct("!BBBBIHH8s4s4s16s")
+_ZERO8 = bytes(8)
+_DISCOVERY_CONTROL_WIRE = codec.encode_tlv(_DISCOVERY_CONTROL, end=False)
+_END = bytes((codec.OPT_END,))
+
+
+_ECHOES: dict[bytes, tuple[tuple[tuple[int, bytes], ...], bytes]] = {}
+
+
+def _boot_item_echo(item: bytes) -> tuple[tuple[tuple[int, bytes], ...], bytes]:
+    """Option 43 echoing boot item C{item}, as an option and encoded (a ROM asks for one of
+    a few items, so they are kept; the cache is bounded all the same)."""
+    found = _ECHOES.get(item)
+    if found is None:
+        if len(_ECHOES) >= 256:
+            _ECHOES.clear()
+        echo = ((codec.OPT_VENDOR_SPECIFIC,
+                 codec.encode_suboptions([(codec.PXE_BOOT_ITEM, item)])),)
+        found = _ECHOES[item] = (echo, codec.encode_tlv(echo, end=False))
+    return found
+
+
 def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
            source: tuple[str, int] | None = None) -> Decision:
     """Decide the reply to C{msg}, received on :67 (C{proxy_port=False}) or :4011.
@@ -218,40 +306,39 @@ def decide(msg: DHCPMessage, cfg: ProxyConfig, *, proxy_port: bool,
     if fw is None:
         return Ignore(UNSUPPORTED_ARCH)
 
-    bootfile, via_tftp = _bootfile(fw, ipxe, cfg)
-    http_client = fw in _HTTP_FIRMWARE
-    server = IPv4Address(cfg.server_ip).packed
-    options: list[tuple[int, bytes]] = [
-        (codec.OPT_MESSAGE_TYPE, bytes((reply_type,))),
-        (codec.OPT_SERVER_ID, server),
-        (codec.OPT_VENDOR_CLASS, b"HTTPClient" if http_client else b"PXEClient"),
-    ]
-    if via_tftp:
-        options.append((codec.OPT_TFTP_SERVER, cfg.server_ip.encode()))
-    options.append((codec.OPT_BOOTFILE, bootfile.encode()))
+    parts = cfg._parts.get((reply_type, fw, ipxe))
+    if parts is None:
+        parts = cfg._parts[(reply_type, fw, ipxe)] = _reply_parts(reply_type, fw, ipxe, cfg)
+    options = parts.head
+    wire = parts.tail
     if guid is not None:
-        options.append((codec.OPT_CLIENT_UUID, guid))
-    if not http_client:
-        # PXE ROMs: discovery control 8 = "boot the file we name, no boot-server discovery".
+        options += ((codec.OPT_CLIENT_UUID, guid),)
+        wire += b"\x61\x11" + guid
+    if parts.pxe:
         # On :4011 the ROM asked for a boot item; echo it so it accepts the ACK.
-        sub: list[tuple[int, bytes]] = [(codec.PXE_DISCOVERY_CONTROL, b"\x08")]
-        item = dict(sub43).get(codec.PXE_BOOT_ITEM)
-        if proxy_port and item is not None and len(item) == 4:
-            sub = [(codec.PXE_BOOT_ITEM, item)]
-        options.append((codec.OPT_VENDOR_SPECIFIC, codec.encode_suboptions(sub)))
-
-    raw_file = bootfile.encode()
-    reply = DHCPMessage(
-        op=codec.BOOTREPLY, htype=msg.htype, hlen=msg.hlen, hops=0, xid=msg.xid, secs=0,
-        flags=msg.flags, ciaddr="0.0.0.0", yiaddr="0.0.0.0", siaddr=cfg.server_ip,
-        giaddr=msg.giaddr, chaddr=msg.chaddr,
-        file=raw_file if len(raw_file) < 128 else b"",
-        options=tuple(options),
-    )
+        item = dict(sub43).get(codec.PXE_BOOT_ITEM) if proxy_port else None
+        if item is not None and len(item) == 4:
+            echo, echo_wire = _boot_item_echo(item)
+            options += echo
+            wire += echo_wire
+        else:
+            options += _DISCOVERY_CONTROL
+            wire += _DISCOVERY_CONTROL_WIRE
+    chaddr = msg.chaddr
+    if len(chaddr) > 16:
+        raise ValueError("chaddr longer than 16 bytes")  # as codec.encode (never from decode)
+    data = _REPLY_HEAD.pack(codec.BOOTREPLY, msg.htype, msg.hlen, 0, msg.xid, 0, msg.flags,
+                            _ZERO8, parts.siaddr, codec._ip_bytes(msg.giaddr), chaddr)
+    data += wire + _END
+    if len(data) < codec.BOOTP_MIN_LEN:
+        data += bytes(codec.BOOTP_MIN_LEN - len(data))
+    bootfile = parts.bootfile
     if proxy_port and source is not None and source[0] != "0.0.0.0":
         address = source
     elif proxy_port:
         address = (BROADCAST, source[1] if source else CLIENT_PORT)
     else:
         address = reply_address(msg)
-    return Reply(message=reply, address=address, firmware=fw, ipxe=ipxe, bootfile=bootfile)
+    return Reply(data=data, address=address, firmware=fw, ipxe=ipxe, bootfile=bootfile,
+                 ack=proxy_port, _request=msg, _options=options, _file=parts.file,
+                 _siaddr=cfg.server_ip)

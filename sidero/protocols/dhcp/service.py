@@ -75,6 +75,8 @@ class DHCPProxyService(MultiService):
     """
 
     log = Logger()
+    #: an L{sidero.timeline.ITimeline} handed to each protocol (set before start), or None.
+    timeline: Any = None
 
     def __init__(self, reactor: Any, *, endpoint: str, api_port: int, interface: str | None,
                  dhcp_port: int = 67, proxy_port: int | None = 4011,
@@ -83,7 +85,7 @@ class DHCPProxyService(MultiService):
                  resolve: Callable[[str], str] = resolve_ipv4,
                  open_socket: SocketOpener = open_bound_socket,
                  counters: DHCPCounters | None = None, fatal: bool = False,
-                 limiter: PerClientLimiter | None = None) -> None:
+                 limiter: PerClientLimiter | None = None, trace: bool = False) -> None:
         super().__init__()
         self.setName("dhcp-proxy")
         self.reactor = reactor
@@ -100,6 +102,7 @@ class DHCPProxyService(MultiService):
         self.rate_limit = RateLimitedLog(reactor)
         self.limiter = limiter
         self.fatal = fatal
+        self.trace = trace  # a debug line per reply (costly at full rate: off unless debugging)
         self.config: ProxyConfig | None = None
         self.configs: dict[str, ProxyConfig] = {}
         self.interface: str | None = None
@@ -148,7 +151,8 @@ class DHCPProxyService(MultiService):
                                                   counters=self.counters,
                                                   rate_limit=self.rate_limit,
                                                   limiter=self.limiter)
-                        proto.timeline = getattr(self, "timeline", None)
+                        proto.timeline = self.timeline
+                        proto.trace = self.trace
                         ports.append(self.reactor.adoptDatagramPort(
                             sock.fileno(), socket.AF_INET, proto, maxPacketSize=MAX_PACKET + 1))
                     finally:

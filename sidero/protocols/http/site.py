@@ -16,7 +16,7 @@ from klein import Klein
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
-from twisted.web.static import File, NoRangeStaticProducer, StaticProducer
+from twisted.web.static import File, NoRangeStaticProducer
 
 from sidero.protocols import bootfiles
 from sidero.protocols.http.configcache import ConfigDataCache
@@ -28,6 +28,7 @@ from sidero.protocols.http.ipxe import (
     decide,
 )
 from sidero.protocols.http.metadata import MetadataLookup, access
+from sidero.protocols.http.sendfile import SendfileProducer, sendfile_socket
 
 NOT_FOUND_BODY = b"404 page not found\n"
 
@@ -44,24 +45,53 @@ class NotFoundResource(Resource):
 
 
 class _WholeFileProducer(NoRangeStaticProducer):
-    """Whole-file responses in 1 MiB reads instead of Twisted's 64 KiB.
+    """Whole-file responses in 1 MiB reads instead of Twisted's 64 KiB (when sendfile cannot
+    be used: TLS, HTTP/2).
 
-    Kernels and initrds are tens to hundreds of MiB sent to many machines at once; larger
-    reads cut the per-chunk reactor work several times over (see bench/http). A read from the
-    page cache of this size takes well under a millisecond.
+    Larger reads cut the per-chunk reactor work several times over (see bench/http); a read
+    from the page cache of this size takes well under a millisecond.
     """
 
     bufferSize = 1 << 20
 
 
 class AssetFile(File):
-    """L{File} for boot assets: HEAD, Range, If-Modified-Since, and large whole-file reads."""
+    """L{File} for boot assets: HEAD, Range, If-Modified-Since (all L{File}'s), bodies of
+    whole-file and single-range responses through sendfile on plain TCP
+    (L{sidero.protocols.http.sendfile}), large reads otherwise.
 
-    def makeProducer(self, request: IRequest, fileForReading: Any) -> StaticProducer:
-        if request.getHeader(b"range") is None:
+    @ivar run: runs the sendfile hops in a thread pool (L{SendfileProducer}); None runs
+        them on the reactor thread. Carried to the files found under this one.
+    """
+
+    run: Callable[..., Any] | None = None
+
+    def createSimilarFile(self, path: str) -> File:
+        f = super().createSimilarFile(path)
+        f.run = self.run
+        return f
+
+    def makeProducer(self, request: IRequest, fileForReading: Any) -> Any:
+        transport = sendfile_socket(request)
+        byte_range = request.getHeader(b"range")
+        if byte_range is None:
             self._setContentHeaders(request)
             request.setResponseCode(200)
+            if transport is not None:
+                return SendfileProducer(request, transport, fileForReading, 0,
+                                        self.getFileSize(), self.run)
             return _WholeFileProducer(request, fileForReading)
+        if transport is not None:
+            try:
+                ranges = self._parseRangeHeader(byte_range)
+            except ValueError:
+                ranges = []  # malformed: File answers the whole file
+            if len(ranges) == 1:
+                offset, size = self._doSingleRangeRequest(request, ranges[0])
+                self._setContentHeaders(request, size)
+                return SendfileProducer(request, transport, fileForReading, offset, size,
+                                        self.run)
+        # Malformed or several ranges (multipart), or no sendfile: File's own producers.
         return super().makeProducer(request, fileForReading)
 
 
@@ -135,6 +165,7 @@ class BootSite:
         tftp_roots: Sequence[str],
         ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
         events: WarningRecorder | None = None,
+        sendfile_run: Callable[..., Any] | None = None,
     ) -> None:
         self.lookup = lookup
         self.settings = settings
@@ -142,6 +173,7 @@ class BootSite:
         self.tftp_roots = list(tftp_roots)
         self.ready = ready
         self.events = events
+        self.sendfile_run = sendfile_run
         self.script = boot_script(settings.api_endpoint, settings.api_port)
         #: /configdata answers, reused while the objects they were made from are unchanged.
         self.configdata = ConfigDataCache()
@@ -219,7 +251,9 @@ class BootSite:
     @app.route("/env/", branch=True)
     def env(self, request: IRequest) -> IResource:
         self._log_request(request)
-        return AssetFile(self.env_dir)
+        assets = AssetFile(self.env_dir)
+        assets.run = self.sendfile_run
+        return assets
 
     @app.route("/tftp/", branch=True)
     def tftp(self, request: IRequest) -> IResource:

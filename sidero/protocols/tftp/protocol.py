@@ -363,7 +363,8 @@ class TFTPProtocol(DatagramProtocol):
             self.timeline.record(
                 "tftp", source="tftp", ip=str(session.peer[0]), file=session.request.filename,
                 outcome=outcome.value, bytes=session.bytes_sent, size=session.size,
-                seconds=round(self.clock.seconds() - session.started, 3), blksize=session.blksize)
+                seconds=round(self.clock.seconds() - session.started, 3), blksize=session.blksize,
+                windowsize=session.windowsize)
         if outcome is Outcome.COMPLETE:
             self.log.info(
                 "TFTP sent {filename!r} ({size} bytes) to {peer} in {seconds:.3f}s",

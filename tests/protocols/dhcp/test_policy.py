@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.protocols.dhcp import codec, policy
@@ -258,3 +262,47 @@ class DestinationTests(SynchronousTestCase):
     def test_config_validates_ip(self) -> None:
         """The server IP must be IPv4 (it goes into siaddr and option 54)."""
         self.assertRaises(ValueError, ProxyConfig, server_ip="fd00::1", endpoint="x", api_port=1)
+
+
+_BASES = (p.IPXE_BIOS_DISCOVER, p.EDK2_UEFI_DISCOVER, p.UEFI_HTTP_DISCOVER, p.ARM64_DISCOVER,
+          p.IPXE_EFI_DISCOVER, p.EDK2_PROXY_REQUEST)
+_CONFIGS = (
+    CFG,
+    ProxyConfig(server_ip="192.168.7.1", endpoint="sidero.example", api_port=9000,
+                boot_files=policy.BootFiles(bios="b" * 140, ipxe_script="s" * 300)),
+)
+
+
+class PrecomputedReplyTests(SynchronousTestCase):
+    """The reply bytes come from precomputed parts with the client's fields patched in; they
+    must be exactly what the generic encoder makes of the reply message."""
+
+    @given(base=st.sampled_from(_BASES), xid=st.integers(0, 2**32 - 1),
+           flags=st.integers(0, 0xFFFF), htype=st.integers(0, 255), hlen=st.integers(0, 255),
+           giaddr=st.binary(min_size=4, max_size=4), chaddr=st.binary(min_size=16, max_size=16),
+           guid=st.none() | st.binary(min_size=16, max_size=16),
+           item=st.none() | st.binary(min_size=4, max_size=4),
+           cfg=st.sampled_from(_CONFIGS), proxy_port=st.booleans())
+    @settings(max_examples=300, deadline=None)
+    def test_bytes_equal_generic_encoding(self, base: bytes, xid: int, flags: int, htype: int,
+                                          hlen: int, giaddr: bytes, chaddr: bytes,
+                                          guid: bytes | None, item: bytes | None,
+                                          cfg: ProxyConfig, proxy_port: bool) -> None:
+        msg = codec.decode(base)
+        options = [(c, v) for c, v in msg.options if c not in (53, 97, 43)]
+        options.insert(0, (53, b"\x03" if proxy_port else b"\x01"))
+        if guid is not None:
+            options.append((97, b"\x00" + guid))
+        if item is not None:
+            options.append((43, codec.encode_suboptions([(71, item)])))
+        request = replace(msg, xid=xid, flags=flags, htype=htype, hlen=hlen,
+                          giaddr=codec._ip(giaddr), chaddr=chaddr, options=tuple(options))
+        d = policy.decide(request, cfg, proxy_port=proxy_port, source=("10.1.2.3", 68))
+        assert isinstance(d, Reply), d
+        self.assertEqual(d.data, codec.encode(d.message))
+        back = codec.decode(d.data)
+        self.assertEqual((back.xid, back.flags, back.htype, back.hlen, back.chaddr, back.giaddr),
+                         (xid, flags, htype, hlen, chaddr, codec._ip(giaddr)))
+        self.assertEqual(back.message_type, codec.DHCPACK if proxy_port else codec.DHCPOFFER)
+        self.assertEqual(back.get(97), None if guid is None else b"\x00" + guid)
+        self.assertEqual(d.ack, proxy_port)

@@ -141,8 +141,12 @@ class _RealClientsMixin:
         case.assertEqual(code, 68)
 
     async def test_atftp_windowsize(self) -> None:
-        """atftp with blksize 1428 and windowsize 8 gets files byte-identical."""
+        """atftp with blksize 1428 and windowsize 8 (RFC 7440: it asks, we agree) gets files
+        byte-identical."""
         atftp = _tool("atftp")
+        recorded: list[dict[str, Any]] = []
+        self.protocol.timeline = type("T", (), {
+            "record": staticmethod(lambda step, **fields: recorded.append(fields))})()
         for name in ("small.bin", "exact1428.bin", "sub/ipxe.efi"):
             out = name.replace("/", "_") + ".atftp"
             result = await self.client(
@@ -152,6 +156,7 @@ class _RealClientsMixin:
             self.check(name, out, result)
         case: Any = self
         case.assertEqual(self.protocol.stats.outcomes["complete"], 3)
+        case.assertEqual([(f["blksize"], f["windowsize"]) for f in recorded], [(1428, 8)] * 3)
 
     async def test_busybox(self) -> None:
         """busybox tftp (tsize) gets files byte-identical, including past the rollover."""
