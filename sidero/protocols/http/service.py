@@ -137,9 +137,7 @@ def make_http_service(
     site.displayTracebacks = False
     refused = new_refusals()
     site.protocol = guarded_channel(limits or HTTPLimits(), refused)  # type: ignore[assignment]
-    from sidero.protocols.grpc.port import LISTEN_BACKLOG
-
-    service = TCPServer(port, site, interface=interface, reactor=reactor, backlog=LISTEN_BACKLOG)
+    service = TCPServer(port, site, interface=interface, reactor=reactor)
     service.setName("http")
     service.refused = refused  # type: ignore[attr-defined]
     return service
