@@ -537,9 +537,10 @@ SETTINGS: tuple[Setting, ...] = (
         "configdata_access", (_own("configdata_access"),), "owner", choice("owner", "any"),
         "one of owner, any",
         "Who may fetch /configdata?uuid= (it holds the cluster's secrets): owner = only a source"
-        " address known to belong to that server (its SideroLink address, the addresses it and"
-        " Talos reported, the address its /ipxe and agent calls came from) or one in"
-        " --configdata-trusted-networks; any = whoever knows the UUID, as the Go Sidero does.",
+        " address known to belong to that server (its SideroLink address, the addresses Talos"
+        " reported over the tunnel, the boot-NIC addresses its agent registered; never the source"
+        " of an /ipxe request, which anyone can send) or one in --configdata-trusted-networks;"
+        " any = whoever knows the UUID, as the Go Sidero does.",
     ),
     Setting(
         "configdata_trusted_networks", (_own("configdata_trusted_networks"),), "", parse_cidrs,
