@@ -248,8 +248,10 @@ class HostileClientTests(SynchronousTestCase):
         done = re.search(r"requests: 3000 total, \d+ started, (\d+) done, (\d+) succeeded", outputs[0])
         assert done is not None, outputs[0]
         self.assertEqual(done.group(1), "3000", outputs[0])
-        self.assertGreater(self.metric("sidero_api_port_connections_total", kind="grpc"),
-                           grpc_before + 20)
+        # Each Heartbeat run opens exactly 20 connections, all gRPC (a loaded machine may
+        # finish only the first run before the attack window ends).
+        self.assertGreaterEqual(self.metric("sidero_api_port_connections_total", kind="grpc"),
+                                grpc_before + 20)
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             with self.assertRaises(grpc.RpcError) as e:
                 pb_grpc.AgentStub(channel).Heartbeat(pb.HeartbeatRequest(uuid="no-such-server"), timeout=10)
