@@ -150,22 +150,24 @@ class DashboardApp:
 
     # -- log in and out -----------------------------------------------------------------
 
+    @staticmethod
+    def _see_other(request: Request, location: bytes) -> bytes:
+        request.setResponseCode(303)
+        request.setHeader(b"location", location)
+        return b""
+
     @app.route("/login", methods=["GET", "HEAD"])
     def login_form(self, request: Request) -> bytes:
         self._headers(request)
         if not self.login_required:
-            request.setResponseCode(303)
-            request.setHeader(b"location", b"/")
-            return b""
+            return self._see_other(request, b"/")
         return self._html(request, views.login_page())
 
     @app.route("/login", methods=["POST"])
     def login(self, request: Request) -> Any:
         self._headers(request)
         if not self.login_required:
-            request.setResponseCode(303)
-            request.setHeader(b"location", b"/")
-            return b""
+            return self._see_other(request, b"/")
         content = request.content
         body = content.read(MAX_FORM + 1) if content is not None else b""
         given = _form_field(body, b"password") if len(body) <= MAX_FORM else None

@@ -78,12 +78,11 @@ class SiteTests(TestCase):
         collect.transport.write(request)
         return await collect.done
 
-    async def test_malformed_host_is_400(self) -> None:
-        """A Host header werkzeug cannot IDNA-encode (found by bench/fuzz, kept as
-        corpus/http/crash-bad-host-idna) is a 400, as Go's malformed Host header, not a 500
-        with a logged traceback; the next request on another connection is served."""
-        failures: list[Any] = []
+    def logged_failures(self) -> list[Any]:
+        """The log events with a failure logged from now until the test ends."""
         from twisted.logger import globalLogPublisher
+
+        failures: list[Any] = []
 
         def observe(event: dict[str, Any]) -> None:
             if "log_failure" in event:
@@ -91,6 +90,13 @@ class SiteTests(TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
+        return failures
+
+    async def test_malformed_host_is_400(self) -> None:
+        """A Host header werkzeug cannot IDNA-encode (found by bench/fuzz, kept as
+        corpus/http/crash-bad-host-idna) is a 400, as Go's malformed Host header, not a 500
+        with a logged traceback; the next request on another connection is served."""
+        failures = self.logged_failures()
         answer = await self.raw(b"GET /ipxe?uuid=x HTTP/1.1\r\nHost: 1..9202.1:80\x19\x1981\r\n"
                                 b"Connection: close\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
@@ -103,15 +109,7 @@ class SiteTests(TestCase):
         """A directory listing for a URI with raw non-ASCII bytes is served (the title shows
         U+FFFD for the byte), not a logged 500 (found by bench/fuzz:
         corpus/http/crash-listing-non-ascii-uri)."""
-        failures: list[Any] = []
-        from twisted.logger import globalLogPublisher
-
-        def observe(event: dict[str, Any]) -> None:
-            if "log_failure" in event:
-                failures.append(event)
-
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        failures = self.logged_failures()
         answer = await self.raw(b"GET /env/?v\x81linuz HTTP/1.1\r\nHost: h\r\n"
                                 b"Connection: close\r\n\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:80])
