@@ -141,6 +141,20 @@ def parse_probability(text: str) -> float:
     return value
 
 
+def parse_qps(text: str) -> float:
+    """Requests per second, 0 for no limit (finite, not negative)."""
+    value = float(text)
+    if not 0.0 <= value < float("inf"):  # also refuses nan
+        raise ValueError(text)
+    return value
+
+
+def parse_burst(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,6}", text) or int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_cidrs(text: str) -> tuple[IPNetwork, ...]:
     """Comma-separated CIDRs (host bits allowed, as Go's C{net.ParseCIDR}); empty = none."""
     if not text.strip():
@@ -518,6 +532,18 @@ SETTINGS: tuple[Setting, ...] = (
         parse_duration, "a Go duration shorter than the renew deadline",
         "Interval between attempts to acquire or renew the Lease.",
     ),
+    Setting(
+        "kube_api_qps", (_own("kube_api_qps"),), "20", parse_qps,
+        "requests per second (a decimal number), 0 for no limit",
+        "Client-side limit of Kubernetes API requests per second, as controller-runtime's"
+        " (Cluster API's --kube-api-qps); Leases have a bucket of their own.",
+    ),
+    Setting(
+        "kube_api_burst", (_own("kube_api_burst"),), "30", parse_burst,
+        "a whole number from 1 to 999999",
+        "Kubernetes API requests allowed at once above --kube-api-qps (Cluster API's"
+        " --kube-api-burst).",
+    ),
     _bool("webhook_register", (_own("webhook_register"),), True,
           "With the Kubernetes store, point the CRDs' conversion and a ValidatingWebhookConfiguration"
           " at this webhook server and its own CA; turn off where cert-manager and manifests manage them."),
@@ -791,6 +817,8 @@ class Settings:
     leader_election_lease_duration: float = 15.0
     leader_election_renew_deadline: float = 10.0
     leader_election_retry_period: float = 2.0
+    kube_api_qps: float = 20.0
+    kube_api_burst: int = 30
     webhook_register: bool = True
     webhook_url: str = ""
     talos_assets_url: str = TALOS_RELEASES_URL

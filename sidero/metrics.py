@@ -98,6 +98,7 @@ class Metrics:
             "sidero_http_request_duration_seconds",
             "Time from request to the last byte of the response, by route",
             ["route"], buckets=HTTP_BUCKETS, registry=r)
+        self._http_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.grpc_handled = Counter(
             "sidero_grpc_server_handled", "gRPC calls completed on the API port by method and code",
             ["method", "code"], registry=r)
@@ -178,8 +179,15 @@ class Metrics:
             method = method.decode("latin-1")
         if method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
             method = "other"
-        self.http_requests.labels(route, method, str(code)).inc()
-        self.http_duration.labels(route).observe(max(0.0, duration))
+        key = (route, method, str(code))
+        children = self._http_children.get(key)
+        if children is None:
+            # labels() costs a lock and a dict build per call: once per (route, method, code).
+            children = (self.http_requests.labels(*key), self.http_duration.labels(route))
+            if len(self._http_children) < 4096:
+                self._http_children[key] = children
+        children[0].inc()
+        children[1].observe(max(0.0, duration))
 
     def grpc_call(self, method: str, code: str, duration: float) -> None:
         label = grpc_method_label(method)

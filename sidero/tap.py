@@ -129,7 +129,12 @@ def _make_store(settings: Settings, context: AppContext) -> IService | None:
             client = load_api_client(settings.kubeconfig or None)
         except KubeconfigError as e:
             raise StartupError(str(e)) from e
-        k8s_store = KubernetesStore(context.reactor, client, context.pools["k8s"].pool)
+        from sidero.k8s.ratelimit import TokenBucket
+
+        k8s_store = KubernetesStore(
+            context.reactor, client, context.pools["k8s"].pool,
+            rate_limiter=TokenBucket(settings.kube_api_qps, settings.kube_api_burst),
+        )
         context.api_client = client
         context.store = context.metrics.timed_store(k8s_store)
         return StoreService(k8s_store, settings.state_dir)

@@ -79,6 +79,8 @@ def crd(kind: ResourceType) -> dict[str, Any]:
             "schema": {"openAPIV3Schema": schema.schema_for(kind, version)},
             "additionalPrinterColumns": _printer_columns(kind),
         }
+        if kind.selectable_fields:
+            entry["selectableFields"] = [{"jsonPath": path} for path in kind.selectable_fields]
         if kind.status_subresource:
             entry["subresources"] = {"status": {}}
         versions.append(entry)

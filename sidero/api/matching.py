@@ -78,6 +78,52 @@ def partial_equal(filter_: Any, actual: Any) -> bool:
             and isinstance(actual, bool) == isinstance(filter_, bool))
 
 
+class _Always:
+    """A pruned filter part that matches anything (it was a zero value)."""
+
+
+ALWAYS = _Always()
+
+
+def prune(filter_: Any) -> Any:
+    """C{filter_} with its zero parts replaced by L{ALWAYS} and zero-valued keys dropped, so
+    L{pruned_equal} never calls L{is_zero}: C{pruned_equal(prune(f), a) == partial_equal(f, a)}.
+    Lists keep every position (a longer filter list never matches)."""
+    if is_zero(filter_):
+        return ALWAYS
+    if isinstance(filter_, Mapping):
+        return {k: p for k, v in filter_.items() if (p := prune(v)) is not ALWAYS}
+    if isinstance(filter_, list):
+        return [prune(v) for v in filter_]
+    return filter_
+
+
+def pruned_equal(pruned: Any, actual: Any) -> bool:
+    """L{partial_equal} of a filter already L{prune}d (one class against many servers)."""
+    if pruned is ALWAYS:
+        return True
+    if isinstance(pruned, dict):
+        if not isinstance(actual, Mapping):
+            return False
+        for k, v in pruned.items():
+            if not pruned_equal(v, actual.get(k)):
+                return False
+        return True
+    if isinstance(pruned, list):
+        if not isinstance(actual, list):
+            if actual is not None:
+                return False
+            actual = []
+        if len(pruned) > len(actual):
+            return False
+        for f, a in zip(pruned, actual, strict=False):
+            if not pruned_equal(f, a):
+                return False
+        return True
+    return (actual is not None and actual == pruned
+            and isinstance(actual, bool) == isinstance(pruned, bool))
+
+
 def partial_equal_v1alpha1(filter_: Mapping[str, Any] | None, actual: Mapping[str, Any] | None) -> bool:
     """v1alpha1 PartialEqual: flat comparison of one struct; zero filter fields are skipped."""
     actual = actual or {}
@@ -127,16 +173,17 @@ def qualifiers_filter(server_class: Object) -> ServerFilter:
     """v1alpha2 qualifiers: any hardware entry PartialEqual the server's hardware, and any
     label pair matching; an empty list is not a constraint."""
     qualifiers = _spec(server_class).get("qualifiers") or {}
-    hardware = qualifiers.get("hardware") or []
+    hardware = [prune(f) for f in qualifiers.get("hardware") or []]
     label_selectors = qualifiers.get("labelSelectors") or []
 
     def match(server: Object) -> bool:
-        if hardware:
-            info = _spec(server).get("hardware")
-            if info is None or not any(partial_equal(f, info) for f in hardware):
-                return False
+        # Both must hold; the label pairs are dict lookups, so they go first.
         if label_selectors and not label_selectors_match(label_selectors, server):
             return False
+        if hardware:
+            info = _spec(server).get("hardware")
+            if info is None or not any(pruned_equal(f, info) for f in hardware):
+                return False
         return True
 
     return match

@@ -39,6 +39,8 @@ class ResourceType:
     @ivar served_versions: every version clients may read and write, storage version included.
     @ivar custom: True for sidero's own CRDs; False for built-in or foreign kinds that the
         embedded store also keeps (Secrets, Events, Leases, CAPI Machines and Clusters).
+    @ivar selectable_fields: JSON paths the API server filters on in field selectors (the
+        CRD's C{selectableFields}, Kubernetes 1.31+; the embedded store filters any path).
     """
 
     group: str
@@ -54,6 +56,7 @@ class ResourceType:
     labels: tuple[tuple[str, str], ...] = ()
     custom: bool = True
     singular: str = field(default="")
+    selectable_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.served_versions:
@@ -169,6 +172,8 @@ METAL_MACHINE_TEMPLATE = ResourceType(
 SERVER_BINDING = ResourceType(
     group=INFRA_GROUP, kind="ServerBinding", plural="serverbindings", storage_version="v1alpha3",
     namespaced=False, labels=_INFRA_LABELS,
+    # The MetalMachine controller lists the bindings of one MetalMachine from the API server.
+    selectable_fields=(".spec.metalMachineRef.namespace", ".spec.metalMachineRef.name"),
     printer_columns=(
         PrinterColumn("Ready", "string", ".status.ready", 0, "ServerBinding ready status"),
         PrinterColumn("Server", "string", ".metadata.name", 1, "Server ID"),

@@ -53,6 +53,7 @@ from sidero.controllers.capi import (
     owner_name,
 )
 from sidero.controllers.events import CAPS_CONTROLLER_MANAGER, EventRecorder
+from sidero.controllers.informer import Informer
 from sidero.controllers.patch import patch_changes
 from sidero.controllers.runtime import (
     DEFAULT_REQUEUE_AFTER,
@@ -63,7 +64,7 @@ from sidero.controllers.runtime import (
     split_key,
 )
 from sidero.k8s.workload import IWorkloadNodes, ProviderIDError
-from sidero.store.errors import AlreadyExists, NotFound
+from sidero.store.errors import AlreadyExists, BadRequest, NotFound
 from sidero.store.interfaces import IResourceStore, Object
 
 METAL_MACHINE_FINALIZER = "metalmachine.infrastructure.cluster.x-k8s.io"
@@ -83,6 +84,10 @@ REASON_NO_SERVER_AVAILABLE = "NoServerAvailable"
 REASON_BOUND_ELSEWHERE = "ServerBoundElsewhere"
 
 REASON_ALLOCATION = "Server Allocation"
+
+#: Seconds a server this process began to bind is skipped by its other reconciles (long
+#: enough for the new binding to reach the cache).
+CLAIM_SECONDS = 30.0
 REASON_ASSIGNMENT = "Server Assignment"
 
 
@@ -144,11 +149,16 @@ class MetalMachineReconciler:
         recorder: EventRecorder,
         clock: IReactorTime,
         workload: IWorkloadNodes | None = None,
+        bindings: Informer | None = None,
     ) -> None:
         self.store = store
         self.recorder = recorder
         self.clock = clock
         self.workload = workload
+        #: the ServerBinding informer, to skip candidates already bound (None: try each).
+        self.bindings = bindings
+        #: server name -> when a reconcile of this process began to bind it (see L{_skip}).
+        self._claimed: dict[str, float] = {}
 
     async def _get(self, kind: Any, name: str, namespace: str | None = None) -> Object | None:
         try:
@@ -225,11 +235,42 @@ class MetalMachineReconciler:
         return _Wait(delay)
 
     async def _owned_bindings(self, obj: Object) -> list[Object]:
-        """Bindings naming this MetalMachine, read from the store (oldest first)."""
-        listing = await self.store.list(SERVER_BINDING)
+        """Bindings naming this MetalMachine, read from the store (oldest first).
+
+        The store filters them (a field selector on C{spec.metalMachineRef}, which the CRD
+        declares selectable): one allocation no longer reads every binding of the fleet.  An
+        API server that does not know the field (Kubernetes before 1.31, or CRDs of an older
+        sidero) answers BadRequest, and then every binding is listed as before.
+        """
+        selector = (f"spec.metalMachineRef.namespace={namespace_of(obj)},"
+                    f"spec.metalMachineRef.name={name_of(obj)}")
+        try:
+            listing = await self.store.list(SERVER_BINDING, field_selector=selector)
+        except BadRequest:
+            listing = await self.store.list(SERVER_BINDING)
         owned = [b for b in listing.items if binding_belongs_to(b, obj)]
         owned.sort(key=lambda b: (str(meta(b).get("creationTimestamp") or ""), name_of(b)))
         return owned
+
+    def _skip(self, server_name: str) -> bool:
+        """Whether a candidate is certainly taken, from what this process already knows: its
+        binding is in the cache, or another reconcile here began to bind it moments ago.
+
+        Only a shortcut (the class's C{serversAvailable} lags behind allocations, and ten
+        reconciles at once would otherwise all try its first servers): the store's refusal of a
+        second binding of one name is still what makes a server impossible to bind twice.  A
+        server skipped wrongly is tried on the next pass.
+        """
+        claimed = self._claimed.get(server_name)
+        if claimed is not None:
+            if self.clock.seconds() - claimed < CLAIM_SECONDS:
+                return True
+            del self._claimed[server_name]
+        if len(self._claimed) > 10_000:  # a bound: forget claims too old to matter
+            now = self.clock.seconds()
+            self._claimed = {k: t for k, t in self._claimed.items() if now - t < CLAIM_SECONDS}
+        return (self.bindings is not None and self.bindings.has_synced
+                and self.bindings.get(server_name) is not None)
 
     async def _allocate(self, obj: Object) -> Object:
         """Find or create this MetalMachine's binding through its ServerClass."""
@@ -251,15 +292,22 @@ class MetalMachineReconciler:
                 obj, REASON_CLASS_NOT_FOUND, conditions.SEVERITY_ERROR,
                 f'serverclasses.metal.sidero.dev "{class_name}" not found')
         available = list((server_class.get("status") or {}).get("serversAvailable") or [])
-        for server_name in available:
-            server = await self._get(SERVER, str(server_name))
+        for server_name in map(str, available):
+            if self._skip(server_name):
+                continue
+            self._claimed[server_name] = self.clock.seconds()
+            server = await self._get(SERVER, server_name)
             status = (server or {}).get("status") or {}
             if server is None or status.get("inUse") or not status.get("isClean"):
+                self._claimed.pop(server_name, None)
                 continue
             try:
-                binding = await self.store.create(new_binding(obj, str(server_name), server_class))
+                binding = await self.store.create(new_binding(obj, server_name, server_class))
             except AlreadyExists:
                 continue  # another MetalMachine won this one
+            except BaseException:
+                self._claimed.pop(server_name, None)
+                raise
             self.recorder.normal(
                 server, REASON_ALLOCATION,
                 f'Server is allocated via serverclass "{class_name}" for metal machine "{name_of(obj)}".')
@@ -380,7 +428,8 @@ def make_metalmachine_controller(
     clock = clock if clock is not None else manager.clock
     if recorder is None:
         recorder = EventRecorder(store, clock, component=CAPS_CONTROLLER_MANAGER)
-    reconciler = MetalMachineReconciler(store, recorder, clock, workload)
+    reconciler = MetalMachineReconciler(store, recorder, clock, workload,
+                                        bindings=manager.informer(SERVER_BINDING))
     controller = Controller("metalmachine", METAL_MACHINE, reconciler.reconcile, clock=clock)
 
     def binding_to_machine(binding: Object) -> list[str]:

@@ -2,7 +2,8 @@
 """Server controller (spec §2.2): power, allocation, the storage finalizer and wipe reboots.
 
 Each reconcile reads the Server from the store (uncached, as Sidero does: a stale cache could
-power-cycle a server that was just allocated), builds a power manager for it, and walks the
+power-cycle a server that was just allocated) and its ServerBinding from the informer cache (as
+Sidero's cached client does), builds a power manager for it, and walks the
 decision table of §2.2.  Every exit goes through one final patch of the changed metadata and
 status fields, with the read resourceVersion as precondition whenever lists (finalizers,
 conditions) are replaced, so a concurrent writer (the agent API marking a server wiped) turns
@@ -30,6 +31,7 @@ from twisted.logger import Logger
 from sidero.api import conditions
 from sidero.api.registry import SERVER, SERVER_BINDING
 from sidero.controllers.events import EventRecorder
+from sidero.controllers.informer import Informer
 from sidero.controllers.runtime import (
     DEFAULT_REQUEUE_AFTER,
     Controller,
@@ -111,8 +113,11 @@ class ServerReconciler:
         pxe_mode: str = DEFAULT_PXE_MODE,
         power_off_recheck: float | None = None,
         wipes: WipeSlots | None = None,
+        bindings: Informer | None = None,
     ) -> None:
         self.store = store
+        #: the ServerBinding informer; None reads bindings from the store.
+        self.bindings = bindings
         self.power_for = power_for
         #: wipe slots (None: no limit).
         self.wipes = wipes
@@ -181,10 +186,17 @@ class ServerReconciler:
 
         # 5. Allocation.
         binding: Object | None
-        try:
-            binding = await self.store.get(SERVER_BINDING, name)
-        except NotFound:
-            binding = None
+        if self.bindings is not None and self.bindings.has_synced:
+            # The binding from the cache, as Sidero's cached client reads it (only the Server is
+            # read uncached): one request less per reconcile, which at 10 000 servers and the
+            # client's 20 requests/s is minutes of start-up.  Its creation and deletion are
+            # events of this controller, so a stale answer is followed by another pass.
+            binding = self.bindings.get(name)
+        else:
+            try:
+                binding = await self.store.get(SERVER_BINDING, name)
+            except NotFound:
+                binding = None
         allocated = binding is not None
         if not allocated:
             if status.get("inUse"):
@@ -372,7 +384,7 @@ def make_server_controller(
     if recorder is None:
         recorder = EventRecorder(store, clock)
     reconciler = ServerReconciler(store, power_for, recorder, clock, reboot_timeout, pxe_mode,
-                                  power_off_recheck, wipes)
+                                  power_off_recheck, wipes, bindings=manager.informer(SERVER_BINDING))
     controller = Controller("server", SERVER, reconciler.reconcile, clock=clock)
     if wipes is not None:
         wipes.wake = controller.enqueue

@@ -21,6 +21,7 @@ from sidero.api import conditions
 from sidero.api.registry import CAPI_CLUSTER, METAL_MACHINE, SERVER, SERVER_BINDING, ResourceType
 from sidero.controllers.capi import CLUSTER_NAME_LABEL, is_paused, meta, metal_machine_key, name_of
 from sidero.controllers.events import CAPS_CONTROLLER_MANAGER, EventRecorder
+from sidero.controllers.informer import Informer
 from sidero.controllers.patch import patch_changes
 from sidero.controllers.runtime import Controller, ControllerManager, Result, split_key
 from sidero.store.errors import NotFound
@@ -39,11 +40,24 @@ class ServerBindingReconciler:
     def __init__(
         self, store: IResourceStore, clock: IReactorTime, recorder: EventRecorder,
         orphan_grace: float | None = DEFAULT_ORPHAN_GRACE,
+        bindings: Informer | None = None, servers: Informer | None = None,
     ) -> None:
         self.store = store
         self.clock = clock
         self.recorder = recorder
         self.orphan_grace = orphan_grace
+        #: the ServerBinding and Server informers, read once synced as Sidero's cached client
+        #: reads them (None: the store).  Every Server event reconciles the binding of that
+        #: name, and most servers have none: from the cache that costs no request, where a
+        #: GET answering 404 per agent heartbeat spent the client's rate limit.
+        self.bindings = bindings
+        self.servers = servers
+
+    async def _cached_or_get(self, informer: Informer | None, kind: ResourceType,
+                             name: str) -> Object | None:
+        if informer is not None and informer.has_synced:
+            return informer.get(name)
+        return await self._get(kind, name)
 
     async def _get(self, kind: ResourceType, name: str, namespace: str | None = None) -> Object | None:
         try:
@@ -53,10 +67,10 @@ class ServerBindingReconciler:
 
     async def reconcile(self, key: str) -> Result | None:
         _, name = split_key(key)
-        binding = await self._get(SERVER_BINDING, name)
+        binding = await self._cached_or_get(self.bindings, SERVER_BINDING, name)
         if binding is None or meta(binding).get("deletionTimestamp"):
             return None
-        server = await self._get(SERVER, name)
+        server = await self._cached_or_get(self.servers, SERVER, name)
         obj = copy.deepcopy(binding)
         obj.setdefault("status", {})["ready"] = server is not None
         written = await patch_changes(self.store, SERVER_BINDING, binding, obj)
@@ -82,13 +96,15 @@ class ServerBindingReconciler:
 
     async def _release_orphan(self, binding: Object, server: Object | None) -> Result | None:
         assert self.orphan_grace is not None
-        why = await self._orphaned_because(binding)
-        if why is None:
-            return None
         created = conditions.parse_rfc3339(str(meta(binding).get("creationTimestamp") or ""))
         age = self.clock.seconds() - created if created is not None else self.orphan_grace
         if age < self.orphan_grace:
+            # Too young to release whatever it is: look again when it is not (the reads of
+            # its MetalMachine and Cluster wait until then).
             return Result(requeue_after=self.orphan_grace - age + 1.0)
+        why = await self._orphaned_because(binding)
+        if why is None:
+            return None
         name = name_of(binding)
         try:
             await self.store.delete(SERVER_BINDING, name,
@@ -109,7 +125,9 @@ def make_serverbinding_controller(
     clock = clock if clock is not None else manager.clock
     if recorder is None:
         recorder = EventRecorder(store, clock, component=CAPS_CONTROLLER_MANAGER)
-    reconciler = ServerBindingReconciler(store, clock, recorder, orphan_grace)
+    reconciler = ServerBindingReconciler(store, clock, recorder, orphan_grace,
+                                         bindings=manager.informer(SERVER_BINDING),
+                                         servers=manager.informer(SERVER))
     controller = Controller("serverbinding", SERVER_BINDING, reconciler.reconcile, clock=clock)
     controller.watches(SERVER, lambda server: [name_of(server)])
 

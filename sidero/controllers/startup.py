@@ -28,7 +28,7 @@ log = Logger()
 CONFLICT_RETRIES = 5
 
 
-def _qualifiers_empty(server_class: Object) -> bool:
+def qualifiers_empty(server_class: Object) -> bool:
     qualifiers: Any = (server_class.get("spec") or {}).get("qualifiers")
     if not qualifiers:
         return True
@@ -50,7 +50,7 @@ async def ensure_any_server_class(store: IResourceStore) -> Object:
         except AlreadyExists:
             current = await store.get(SERVER_CLASS, ANY_SERVER_CLASS)
     for _ in range(CONFLICT_RETRIES):
-        if _qualifiers_empty(current):
+        if qualifiers_empty(current):
             return current
         try:
             updated = await store.update(reset_any_server_class(current))

@@ -21,7 +21,8 @@ from typing import Any
 
 import urllib3
 from kubernetes import client as k8s_client
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -32,6 +33,7 @@ from sidero.api.registry import ResourceType
 from sidero.api.selectors import FieldSelector, LabelSelector, SelectorError
 from sidero.k8s import client as kc
 from sidero.k8s.errors import from_response, unreachable
+from sidero.k8s.ratelimit import TokenBucket
 from sidero.store import errors
 from sidero.store.interfaces import (
     ADDED,
@@ -82,6 +84,15 @@ class KubernetesStore:
     @param pool: the thread pool every blocking call runs in (a started
         C{ThreadPoolService(reactor, "kubernetes", ...).pool}).  Watches do not use it: each
         holds a thread of its own for as long as it runs, so they cannot starve calls.
+    @param rate_limiter: the client-side token bucket every request takes a token from
+        (C{--kube-api-qps}/C{--kube-api-burst}); None sends unthrottled.  A request waits for
+        its token on the reactor (C{callLater}) before it enters the pool; follow-up pages of a
+        list, the read of an unconditional update and watch (re)connections wait in their own
+        thread.
+    @param lease_rate_limiter: a bucket of its own for C{coordination.k8s.io} Leases, as
+        controller-runtime's leader election has a client (and so a bucket) of its own: a
+        renewal never queues behind a burst of reconciles.  None: Leases are unthrottled when
+        C{rate_limiter} is None, else they get a bucket with the same QPS and burst.
     """
 
     log = Logger()
@@ -94,6 +105,8 @@ class KubernetesStore:
         *,
         request_timeout: tuple[float, float] = kc.DEFAULT_REQUEST_TIMEOUT,
         watch_timeout: int = DEFAULT_WATCH_TIMEOUT,
+        rate_limiter: TokenBucket | None = None,
+        lease_rate_limiter: TokenBucket | None = None,
     ) -> None:
         self._reactor = reactor
         self.api_client = api_client
@@ -103,6 +116,12 @@ class KubernetesStore:
         self.watch_timeout = watch_timeout
         self._watches: set[_Watch] = set()
         self._closed = False
+        unlimited = TokenBucket(qps=0)
+        self.rate_limiter = rate_limiter if rate_limiter is not None else unlimited
+        if lease_rate_limiter is None:
+            lease_rate_limiter = (unlimited if rate_limiter is None
+                                  else TokenBucket(rate_limiter.qps, rate_limiter.burst))
+        self.lease_rate_limiter = lease_rate_limiter
 
     @property
     def host(self) -> str:
@@ -156,22 +175,54 @@ class KubernetesStore:
 
         return d.addErrback(timed_out)
 
+    def bucket_for(self, kind: ResourceType | None) -> TokenBucket:
+        """The token bucket requests about C{kind} take from (Leases have their own)."""
+        if kind is not None and kind.group == registry.LEASE.group and kind.kind == registry.LEASE.kind:
+            return self.lease_rate_limiter
+        return self.rate_limiter
+
+    def _throttled(self, kind: ResourceType | None, send: Callable[[], Deferred[Any]]) -> Deferred[Any]:
+        """C{send()} once this request's token is due: at once, or after a C{callLater} (the
+        reactor never sleeps and no pool thread is held while waiting)."""
+        bucket = self.bucket_for(kind)
+        delay = bucket.reserve()
+        if delay <= 0:
+            return send()
+        sent = False
+
+        def later() -> Deferred[Any]:
+            nonlocal sent
+            sent = True
+            if self._closed:
+                return fail(errors.Unavailable("the Kubernetes store is closed"))
+            return send()
+
+        def cancelled(failure: Failure) -> Failure:
+            # Cancelled while it waited for its token (its caller gave up): never sent, so the
+            # token goes back to the requests queued behind it.
+            if failure.check(CancelledError) and not sent:
+                bucket.give_back()
+            return failure
+
+        return deferLater(self._reactor, delay, later).addErrback(cancelled)
+
     def _call(
         self, method: str, path: str, query: list[tuple[str, str]] | None = None,
-        body: Any = None, content_type: str = kc.JSON,
+        body: Any = None, content_type: str = kc.JSON, kind: ResourceType | None = None,
     ) -> Deferred[Any]:
-        """One request in the pool; fires with the decoded body."""
+        """One request in the pool (after its token); fires with the decoded body."""
         if self._closed:
             return fail(errors.Unavailable("the Kubernetes store is closed"))
-        d = self._run(kc.request, self.api_client, method, path, query, body, content_type,
-                      self._request_timeout)
+        d = self._throttled(kind, lambda: self._run(
+            kc.request, self.api_client, method, path, query, body, content_type,
+            self._request_timeout))
         return d.addCallback(lambda result: result[1])
 
     # -- reads ------------------------------------------------------------------------------
 
     def get(self, kind: ResourceType, name: str, namespace: str | None = None) -> Deferred[Object]:
         path = kc.resource_path(kind, _namespace_for(kind, namespace), name)
-        return self._call("GET", path).addCallback(lambda obj: _typed(kind, obj))
+        return self._call("GET", path, kind=kind).addCallback(lambda obj: _typed(kind, obj))
 
     def list(
         self,
@@ -182,14 +233,17 @@ class KubernetesStore:
     ) -> Deferred[ResourceList]:
         if self._closed:
             return fail(errors.Unavailable("the Kubernetes store is closed"))
-        return self._run(self._list_blocking, kind, namespace, label_selector, field_selector)
+        return self._throttled(kind, lambda: self._run(
+            self._list_blocking, kind, namespace, label_selector, field_selector, True))
 
     def _list_blocking(
         self, kind: ResourceType, namespace: str | None, label_selector: str | None,
-        field_selector: str | None,
+        field_selector: str | None, first_token_taken: bool = False,
+        stop: threading.Event | None = None,
     ) -> ResourceList:
-        """Every page of a list (in a pool thread); the resourceVersion is the first page's,
-        which the server keeps for the whole paginated list."""
+        """Every page of a list (in a thread); the resourceVersion is the first page's,
+        which the server keeps for the whole paginated list.  Each page takes a token (the
+        first one's was taken on the reactor when C{first_token_taken})."""
         path = kc.resource_path(kind, namespace if kind.namespaced else None)
         query: list[tuple[str, str]] = [("limit", str(LIST_PAGE_SIZE))]
         if label_selector:
@@ -199,7 +253,12 @@ class KubernetesStore:
         items: list[Object] = []
         rv = ""
         token = ""
+        bucket = self.bucket_for(kind)
+        first = True
         while True:
+            if not (first and first_token_taken) and not bucket.wait(stop):
+                break  # the watch listing is being stopped
+            first = False
             page_query = query + ([("continue", token)] if token else [])
             _, page = kc.request(self.api_client, "GET", path, page_query,
                                  timeout=self._request_timeout)
@@ -220,7 +279,7 @@ class KubernetesStore:
             return fail(e)
         meta = obj.get("metadata") or {}
         path = kc.resource_path(kind, _namespace_for(kind, meta.get("namespace")))
-        return self._call("POST", path, body=obj).addCallback(lambda o: _typed(kind, o))
+        return self._call("POST", path, body=obj, kind=kind).addCallback(lambda o: _typed(kind, o))
 
     def update(self, obj: Object) -> Deferred[Object]:
         return self._update(obj, None)
@@ -242,7 +301,8 @@ class KubernetesStore:
             return fail(errors.Unavailable("the Kubernetes store is closed"))
         path = kc.resource_path(kind, _namespace_for(kind, meta.get("namespace")), meta["name"],
                                 subresource)
-        return self._run(self._put_blocking, kind, path, obj).addCallback(lambda o: _typed(kind, o))
+        d = self._throttled(kind, lambda: self._run(self._put_blocking, kind, path, obj))
+        return d.addCallback(lambda o: _typed(kind, o))
 
     def _put_blocking(self, kind: ResourceType, path: str, obj: Object) -> Object:
         """PUT; without a resourceVersion, read the current one first and retry on Conflict
@@ -251,10 +311,14 @@ class KubernetesStore:
             return kc.request(self.api_client, "PUT", path, body=obj,
                               timeout=self._request_timeout)[1]
         object_path = path.removesuffix("/status")
+        bucket = self.bucket_for(kind)
         for attempt in range(UNCONDITIONAL_ATTEMPTS):
+            if attempt:
+                bucket.wait()  # a retry's GET (the first used the token reserved on the reactor)
             _, current = kc.request(self.api_client, "GET", object_path, timeout=self._request_timeout)
             body = copy.deepcopy(obj)
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            bucket.wait()
             try:
                 return kc.request(self.api_client, "PUT", path, body=body,
                                   timeout=self._request_timeout)[1]
@@ -274,7 +338,7 @@ class KubernetesStore:
         if not isinstance(patch, dict):
             return fail(errors.BadRequest("a merge patch must be a JSON object"))
         path = kc.resource_path(kind, _namespace_for(kind, namespace), name, subresource or None)
-        d = self._call("PATCH", path, body=patch, content_type=kc.MERGE_PATCH)
+        d = self._call("PATCH", path, body=patch, content_type=kc.MERGE_PATCH, kind=kind)
         return d.addCallback(lambda o: _typed(kind, o))
 
     def delete(
@@ -290,8 +354,9 @@ class KubernetesStore:
         options: Object = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         if resource_version:
             options["preconditions"] = {"resourceVersion": resource_version}
-        d = self._run(kc.request, self.api_client, "DELETE", path, None, options, kc.JSON,
-                      self._request_timeout)
+        d = self._throttled(kind, lambda: self._run(
+            kc.request, self.api_client, "DELETE", path, None, options, kc.JSON,
+            self._request_timeout))
         return d.addCallback(self._deleted, kind)
 
     @staticmethod
@@ -454,7 +519,7 @@ class _Watch:
 
     def _initial_list(self) -> str:
         listing = self.store._list_blocking(self.kind, self.namespace, self.label_selector,
-                                            self.field_selector)
+                                            self.field_selector, stop=self._stopping)
         for obj in listing.items:
             if self._stopping.is_set():
                 return listing.resource_version
@@ -499,6 +564,8 @@ class _Watch:
             query.append(("fieldSelector", self.field_selector))
         path = kc.resource_path(self.kind, self.namespace)
         timeout = (store._request_timeout[0], store.watch_timeout + 30.0)
+        if not store.bucket_for(self.kind).wait(self._stopping):
+            return False
         response = kc.open_request(store.api_client, "GET", path, query, timeout=timeout)
         with self._lock:
             self._response = response

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from sidero.api import matching
@@ -252,3 +254,28 @@ class FilterV1alpha1Tests(SynchronousTestCase):
                 spec["qualifiers"] = qualifiers
             got = matching.servers_for_class_v1alpha1({"spec": spec}, SERVERS_V1)
             self.assertEqual(names(got), expected, case)
+
+
+_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-2, 2), st.sampled_from(["", "a", "b"]))
+_json = st.recursive(
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["x", "y", "z"]), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+class PrunedEqualTests(SynchronousTestCase):
+    """The pruned form used per class is exactly partial_equal, for any filter and value."""
+
+    @given(_json, _json)
+    @settings(max_examples=500)
+    def test_same_as_partial_equal(self, filter_: object, actual: object) -> None:
+        self.assertEqual(matching.pruned_equal(matching.prune(filter_), actual),
+                         matching.partial_equal(filter_, actual))
+
+    @given(_json)
+    @settings(max_examples=200)
+    def test_against_itself_and_r630(self, filter_: object) -> None:
+        for actual in (filter_, R630):
+            self.assertEqual(matching.pruned_equal(matching.prune(filter_), actual),
+                             matching.partial_equal(filter_, actual))

@@ -47,6 +47,7 @@ METAL = "metal.sidero.dev"
 
 class SideroWithClusterAPITests(CAPITestCase):
     timeout = 600
+    maxDiff = None
 
     async def setUp(self) -> None:  # type: ignore[override]
         await super().setUp()

@@ -47,7 +47,10 @@ class KubernetesCrashTestCase(TestCase):
                  "--leader-election-renew-deadline", "2s", "--leader-election-retry-period", "500ms"]
         self.replicas = [
             SideroProcess(str(self.server.kubeconfig), self.workdir, "--no-webhook-register",
-                          "--disable-webhook", *lease, name=f"replica-{i}")
+                          # No client-side rate limit: replicas are killed every few seconds, and
+                          # at the default 20 requests/s a new leader's start-up pass would take
+                          # longer, so the limit would be measured instead of crash safety.
+                          "--disable-webhook", "--kube-api-qps", "0", *lease, name=f"replica-{i}")
             for i in range(2)
         ]
         self.killer = Killer(self.replicas, self.rng, interval=(0.5, 3.0))

@@ -71,6 +71,12 @@ def classify(data: bytes) -> str | None:
     return GRPC if len(head) == len(PREFACE) else None
 
 
+#: Pending connections the kernel queues for the API port (Twisted's default is 50): a fleet
+#: booting at once opens connections faster than one accept per reactor turn, and a full
+#: queue drops SYNs, which clients retry only after a second (bench/fleet saw that as 1-3 s
+#: latencies). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
 class _Backend(Protocol):
     """Our connection to the grpcio server, spliced to one client connection."""
 
@@ -464,7 +470,7 @@ def make_api_port_service(
     backend.setName("grpc-backend")
     factory = ApiPortFactory(reactor, site, backend.endpoint, sniff_timeout=sniff_timeout,
                              limits=limits, refused=refused)
-    listener = TCPServer(port, factory, interface=interface, reactor=reactor)
+    listener = TCPServer(port, factory, interface=interface, reactor=reactor, backlog=LISTEN_BACKLOG)
     listener.setName("listener")
     listener.factory = factory  # type: ignore[attr-defined]
     service = ApiPortService(backend, listener, factory, reactor)

@@ -392,7 +392,9 @@ def call_on_reactor(
 
     Like L{twisted.internet.threads.blockingCallFromThread}, but bounded: the reactor side
     fails the call with L{CallTimeout} after C{timeout}, and this thread stops waiting after
-    C{timeout + grace} even if the reactor never picked the call up.
+    C{timeout + grace} even if the reactor never picked the call up.  A call past its time is
+    cancelled: its store requests still waiting for a rate-limit token are never sent (and
+    give the token back), so a client's retries cannot pile writes up behind its deadline.
     """
     results: queue.Queue[Any] = queue.Queue(maxsize=1)
 
@@ -402,7 +404,15 @@ def call_on_reactor(
         except BaseException:
             results.put(Failure())
             return
-        with_timeout(d, reactor, timeout, "agent API call").addBoth(results.put)
+        bounded = with_timeout(d, reactor, timeout, "agent API call")
+
+        def cancel_late(failure: Failure) -> Failure:
+            if failure.check(CallTimeout):
+                d.addErrback(lambda _f: None)  # its CancelledError is expected
+                d.cancel()
+            return failure
+
+        bounded.addErrback(cancel_late).addBoth(results.put)
 
     reactor.callFromThread(start)
     try:

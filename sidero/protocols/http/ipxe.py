@@ -7,6 +7,7 @@ Lookups go through L{BootLookup}, so the decision is a pure function of the cach
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -207,6 +208,21 @@ def agent_kernel_args(settings: BootSettings, mac: str) -> list[str]:
     return rendered
 
 
+_MAC_MARK = "\0mac\0"  # cannot occur in a setting or a MAC
+
+
+@functools.lru_cache(maxsize=16)
+def _agent_args_template(settings: BootSettings) -> tuple[str, ...]:
+    return tuple(agent_kernel_args(settings, _MAC_MARK))
+
+
+def agent_kernel_args_for(settings: BootSettings, mac: str) -> list[str]:
+    """L{agent_kernel_args}, computed once per settings (every unknown machine's /ipxe asks)."""
+    if not mac:  # an empty value renders the key bare: not a substitution
+        return agent_kernel_args(settings, mac)
+    return [a.replace(_MAC_MARK, mac) for a in _agent_args_template(settings)]
+
+
 def talos_kernel_args(settings: BootSettings, args: Sequence[str]) -> list[str]:
     """Append the Talos/SideroLink args of §3.2 unless an arg with that key is already there.
 
@@ -260,7 +276,7 @@ def decide(query: BootQuery, lookup: BootLookup, settings: BootSettings) -> Boot
     binding = lookup.server_binding(query.uuid) if query.uuid else None
     if server is None or binding is None:
         name = AGENT_ENVIRONMENT_PREFIX + query.arch
-        args = agent_kernel_args(settings, query.mac)
+        args = agent_kernel_args_for(settings, query.mac)
         reason = "unknown server" if server is None else "server not allocated"
         return BootResponse(200, render_environment_script(name, args), f"agent ({reason})", name)
 

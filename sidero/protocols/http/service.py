@@ -137,7 +137,9 @@ def make_http_service(
     site.displayTracebacks = False
     refused = new_refusals()
     site.protocol = guarded_channel(limits or HTTPLimits(), refused)  # type: ignore[assignment]
-    service = TCPServer(port, site, interface=interface, reactor=reactor)
+    from sidero.protocols.grpc.port import LISTEN_BACKLOG
+
+    service = TCPServer(port, site, interface=interface, reactor=reactor, backlog=LISTEN_BACKLOG)
     service.setName("http")
     service.refused = refused  # type: ignore[attr-defined]
     return service

@@ -20,6 +20,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.static import DirectoryLister, File, NoRangeStaticProducer
 
 from sidero.protocols import bootfiles
+from sidero.protocols.http.configcache import ConfigDataCache
 from sidero.protocols.http.ipxe import (
     BootQuery,
     BootSettings,
@@ -27,7 +28,7 @@ from sidero.protocols.http.ipxe import (
     boot_script,
     decide,
 )
-from sidero.protocols.http.metadata import MetadataLookup, access, configdata
+from sidero.protocols.http.metadata import MetadataLookup, access
 from sidero.protocols.http.sendfile import SendfileProducer, sendfile_socket
 
 NOT_FOUND_BODY = b"404 page not found\n"
@@ -214,6 +215,8 @@ class BootSite:
         self.events = events
         self.sendfile_run = sendfile_run
         self.script = boot_script(settings.api_endpoint, settings.api_port)
+        #: /configdata answers, reused while the objects they were made from are unchanged.
+        self.configdata = ConfigDataCache()
 
     def resource(self) -> IResource:
         return HostChecked(self.app.resource())
@@ -273,7 +276,7 @@ class BootSite:
         source = str(getattr(request.getClientAddress(), "host", ""))
         result = access(uuid, source, self.lookup, self.settings)
         if result is None:
-            result = configdata(uuid, self.lookup, self.settings)
+            result = self.configdata(uuid, self.lookup, self.settings)
         fields: dict[str, Any] = {"uuid": uuid, "status": result.status}
         if result.status != 200:
             # The error message, never a config body (those hold the cluster's secrets).

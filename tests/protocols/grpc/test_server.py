@@ -404,11 +404,13 @@ class BridgeTests(SynchronousTestCase):
         self.assertRaises(ReactorUnavailable, call_on_reactor, Dead(), f, 0.01, grace=0.01)
 
     def test_reactor_side_timeout(self) -> None:
-        """A call that never finishes fails with CallTimeout once the reactor's clock passes it."""
+        """A call that never finishes fails with CallTimeout once the reactor's clock passes it,
+        and is cancelled."""
         from sidero.threads import CallTimeout
 
         clock = FakeReactor()
-        never: Deferred[int] = Deferred()
+        cancelled: list[Deferred[int]] = []
+        never: Deferred[int] = Deferred(cancelled.append)
 
         async def f() -> int:
             return await never
@@ -432,3 +434,5 @@ class BridgeTests(SynchronousTestCase):
         clock.advance(6)
         t.join(5)
         self.assertEqual([type(e) for e in errors_seen], [CallTimeout])
+        # The call itself was cancelled, so what it still waited for never happens.
+        self.assertTrue(cancelled, "the late call was not cancelled")

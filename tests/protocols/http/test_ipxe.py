@@ -303,3 +303,14 @@ class KernelArgsTests(SynchronousTestCase):
             "talos.logging.kernel=tcp://[fdae:1::1]:4001",
             "talos.events.sink=[fdae:1::1]:4002",
         ])
+
+
+class AgentArgsCacheTests(SynchronousTestCase):
+    def test_cached_template_is_the_same_answer(self) -> None:
+        """The per-settings template gives exactly agent_kernel_args, for any MAC and extras."""
+        from sidero.protocols.http.ipxe import agent_kernel_args, agent_kernel_args_for
+
+        for extra in ("", "console=ttyS1 sidero.mac=00:11:22:33:44:55", "quiet talos.platform=x"):
+            settings = BootSettings("10.0.0.1", 8081, extra_agent_kernel_args=extra)
+            for mac in ("", "52:54:00:12:34:56", "aa:bb:cc:dd:ee:ff"):
+                self.assertEqual(agent_kernel_args_for(settings, mac), agent_kernel_args(settings, mac))
