@@ -74,6 +74,37 @@ class JSONFormatTests(SynchronousTestCase):
         self.assertIn("Traceback", record["traceback"])
 
 
+    def test_unencodable_line_falls_back_per_field(self) -> None:
+        """A circular value or a map with non-string keys cannot go through one json.dumps:
+        those fields alone become their repr, the rest of the line is kept."""
+        loop: dict[str, object] = {}
+        loop["self"] = loop
+        record = json.loads(logs.format_json(event(loop=loop, keyed={(1, 2): "x"})))
+        self.assertEqual(record["filename"], "ipxe.efi")
+        self.assertEqual(record["loop"], repr(loop))
+        self.assertEqual(record["keyed"], repr({(1, 2): "x"}))
+
+
+class MessageTests(SynchronousTestCase):
+    """The message of an event is what twisted.logger's formatEvent makes of it."""
+
+    def test_same_as_format_event(self) -> None:
+        """Named fields, attributes, indexes, conversions and format specs (the fast path)
+        and twisted's callables and missing keys (the long way) render as formatEvent does."""
+        class Peer:
+            host = "10.0.0.9"
+
+            def describe(self) -> str:
+                return "peer 10.0.0.9"
+
+        for fmt in ["RRQ {filename} from {peer}", "{peer_obj.host}:{ports[1]}", "{filename!r}",
+                    "{count:>5}|{ratio:.2f}", "{peer_obj.describe()}", "missing {nothing}",
+                    "{{literal}} {filename}", "unbalanced {filename", ""]:
+            e = event(log_format=fmt, peer_obj=Peer(), ports=[67, 4011], count=7, ratio=0.5)
+            self.assertEqual(logs.format_json(e) and json.loads(logs.format_json(e))["msg"],
+                             formatEvent(e), fmt)
+
+
 class ObserverTests(SynchronousTestCase):
     """make_observer and the environment factory."""
 

@@ -50,7 +50,7 @@ from sidero.protocols.http.limits import (
     TOO_MANY_CONNECTIONS,
     TOO_MANY_FROM_SOURCE,
     HTTPLimits,
-    guarded_channel,
+    guarded_site,
     new_refusals,
 )
 
@@ -463,9 +463,7 @@ def make_api_port_service(
     """
     limits = limits if limits is not None else HTTPLimits()
     refused = new_refusals()
-    site = Site(site_resource, reactor=reactor)
-    site.displayTracebacks = False
-    site.protocol = guarded_channel(limits, refused)  # type: ignore[assignment]
+    site = guarded_site(site_resource, reactor, limits, refused)
     backend = GrpcBackendService(reactor, grpc_server_factory, backend_address, stop_grace)
     backend.setName("grpc-backend")
     factory = ApiPortFactory(reactor, site, backend.endpoint, sniff_timeout=sniff_timeout,

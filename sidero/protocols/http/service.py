@@ -11,13 +11,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
-from twisted.web.server import Site
 
 from sidero.api.registry import ResourceType
 from sidero.app import OrderedMultiService
 from sidero.controllers.informer import Informer
 from sidero.protocols.http.ipxe import LookupFailed
-from sidero.protocols.http.limits import HTTPLimits, guarded_channel, new_refusals
+from sidero.protocols.http.limits import HTTPLimits, guarded_site, new_refusals
 from sidero.store.errors import Forbidden, NotFound
 
 log = Logger(namespace="sidero.protocols.http")
@@ -133,10 +132,8 @@ def make_http_service(
     """A TCP listener named C{http} serving C{resource} (HTTP/1.1; no gRPC), with the API
     port's request limits (L{sidero.protocols.http.limits}); its C{refused} attribute counts
     what they refused."""
-    site = Site(resource, reactor=reactor)
-    site.displayTracebacks = False
     refused = new_refusals()
-    site.protocol = guarded_channel(limits or HTTPLimits(), refused)  # type: ignore[assignment]
+    site = guarded_site(resource, reactor, limits or HTTPLimits(), refused)
     from sidero.protocols.grpc.port import LISTEN_BACKLOG
 
     service = TCPServer(port, site, interface=interface, reactor=reactor, backlog=LISTEN_BACKLOG)

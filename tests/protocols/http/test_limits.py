@@ -23,6 +23,7 @@ from sidero.protocols.http.limits import (
     URI_TOO_LONG,
     HTTPLimits,
     guarded_channel,
+    guarded_site,
     new_refusals,
 )
 
@@ -148,6 +149,36 @@ class ChannelTests(SynchronousTestCase):
         channel, t = self.connect()
         channel.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n" + b"p" * 4000)
         self.assertIn(b"posted 4000", t.value())
+
+
+class AccessLogTests(SynchronousTestCase):
+    def test_boot_routes_site_writes_no_access_line(self) -> None:
+        """The boot routes' Site writes no combined-format access line (BootSite logs each
+        request itself); a plain Site does, which is what this test would notice."""
+        from twisted.python import log as legacy
+
+        written: list[str] = []
+
+        class Capture:
+            def write(self, line: str) -> None:
+                written.append(line)
+
+            def flush(self) -> None:
+                pass
+
+        self.patch(legacy, "logfile", Capture())
+        for site, lines in [(guarded_site(Hello(), MemoryReactorClock(), LIMITS, new_refusals()), 0),
+                            (Site(Hello(), reactor=MemoryReactorClock()), 1)]:
+            site.startFactory()
+            self.addCleanup(site.stopFactory)
+            channel = site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 40000))
+            assert channel is not None
+            t = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 40000))
+            channel.makeConnection(t)
+            written.clear()
+            channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertIn(b"200 OK", t.value())
+            self.assertEqual(len(written), lines, written)
 
 
 class ConnectionCapTests(SynchronousTestCase):
