@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -52,6 +51,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.fleet import fleet  # noqa: E402
+from bench.sidero_proc import stop_all  # noqa: E402
 from sidero import TALOS_RELEASE  # noqa: E402
 
 RUN_SIDERO = REPO / "tests" / "integration" / "run_sidero.py"
@@ -210,13 +210,7 @@ class Sidero:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_all([self.proc], timeout=30)
 
 
 class APIServer:
