@@ -277,10 +277,20 @@ class SideroWithClusterAPITests(CAPITestCase):
             return len(ms) == 2 and all((m.get("status") or {}).get("nodeRef") for m in ms)
 
         await self.wait("CAPI to match every Machine to its Node", node_refs, timeout=120)
-        mms = await threads.deferToThread(self.live_metal_machines)
-        for mm in mms:
-            provider_set = [c for c in mm["status"].get("conditions", []) if c["type"] == "ProviderSet"]
-            self.assertEqual([c["status"] for c in provider_set], ["True"])
+
+        def provider_set() -> list[dict[str, Any]] | None:
+            # sidero sets the Node's providerID, then writes the condition (a status write,
+            # behind the client's rate limit), while CAPI matches the Node through the
+            # MetalMachine's spec.providerID, written earlier: the condition may follow the
+            # nodeRef by a moment (a run at QPS 20 saw it still False from an earlier
+            # attempt, when the workload API server did not answer yet).
+            mms = self.live_metal_machines()
+            states = [[c["status"] for c in (m.get("status") or {}).get("conditions", [])
+                       if c["type"] == "ProviderSet"] for m in mms]
+            self.pending = states
+            return mms if len(mms) == 2 and all(st == ["True"] for st in states) else None
+
+        mms = await self.wait("ProviderSet True on every MetalMachine", provider_set, timeout=60)
 
         # sfyra TestMetalMachineServerRefReconcile: a cleared serverRef comes back the same.
         victim = mms[0]
