@@ -105,6 +105,68 @@ class SiteTests(TestCase):
         response, _ = await self.fetch("GET", "/boot.ipxe")
         self.assertEqual(response.code, 200)
 
+    async def test_malformed_host_on_every_route(self) -> None:
+        """The Host check covers the boot routes (answered without klein) and klein's routes
+        alike: IDNA that cannot encode is Go's malformed Host 400, a Host that is not UTF-8
+        is klein's 400; neither is logged as a failure, and a good Host is served after."""
+        failures = self.logged_failures()
+        for path in (b"/boot.ipxe", b"/ipxe?uuid=x", b"/configdata?uuid=x", b"/healthz",
+                     b"/env/default/vmlinuz"):
+            for host, expected in ((b"1..9202.1:80\x19\x1981", b"malformed Host header"),
+                                   (b"\xff\xfe", b"Non-UTF-8 encoding in URL.")):
+                with self.subTest(path=path, host=host):
+                    answer = await self.raw(b"GET " + path + b" HTTP/1.1\r\nHost: " + host
+                                            + b"\r\nConnection: close\r\n\r\n")
+                    self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer[:80])
+                    self.assertIn(expected, answer)
+        self.assertEqual(failures, [])
+        response, _ = await self.fetch("GET", "/boot.ipxe", headers={"Host": "sidero.example"})
+        self.assertEqual(response.code, 200)
+
+    async def test_boot_routes_head_and_length(self) -> None:
+        """The boot routes answer with Content-Length (as Go's server does for a small body),
+        HEAD with the GET's headers and no body, and any other method as klein does (405)."""
+        answer = await self.raw(b"GET /boot.ipxe HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: %d" % len(body), head)
+        self.assertNotIn(b"chunked", head.lower())
+        self.assertTrue(body.startswith(b"#!ipxe"), body[:40])
+        answer = await self.raw(b"HEAD /boot.ipxe HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        head_only, _, rest = answer.partition(b"\r\n\r\n")
+        self.assertEqual(rest, b"")
+        self.assertIn(b"Content-Length: %d" % len(body), head_only)
+        response, _ = await self.fetch("POST", "/ipxe?uuid=x")
+        self.assertEqual(response.code, 405)
+
+    async def test_boot_routes_keep_alive_and_pipelining(self) -> None:
+        """Several requests on one connection, sent at once, are answered in order."""
+        requests = (b"GET /boot.ipxe HTTP/1.1\r\nHost: h\r\n\r\n"
+                    + f"GET /ipxe?uuid={UUID} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+                    + b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        answer = await self.raw(requests)
+        self.assertEqual(answer.count(b"HTTP/1.1 200 OK"), 3, answer)
+        self.assertLess(answer.index(b"#!ipxe"), answer.index(b"kernel /env/agent-amd64"))
+        self.assertTrue(answer.endswith(b"3\r\nok\n\r\n0\r\n\r\n"), answer[-40:])  # klein: chunked
+
+    async def test_boot_route_failure_is_logged_500(self) -> None:
+        """A boot route that raises answers 500, logged with its traceback (klein's error
+        handler, as for the other routes), and the server goes on."""
+        failures = self.logged_failures()
+        original = self.lookup.server
+
+        def broken(name: str) -> Any:
+            raise ZeroDivisionError("a bug")
+
+        self.lookup.server = broken  # type: ignore[method-assign]
+        response, body = await self.fetch("GET", f"/ipxe?uuid={UUID}")
+        self.assertEqual((response.code, body), (500, b""))
+        self.assertEqual(len(failures), 1)
+        self.assertTrue(failures[0]["log_failure"].check(ZeroDivisionError))
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.lookup.server = original  # type: ignore[method-assign]
+        response, _ = await self.fetch("GET", f"/ipxe?uuid={UUID}")
+        self.assertEqual(response.code, 200)
+
     async def test_listing_with_non_ascii_uri(self) -> None:
         """A directory listing for a URI with raw non-ASCII bytes is served (the title shows
         U+FFFD for the byte), not a logged 500 (found by bench/fuzz:
