@@ -84,6 +84,14 @@ class AssetFile(File):
 
     run: Callable[..., Any] | None = None
 
+    def getChild(self, path: bytes, request: IRequest) -> IResource:
+        if b"\x00" in path:
+            # No file has such a name, and stat() raises on it (a logged 500 without this;
+            # bench/fuzz found it: corpus/http/crash-env-nul-byte).
+            return NotFoundResource()
+        child: IResource = super().getChild(path, request)
+        return child
+
     def directoryListing(self) -> _Listing:
         return _Listing(self.path, self.listNames(), self.contentTypes, self.contentEncodings,
                         self.defaultType)

@@ -179,6 +179,18 @@ class SiteTests(TestCase):
         self.assertIn(b"default/", answer)
         self.assertEqual(failures, [])
 
+    async def test_nul_byte_in_asset_path_is_404(self) -> None:
+        """A path segment with a NUL byte under /env/ or /tftp/ is Go's 404, not a logged 500
+        from stat() (found by bench/fuzz: corpus/http/crash-env-nul-byte)."""
+        failures = self.logged_failures()
+        for path in ("/env/1.%00/x", "/env/default/vm%00linuz", "/tftp/ipxe%00.efi"):
+            with self.subTest(path=path):
+                response, body = await self.fetch("GET", path)
+                self.assertEqual((response.code, body), (404, b"404 page not found\n"))
+        self.assertEqual(failures, [])
+        response, body = await self.fetch("GET", "/env/default/vmlinuz")
+        self.assertEqual((response.code, len(body)), (200, len(PAYLOAD)))
+
     async def test_subtree_without_slash_redirects(self) -> None:
         """C{/tftp} and C{/env} without their slash are a 301 to the subtree (Go's ServeMux),
         keeping the query, not a 500 (found by bench/fuzz: corpus/http/crash-tftp-without-slash)."""
