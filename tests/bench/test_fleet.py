@@ -3,7 +3,6 @@ boot routes with vegeta, and prints a table that parses. Never its figures."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,11 +17,12 @@ ROUTES = ("/boot.ipxe", "/ipxe?uuid=", "/configdata?uuid=", "nginx static file")
 
 
 def _vegeta() -> str:
-    path = subprocess.run([str(REPO / "scripts" / "build-vegeta"), "--path"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    if not os.access(path, os.X_OK) and shutil.which("vegeta") is None:
-        raise SkipTest(f"vegeta is not built ({path}): run scripts/build-vegeta (scripts/install-test-deps does)")
-    return path
+    from bench.fleet.bench_fleet import vegeta_binary
+
+    try:
+        return vegeta_binary()
+    except SystemExit as e:
+        raise SkipTest(f"{e} (scripts/install-test-deps does)") from None
 
 
 def _run(*args: str) -> str:
