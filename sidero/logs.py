@@ -158,18 +158,36 @@ FORMATTERS = {"text": format_text, "json": format_json}
 
 @implementer(ILogObserver)
 class StreamObserver:
-    """Write formatted events to a stream; any thread may log, so writes take a lock."""
+    """Write formatted events to a stream; any thread may log, so writes take a lock.
+
+    A signal handler can log in the middle of a write on the same thread (Twisted's SIGTERM
+    handler logs "Received SIGTERM"; Python runs handlers between bytecodes and inside a
+    write that a signal interrupted): waiting for a plain lock there waits for itself, and
+    the process never stops. So the lock is re-entrant and a line logged while this thread
+    is already writing is queued, then written by the interrupted call when its own line is
+    out (never a nested write into the stream, which a BufferedWriter refuses).
+    """
 
     def __init__(self, stream: IO[str], formatter: Any) -> None:
         self.stream = stream
         self.formatter = formatter
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._writing = False
+        self._pending: list[str] = []
 
     def __call__(self, event: LogEvent) -> None:
         text = self.formatter(event)
         with self._lock:
-            self.stream.write(text)
-            self.stream.flush()
+            self._pending.append(text)
+            if self._writing:
+                return  # re-entered by a signal handler: the outer call writes it
+            self._writing = True
+            try:
+                while self._pending:
+                    self.stream.write(self._pending.pop(0))
+                self.stream.flush()
+            finally:
+                self._writing = False
 
 
 # --- folding Twisted's legacy lines ----------------------------------------------------------

@@ -126,6 +126,104 @@ class ObserverTests(SynchronousTestCase):
                       logs.format_text)
 
 
+class _ReenteringStream(io.StringIO):
+    """A stream whose first write logs again through the observer, on the same thread, as a
+    signal handler run in the middle of that write does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.observer: logs.StreamObserver | None = None
+        self.depth = 0
+        self.max_depth = 0
+
+    def write(self, text: str) -> int:
+        self.depth += 1
+        self.max_depth = max(self.max_depth, self.depth)
+        try:
+            if self.observer is not None:
+                observer, self.observer = self.observer, None
+                observer(event(log_format="Received SIGTERM, shutting down."))
+            return super().write(text)
+        finally:
+            self.depth -= 1
+
+
+#: A child that logs lines from the reactor as fast as it can into stdout (a pipe the test
+#: leaves unread, so a write blocks) and stops on SIGTERM with Twisted's own handler, which
+#: logs "Received SIGTERM" from inside the blocked write.
+_LOGGING_CHILD = """
+import sys
+from twisted.internet import reactor, task
+from twisted.logger import Logger, globalLogBeginner
+from sidero.logs import make_observer
+
+globalLogBeginner.beginLoggingTo([make_observer("json", "info", sys.stdout)],
+                                 redirectStandardIO=False)
+log = Logger()
+counter = iter(range(10**9))
+task.LoopingCall(lambda: [log.info("line {n}", n=next(counter)) for _ in range(50)]).start(0)
+reactor.run()
+"""
+
+
+class StreamObserverReentryTests(SynchronousTestCase):
+    """A line logged while this thread is already writing (a signal handler) is written after
+    the interrupted line, never waits for the lock its own thread holds."""
+
+    def test_reentered_write_is_queued_not_deadlocked(self) -> None:
+        import threading
+
+        stream = _ReenteringStream()
+        observer = logs.StreamObserver(stream, logs.format_text)
+        stream.observer = observer
+        # On a thread of its own, so that a deadlock fails the test instead of hanging it.
+        worker = threading.Thread(target=observer, args=(event(),), daemon=True)
+        worker.start()
+        worker.join(10)
+        self.assertFalse(worker.is_alive(), "the re-entered log call waited for its own lock")
+        lines = stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2, lines)
+        self.assertIn("RRQ ipxe.efi from 10.0.0.9", lines[0])
+        self.assertIn("Received SIGTERM", lines[1])
+        self.assertEqual(stream.max_depth, 1, "a write nested inside another write")
+        observer(event(peer="10.0.0.10"))  # and the observer still works afterwards
+        self.assertIn("10.0.0.10", stream.getvalue().splitlines()[2])
+
+    def test_sigterm_during_a_blocked_log_write_stops_the_process(self) -> None:
+        """The failure seen in a full test run: twistd got SIGTERM while its main thread was
+        writing a log line to a full pipe and never stopped (Twisted's handler logged, and
+        waited for the lock the interrupted write held). Now it stops, and says why."""
+        import os
+        import signal
+        import subprocess
+        import sys
+        import time
+
+        from tests.paths import REPO, tree_env
+
+        proc = subprocess.Popen([sys.executable, "-c", _LOGGING_CHILD], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env=tree_env(), cwd=str(REPO))
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        first = b""
+        deadline = time.monotonic() + 30
+        while b"line 0" not in first and time.monotonic() < deadline:
+            first += proc.stdout.read() or b""
+            time.sleep(0.05)
+        self.assertIn(b"line 0", first, "the child never logged")
+        time.sleep(1.0)  # unread: the pipe fills and the child's write blocks inside the lock
+        proc.send_signal(signal.SIGTERM)
+        out = b""
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            out += proc.stdout.read() or b""
+            time.sleep(0.01)
+        out += proc.stdout.read() or b""
+        self.assertIsNotNone(proc.returncode, "the child did not stop within 30 s of SIGTERM")
+        self.assertIn(b"Received SIGTERM", out)
+
+
 class BridgeTests(SynchronousTestCase):
     """stdlib logging into twisted.logger."""
 

@@ -156,6 +156,7 @@ class ProcessStdoutTests(TestCase):
         if shutil.which("logger") is None:
             raise SkipTest("LOUD SKIP: util-linux logger is not installed")
         import os
+        import signal
         import sys
         import tempfile
 
@@ -180,9 +181,16 @@ class ProcessStdoutTests(TestCase):
                 start_new_session=True)
 
         def stop() -> None:
+            # A sidero that does not stop on SIGTERM fails the test, and is killed so that
+            # its ports (the metrics port's default among them) are free for the next tests.
             if proc.poll() is None:
                 proc.terminate()
-                proc.wait(20)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                    raise AssertionError("sidero did not stop within 20 s of SIGTERM") from None
 
         self.addCleanup(stop)
 
