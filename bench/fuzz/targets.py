@@ -241,37 +241,9 @@ def _http() -> OneInput:
 
 def _metadata_lookup(base64: Any) -> Any:
     """A lookup holding the spec's /configdata fixtures and a ready default environment."""
+    from bench.lookup import ObjectLookup
 
-    class Lookup:
-        def __init__(self) -> None:
-            self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-
-        def add(self, kind: str, obj: dict[str, Any]) -> None:
-            meta = obj["metadata"]
-            self.objects[(kind, meta.get("namespace", ""), meta["name"])] = obj
-
-        def server(self, name: str) -> dict[str, Any] | None:
-            return self.objects.get(("server", "", name))
-
-        def server_binding(self, name: str) -> dict[str, Any] | None:
-            return self.objects.get(("binding", "", name))
-
-        def server_class(self, name: str) -> dict[str, Any] | None:
-            return self.objects.get(("class", "", name))
-
-        def environment(self, name: str) -> dict[str, Any] | None:
-            return self.objects.get(("environment", "", name))
-
-        def metal_machine(self, namespace: str, name: str) -> dict[str, Any] | None:
-            return self.objects.get(("metalmachine", namespace, name))
-
-        def machine(self, namespace: str, name: str) -> dict[str, Any] | None:
-            return self.objects.get(("machine", namespace, name))
-
-        def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-            return self.objects.get(("secret", namespace, name))
-
-    lookup = Lookup()
+    lookup = ObjectLookup()
     ns = "default"
     kernel, initrd = "http://assets/default/vmlinuz", "http://assets/default/initramfs.xz"
     lookup.add("environment", {

@@ -28,6 +28,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogBeginner
 
 from bench.fleet import fleet
+from bench.lookup import ObjectLookup
 from sidero.logs import make_observer
 from sidero.metrics import Metrics
 from sidero.protocols.http.ipxe import BootSettings
@@ -38,50 +39,32 @@ from sidero.timeline import BootTimeline
 ENVIRONMENT_NAMES = ("default", "agent-amd64", "agent-arm64")
 
 
-class FleetLookup:
-    """The boot and metadata lookups over the fleet benchmark's objects (dicts, as the
-    informers' caches are)."""
-
-    def __init__(self, servers: int, classes: int, machines: int) -> None:
-        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        for n, obj in enumerate(fleet.boot_fleet(servers, classes, machines)):
-            meta = obj["metadata"]
-            meta.update(uid=f"uid-{n}", resourceVersion="1")  # as a store gives them
-            self.objects[(obj["kind"], meta.get("namespace", ""), meta["name"])] = obj
-        for name in ENVIRONMENT_NAMES:
-            url = f"http://10.0.0.1:8081/env/{name}/"
-            self.objects[("Environment", "", name)] = {
-                "metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": "1"},
-                "spec": {"kernel": {"url": url + "vmlinuz", "args": ["console=ttyS0"]},
-                         "initrd": {"url": url + "initramfs.xz"}},
-                "status": {"conditions": [
-                    {"type": "Ready", "status": "True", "url": url + "vmlinuz"},
-                    {"type": "Ready", "status": "True", "url": url + "initramfs.xz"}]},
-            }
-
-    def server(self, name: str) -> dict[str, Any] | None:
-        return self.objects.get(("Server", "", name))
-
-    def server_binding(self, name: str) -> dict[str, Any] | None:
-        return self.objects.get(("ServerBinding", "", name))
-
-    def server_class(self, name: str) -> dict[str, Any] | None:
-        return self.objects.get(("ServerClass", "", name))
-
-    def environment(self, name: str) -> dict[str, Any] | None:
-        return self.objects.get(("Environment", "", name))
-
-    def metal_machine(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.objects.get(("MetalMachine", namespace, name))
-
-    def machine(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.objects.get(("Machine", namespace, name))
-
-    def secret(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return self.objects.get(("Secret", namespace, name))
+#: The fleet's kinds as the lookup names them.
+LOOKUP_KINDS = {"Server": "server", "ServerBinding": "binding", "ServerClass": "class",
+                "MetalMachine": "metalmachine", "Secret": "secret"}
 
 
-def make_site(lookup: FleetLookup, env_dir: str, klein: bool) -> Any:
+def fleet_lookup(servers: int, classes: int, machines: int) -> ObjectLookup:
+    """The fleet benchmark's objects (with the uid and resourceVersion a store gives them, so
+    /configdata answers are cached as in the service) and ready Environments."""
+    lookup = ObjectLookup()
+    for n, obj in enumerate(fleet.boot_fleet(servers, classes, machines)):
+        obj["metadata"].update(uid=f"uid-{n}", resourceVersion="1")
+        lookup.add(LOOKUP_KINDS[obj["kind"]], obj)
+    for name in ENVIRONMENT_NAMES:
+        url = f"http://10.0.0.1:8081/env/{name}/"
+        lookup.add("environment", {
+            "metadata": {"name": name, "uid": f"uid-{name}", "resourceVersion": "1"},
+            "spec": {"kernel": {"url": url + "vmlinuz", "args": ["console=ttyS0"]},
+                     "initrd": {"url": url + "initramfs.xz"}},
+            "status": {"conditions": [
+                {"type": "Ready", "status": "True", "url": url + "vmlinuz"},
+                {"type": "Ready", "status": "True", "url": url + "initramfs.xz"}]},
+        })
+    return lookup
+
+
+def make_site(lookup: ObjectLookup, env_dir: str, klein: bool) -> Any:
     """The API port's HTTP/1.1 site as the tap builds it, on a Clock."""
     clock = Clock()
     boot = BootSite(lookup, BootSettings("10.0.0.1", 8081, siderolink_server_address="fdae::1",
@@ -128,7 +111,7 @@ def measure(site: Any, request: Callable[[int], bytes], count: int) -> float:
 def run(requests: int, rounds: int, servers: int, classes: int, machines: int) -> list[str]:
     """The table's lines: each route through both sites, alternating, after one untimed round
     (every bound machine's config rendered once: the fleet benchmark times the first apart)."""
-    lookup = FleetLookup(servers, classes, machines)
+    lookup = fleet_lookup(servers, classes, machines)
     env_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "route-cpu-env")
     os.makedirs(env_dir, exist_ok=True)
     sites = {klein: make_site(lookup, env_dir, klein) for klein in (False, True)}
