@@ -5,9 +5,9 @@ Not a peer benchmark (those are `bench_http` and `bench.fleet`): it builds the s
 `twistd sidero` does (the limited channel, `BootRoutes` over the Klein app, the metrics
 wrapper, the boot timeline, the JSON log observer writing to /dev/null) over the fleet
 benchmark's objects, feeds keep-alive requests into one channel through a StringTransport
-and reports `time.process_time` per request. `--klein` routes every request through Klein's
-werkzeug routing instead of `BootRoutes` (how the boot routes were answered before), so one
-run shows what the direct routes save.
+and reports `time.process_time` per request. Each route is also sent through Klein's
+werkzeug routing instead of `BootRoutes` (how the boot routes were answered before), the two
+alternating round by round, so one run shows what the direct routes save.
 
     python -m bench.http.route_cpu [--requests 20000] [--rounds 5] [--servers 10000]
 """
@@ -18,6 +18,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -112,9 +113,8 @@ def run(requests: int, rounds: int, servers: int, classes: int, machines: int) -
     """The table's lines: each route through both sites, alternating, after one untimed round
     (every bound machine's config rendered once: the fleet benchmark times the first apart)."""
     lookup = fleet_lookup(servers, classes, machines)
-    env_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "route-cpu-env")
-    os.makedirs(env_dir, exist_ok=True)
-    sites = {klein: make_site(lookup, env_dir, klein) for klein in (False, True)}
+    with tempfile.TemporaryDirectory(prefix="route-cpu-env-") as env_dir:  # no route reads it
+        sites = {klein: make_site(lookup, env_dir, klein) for klein in (False, True)}
     routes = ("/boot.ipxe", "/ipxe", "/configdata")
     results: dict[tuple[str, bool], list[float]] = {(r, k): [] for r in routes for k in sites}
     for round_ in range(rounds + 1):
